@@ -1,0 +1,3 @@
+from b2kernels.info import main
+
+main()

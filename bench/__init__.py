@@ -1,0 +1,1 @@
+"""Throughput suites. Run ``python -m bench --list`` or ``python -m bench SUITE [--quick]``."""

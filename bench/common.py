@@ -1,0 +1,146 @@
+"""Shared benchmark machinery: timing, environment metadata, JSON results and plots.
+
+A suite is a module ``bench/<name>.py`` exposing ``run(args) -> list[dict]`` (one dict per measured row) and
+optionally ``add_args(parser)``. Register it in ``SUITES`` below. Rows are plain JSON-able dicts; the runner adds
+the environment (GPU name, versions, commit) and writes ``bench/results/<suite>-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+SUITES = {
+    "ddim_logprob": "bench.ddim_logprob",
+    "kv_inject_attention": "bench.kv_inject_attention",
+    "arena": "bench.arena",
+    "stage": "bench.stage",
+    "dfusion": "bench.dfusion",
+}
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def device_slug(device: torch.device | str | None = None) -> str:
+    return "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
+
+
+def environment() -> dict:
+    def ver(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        commit = None
+    return {
+        "device": device_name(),
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": ver("triton"),
+        "diffusers": ver("diffusers"),
+        "xformers": ver("xformers"),
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def sync(device: torch.device | str | None = None) -> None:
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 3, iters: int = 10, device=None) -> float:
+    """Median milliseconds of ``fn()``: CUDA events on GPU, perf_counter on CPU."""
+    use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if use_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs(nbytes: int, device) -> float:
+    """Measured device copy bandwidth (GB/s counting bytes read + written) for a buffer of ``nbytes``."""
+    src = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device=device)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def write_results(suite: str, rows: list[dict], extra: dict | None = None, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or RESULTS_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    date = _dt.date.today().isoformat()
+    path = out_dir / f"{suite}-{device_slug()}-{date}.json"
+    payload = {"suite": suite, "env": environment(), "rows": rows, **(extra or {})}
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        print("(no rows)")
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    widths = {k: max(len(k), *(len(fmt(r.get(k, ""))) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for r in rows:
+        print("  ".join(fmt(r.get(k, "")).ljust(widths[k]) for k in keys))
+
+
+def plot(suite: str, rows: list[dict], x: str, y: str, series: str, path: Path) -> Path | None:
+    """Line plot of ``y`` vs ``x`` for each value of ``series`` (skips quietly without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r[series] for r in rows if series in r):
+        pts = [(r[x], r[y]) for r in rows if r.get(series) == name and x in r and y in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=str(name))
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{suite} ({device_name()})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

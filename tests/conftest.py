@@ -1,0 +1,28 @@
+"""Shared test setup.
+
+Without CUDA, Triton kernels run under the interpreter (TRITON_INTERPRET=1 must be set before triton is
+imported, hence here). GPU-only tests carry ``@pytest.mark.gpu`` and skip with a reason.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none visible: torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
