@@ -1,0 +1,22 @@
+# Developer shortcuts. CI runs .ci/run (which runs the README test command).
+PY ?= python3
+
+.PHONY: build test lint format bench-quick info
+
+build:            ## compile b2kernels._C in place (for running from the source tree)
+	$(PY) setup.py build_ext --inplace
+
+test:             ## the CPU test suite (Triton kernels under the interpreter)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+lint:
+	ruff check b2kernels b2diffurl bench tests
+
+format:
+	ruff format b2kernels b2diffurl bench tests
+
+bench-quick:      ## every suite on its smallest shapes
+	for s in ddim_logprob kv_inject_attention arena stage dfusion; do $(PY) -m bench $$s --quick || exit 1; done
+
+info:
+	$(PY) -m b2kernels.info

@@ -1,0 +1,309 @@
+"""Pieces shared by the policy-gradient algorithms (B², DDPO) and the algorithm plug-in API of the trainer.
+
+Plug-in API (what ``b2diffurl.trainer`` calls; register a new algorithm in ``b2diffurl.config.ALGORITHMS``)::
+
+    class MyAlgorithm:                      # satisfies the Algorithm protocol below
+        name = "mine"
+        def __init__(self, ctx: RunContext): ...
+        def sample_stage(self, stage: int) -> StageData: ...     # sample, score, select (no optimizer use)
+        def train_stage(self, stage: int, data: StageData) -> dict: ...   # update ctx.params via ctx.optimizer_step
+        def state_dict(self) -> dict: ...    # run state beyond model/optimizer/RNG (e.g. stat-tracker history)
+        def load_state_dict(self, state: dict) -> None: ...
+
+The trainer owns the loop (stages, evaluation, checkpoints, exact resume, SIGTERM, logging, grids, plots);
+``RunContext`` hands the algorithm everything it may use: config, policy, reward, sampler, optimizer step,
+random generators (checkpointed by the trainer), prompt draws, device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+# ----------------------------------------------------------------------------------------------- plug-in API
+@dataclass
+class StageData:
+    """What ``sample_stage`` hands to ``train_stage`` (``payload`` is algorithm-specific)."""
+
+    metrics: dict
+    images: torch.Tensor | None = None  # a few images for the sample grid [n, 3, H, W] in [0, 1]
+    captions: list[str] = field(default_factory=list)
+    payload: Any = None
+
+
+class Algorithm(Protocol):
+    name: str
+
+    def sample_stage(self, stage: int) -> StageData: ...
+
+    def train_stage(self, stage: int, data: StageData) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class RunContext:
+    """Everything an algorithm may use. Built by the trainer; the generators are part of the checkpoint."""
+
+    cfg: Any  # b2diffurl.config.RunConfig
+    policy: Any
+    reward_fn: Any  # (images [N,3,H,W] in [0,1], prompts) -> Tensor [N]
+    sampler: Any  # b2diffurl.sampling.TreeSampler
+    params: list  # trainable parameters
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    train_prompts: list[str]
+    device: torch.device
+    noise_gen: torch.Generator  # on ``device``: x_T and per-step noise
+    cpu_gen: torch.Generator  # prompt draws, shuffles, timestep permutations
+    progress: Any = None  # callable(iterable, **tqdm kwargs) -> iterable
+
+    def draw_prompts(self, n: int) -> list[str]:
+        """n training prompts drawn uniformly with replacement (official ``prompt_random_choose``)."""
+        idx = torch.randint(len(self.train_prompts), (n,), generator=self.cpu_gen)
+        return [self.train_prompts[i] for i in idx.tolist()]
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step, schedule, zero grads. Returns the pre-clip grad norm (device tensor, no sync)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.policy.encode_prompts(prompts)
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+class PromptStatTracker:
+    """Per-prompt z-scores pooled by prompt *text* over the current stage plus the raw scores of the last
+    ``history`` stages (official B²-DiffuRL). Unbiased (N−1) std, z = (r − mean) / (std + 1e-8).
+
+    A prompt with a single pooled score has no std: its z-score is 0 (the official code would give NaN).
+    The history (raw scores, not z-scores) is run state: ``state_dict``/``load_state_dict``.
+    """
+
+    def __init__(self, history: int):
+        self.history = int(history)
+        self.past: list[dict[str, np.ndarray]] = []
+
+    def update(self, prompts: list[str], scores) -> np.ndarray:
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if len(prompts) != scores.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {scores.shape[0]} scores")
+        current: dict[str, list[float]] = {}
+        for p, s in zip(prompts, scores):
+            current.setdefault(p, []).append(s)
+        cur = {p: np.asarray(v) for p, v in current.items()}
+        past = self.past[-self.history:] if self.history > 0 else []
+        mean, std = {}, {}
+        for p, v in cur.items():
+            pool = np.concatenate([d[p] for d in past if p in d] + [v])
+            mean[p] = pool.mean()
+            std[p] = pool.std(ddof=1) if pool.size > 1 else math.nan
+        z = np.array([(s - mean[p]) / (std[p] + 1e-8) for p, s in zip(prompts, scores)])
+        z = np.where(np.isnan(z), 0.0, z)
+        self.past.append(cur)
+        self.past = self.past[-self.history:] if self.history > 0 else []
+        return z
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "past": [{p: v.tolist() for p, v in d.items()} for d in self.past]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = int(state["history"])
+        self.past = [{p: np.asarray(v, dtype=np.float64) for p, v in d.items()} for d in state["past"]]
+
+
+# ----------------------------------------------------------------------------------------------- PPO
+def ppo_clip_loss(advantage: torch.Tensor, ratio: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """mean( max( −A·r, −A·clamp(r, 1−ε, 1+ε) ) )."""
+    unclipped = -advantage * ratio
+    clipped = -advantage * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean()
+
+
+def clamp_advantages(z, clip: float, beta_pos: float = 1.0, beta_neg: float = 1.0) -> np.ndarray:
+    """clamp(z, −clip, clip) × (β₁ where z > 0 else β₂)."""
+    z = np.asarray(z, dtype=np.float64)
+    return np.clip(z, -clip, clip) * np.where(z > 0, beta_pos, beta_neg)
+
+
+def training_logprob(ctx: RunContext, batch, cond_table: torch.Tensor) -> torch.Tensor:
+    """log π_θ(x_prev | x_t) of gathered rows with the *same* UNet call layout and DDIM function as sampling
+    (CFG as one 2N-row call, ``ddim_step_logprob``), so the first pre-update pass reproduces the sampling
+    log-probs. cond_table [P, L, D] is indexed by ``batch.prompt_id``."""
+    from b2kernels import ddim_step_logprob
+
+    sampler = ctx.sampler
+    use_cfg = sampler.use_cfg and ctx.cfg.train.cfg
+    cond = cond_table[batch.prompt_id.to(cond_table.device)].to(sampler.dtype)
+    x_t = batch.x_t.to(sampler.dtype)
+    step = batch.step.to(ctx.device)
+    t = sampler.timesteps[step]
+    if use_cfg:
+        emb = torch.cat([sampler.uncond.expand(cond.shape[0], -1, -1), cond])
+        out = ctx.policy.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=emb).sample
+        uncond, eps = out.chunk(2)
+        gs = sampler.guidance_scale
+    else:
+        eps, uncond, gs = ctx.policy.unet(x_t, t, encoder_hidden_states=cond).sample, None, None
+    return ddim_step_logprob(sampler.table, step, x_t, eps, batch.x_prev.to(sampler.dtype), eta=sampler.eta,
+                             model_output_uncond=uncond, guidance_scale=gs, backend=ctx.cfg.sample.backend)
+
+
+def ppo_update(ctx: RunContext, arena, ids: torch.Tensor, steps: torch.Tensor, cond_table: torch.Tensor) -> dict:
+    """PPO-clip epochs over trajectories ``ids`` [M] at trained step indices ``steps`` [K].
+
+    Per inner epoch: shuffle samples, draw a random permutation of the K trained steps per sample, then for each
+    micro-batch and each column j of the permutation gather (id, step) rows from the arena, forward, backward.
+    An optimizer step every ``grad_accum_steps`` micro-steps (loss = mean over the group's micro-steps); a
+    partial group is flushed at the end of each epoch. All statistics stay on the device until the end.
+    """
+    tc = ctx.cfg.train
+    M, K = int(ids.numel()), int(steps.numel())
+    dev = ctx.device
+    zero = torch.zeros((), device=dev)
+    stats = {"loss": zero.clone(), "approx_kl": zero.clone(), "clipfrac": zero.clone(), "grad_norm": zero.clone()}
+    ratio_dev, n_micro, n_opt = zero.clone(), 0, 0
+    if M == 0 or K == 0:
+        return {"train_samples": M, "optimizer_steps": 0, "ratio_dev_max": 0.0, "train_time_s": 0.0}
+    t0 = time.perf_counter()
+    pre_update = True
+    mb = tc.micro_batch_size
+    n_mb = math.ceil(M / mb)
+    per_epoch = n_mb * K
+    for _epoch in range(tc.inner_epochs):
+        perm = torch.randperm(M, generator=ctx.cpu_gen)
+        col = torch.stack([torch.randperm(K, generator=ctx.cpu_gen) for _ in range(M)])  # [M, K]
+        ids_e, steps_e = ids[perm], steps[col]
+        done = 0  # micro-steps done in this epoch
+        group = 0
+        for b in range(n_mb):
+            mb_ids, mb_steps = ids_e[b * mb:(b + 1) * mb], steps_e[b * mb:(b + 1) * mb]
+            for j in range(K):
+                if group == 0:
+                    left = per_epoch - done
+                    group_size = min(tc.grad_accum_steps, left)
+                batch = arena.gather(mb_ids, mb_steps[:, j], device=dev)
+                logp = training_logprob(ctx, batch, cond_table)
+                old = batch.logprob.to(dev)
+                ratio = torch.exp(logp - old)
+                adv = batch.advantage.to(dev)
+                loss = ppo_clip_loss(adv, ratio, tc.clip_range)
+                (loss / group_size).backward()
+                with torch.no_grad():
+                    if pre_update:
+                        ratio_dev = torch.maximum(ratio_dev, (ratio - 1).abs().max())
+                    stats["loss"] += loss.detach()
+                    stats["approx_kl"] += 0.5 * ((logp - old) ** 2).mean()
+                    stats["clipfrac"] += ((ratio - 1).abs() > tc.clip_range).float().mean()
+                n_micro += 1
+                done += 1
+                group += 1
+                if group == group_size:
+                    stats["grad_norm"] += ctx.optimizer_step()
+                    n_opt += 1
+                    group = 0
+                    pre_update = False
+    out = {k: (v / (n_opt if k == "grad_norm" else n_micro)).item() for k, v in stats.items()}
+    out.update(train_samples=M, trained_steps=K, optimizer_steps=n_opt, micro_steps=n_micro,
+               ratio_dev_max=ratio_dev.item(), train_time_s=time.perf_counter() - t0,
+               lr=ctx.optimizer.param_groups[0]["lr"])
+    out["train_rows_per_s"] = n_micro * mb / max(out["train_time_s"], 1e-9)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- tree PPO base
+class TreePPOAlgorithm:
+    """Sample trees → reward → per-prompt z-scores → select → PPO. B² and DDPO differ only in the tree layout
+    (split step, branches), the selection rule and the trained steps (subclass hooks)."""
+
+    name = "tree-ppo"
+
+    def __init__(self, ctx: RunContext, *, history: int, max_trees: int, branches: int):
+        from b2kernels.buffer import TrajectoryArena
+
+        self.ctx = ctx
+        self.T = ctx.cfg.sample.num_steps
+        self.branches = branches
+        self.tracker = PromptStatTracker(history)
+        self.arena = TrajectoryArena(tuple(ctx.policy.latent_shape), num_steps=self.T, max_trees=max_trees,
+                                     branches=branches, dtype=ctx.sampler.dtype)
+
+    # hooks ------------------------------------------------------------------------------------------------
+    def layout(self, stage: int) -> tuple[list[str], int]:
+        """(prompt of each tree, split step) for this stage."""
+        raise NotImplementedError
+
+    def select(self, z: np.ndarray, stage: int) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(selected row indices, their advantages, metrics) from the z-scores of all P·B rows."""
+        raise NotImplementedError
+
+    def trained_steps(self, stage: int, split_step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    # the stage ------------------------------------------------------------------------------------------
+    def sample_stage(self, stage: int) -> StageData:
+        ctx, B = self.ctx, self.branches
+        t0 = time.perf_counter()
+        tree_prompts, split = self.layout(stage)
+        uniq = list(dict.fromkeys(tree_prompts))
+        pid = {p: i for i, p in enumerate(uniq)}
+        cond_table = ctx.encode(uniq)
+        self.arena.reset()
+        ids = self.arena.add_trees([pid[p] for p in tree_prompts], split)
+        rows_prompts = [p for p in tree_prompts for _ in range(B)]
+        # equal UNet rows per call for every layout: batch_size prompts × the config's branches
+        bs = max(1, ctx.cfg.sample.batch_size * ctx.cfg.sample.branches // B)
+        rewards, grid = [], None
+        n_trees = len(tree_prompts)
+        for a in range(0, n_trees, bs):
+            b = min(a + bs, n_trees)
+            cond = cond_table[torch.tensor([pid[p] for p in tree_prompts[a:b]], device=cond_table.device)]
+            out = ctx.sampler.sample_trees(cond, split_step=split, branches=B, generator=ctx.noise_gen,
+                                           arena=self.arena, ids=ids[a * B:b * B])
+            with torch.no_grad():
+                images = ctx.policy.decode(out.latents).float().clamp(0, 1)
+                rewards.append(ctx.reward_fn(images, rows_prompts[a * B:b * B]).float().reshape(-1))
+            if grid is None:
+                grid = images[:16].cpu()
+        rewards_t = torch.cat(rewards).cpu()  # the stage's one host sync for scores
+        sample_time = time.perf_counter() - t0
+        z = self.tracker.update(rows_prompts, rewards_t.numpy())
+        sel, adv, sel_metrics = self.select(z, stage)
+        self.arena.set_rewards(ids, rewards_t)
+        sel_ids = ids[torch.as_tensor(sel, dtype=torch.long)] if len(sel) else ids[:0]
+        if len(sel):
+            self.arena.set_advantages(sel_ids, torch.as_tensor(adv, dtype=torch.float32))
+        steps = self.trained_steps(stage, split)
+        metrics = {
+            "split_step": split, "trained_steps": int(steps.numel()),
+            "images": len(rows_prompts), "reward_mean": float(rewards_t.mean()),
+            "reward_std": float(rewards_t.std()) if rewards_t.numel() > 1 else 0.0,
+            "reward_max": float(rewards_t.max()), "reward_min": float(rewards_t.min()),
+            "sample_time_s": sample_time, "sample_images_per_s": len(rows_prompts) / max(sample_time, 1e-9),
+            "arena_mb": self.arena.bytes_used / 2**20, **sel_metrics,
+        }
+        return StageData(metrics=metrics, images=grid, captions=rows_prompts[:16],
+                         payload=(sel_ids, steps, cond_table))
+
+    def train_stage(self, stage: int, data: StageData) -> dict:
+        sel_ids, steps, cond_table = data.payload
+        return ppo_update(self.ctx, self.arena, sel_ids, steps, cond_table)
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["tracker"])

@@ -1,0 +1,167 @@
+"""D3PO-style DPO on stored trajectory pairs (the training half of D-Fusion).
+
+For a pair (w, l) = (preferred, dispreferred) and a training step j, on the stored transitions:
+
+    ℓ^θ, ℓ^ref = DDIM step log-probs (CFG in training) under π_θ and π_ref (= the same UNet, LoRA disabled)
+    log r = log clamp(exp(ℓ^θ − ℓ^ref), 1 − ε, 1 + ε)      (computed as clamp(ℓ^θ − ℓ^ref, log(1−ε), log(1+ε)):
+                                                           identical value and gradient, no overflow of exp)
+    loss_j = −log σ(β · (log r_w − log r_l))
+
+averaged over steps and pairs. ℓ^ref never changes for a stored transition, so it is computed once per stage
+(:func:`reference_logprobs`, no grad, LoRA off) and stored. Steps visited in a random order per pair, the same
+order for both members. Only ``train_steps`` are visited: in D-Fusion the steps before the fusion window are
+identical for target and base (same latent, model and noise), so their term is log 2 with exactly zero
+gradient; gradients are still divided by the total step count T so the update equals the all-steps average.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DPOConfig:
+    """D3PO training on (preferred, dispreferred) trajectory pairs."""
+
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature β (D3PO: 0.1; D-Fusion's config key is 0, "
+                                                       "which would make the loss constant)"})
+    clip_eps: float = field(default=0.1, metadata={"help": "ratio clamp ε: r = clamp(π_θ/π_ref, 1−ε, 1+ε)"})
+    logprob_reduction: str = field(default="mean", metadata={
+        "help": "'mean' over C·H·W (the papers' convention; βΔ is tiny) or 'sum' (= mean × C·H·W, stronger signal)"})
+    inner_epochs: int = field(default=2, metadata={"help": "passes over the stage's pairs"})
+    pairs_per_batch: int = field(default=1, metadata={
+        "help": "pairs per optimizer step (gradients accumulated over all trained steps of the batch)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip before each optimizer step"})
+    ref_batch_size: int = field(default=32, metadata={"help": "transitions per no-grad UNet call for ℓ^ref"})
+
+    def validate(self) -> None:
+        if self.logprob_reduction not in ("mean", "sum"):
+            raise ValueError(f"dpo.logprob_reduction must be 'mean' or 'sum', got {self.logprob_reduction!r}")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"dpo.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.pairs_per_batch < 1 or self.inner_epochs < 0:
+            raise ValueError("dpo.pairs_per_batch must be >= 1 and dpo.inner_epochs >= 0")
+
+
+def d3po_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, *,
+              beta: float = 0.1, eps: float = 0.1) -> torch.Tensor:
+    """Per-element D3PO loss −log σ(β(log r_w − log r_l)), r = clamp(exp(ℓθ − ℓref), 1−ε, 1+ε)."""
+    lo, hi = math.log1p(-eps), math.log1p(eps)
+    log_rw = torch.clamp(logp_w - ref_w, lo, hi)
+    log_rl = torch.clamp(logp_l - ref_l, lo, hi)
+    return -F.logsigmoid(beta * (log_rw - log_rl))
+
+
+def step_logprob(unet, table, x_t: torch.Tensor, x_prev: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor,
+                 uncond: torch.Tensor, *, guidance_scale: float, eta: float = 1.0,
+                 reduction: str = "mean") -> torch.Tensor:
+    """log π(x_prev | x_t, c) per row [N] with CFG (one UNet call on 2N rows); rows may sit at different steps.
+    ``cond`` [N, L, D] per row, ``uncond`` [1, L, D]. ``reduction='sum'`` multiplies the element mean by C·H·W."""
+    import b2kernels
+
+    n = x_t.shape[0]
+    t = table.timesteps.to(x_t.device)[steps.to(x_t.device)]
+    enc = torch.cat([uncond.expand(n, -1, -1), cond])
+    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=enc).sample
+    eu, ec = out[:n], out[n:]
+    logp = b2kernels.ddim_step_logprob(table, steps.to(x_t.device), x_t, ec, x_prev, eta=eta,
+                                       model_output_uncond=eu, guidance_scale=guidance_scale)
+    if reduction == "sum":
+        logp = logp * x_t[0].numel()
+    return logp
+
+
+def _row_cond(arena, ids, cond):
+    return cond[arena.prompt_ids(ids).to(cond.device).long()]
+
+
+@torch.no_grad()
+def reference_logprobs(policy, table, arena, ids: torch.Tensor, steps: Sequence[int], cond: torch.Tensor,
+                       uncond: torch.Tensor, *, guidance_scale: float, eta: float = 1.0, reduction: str = "mean",
+                       batch_size: int = 32) -> torch.Tensor:
+    """ℓ^ref [len(ids), len(steps)] under π_ref = ``policy`` with LoRA disabled (no copy), computed once per stage.
+    ``cond`` [P, L, D] indexed by the arena's prompt ids."""
+    device = cond.device
+    ids = torch.as_tensor(ids).long()
+    steps_t = torch.as_tensor(list(steps), dtype=torch.long)
+    all_ids = ids.repeat_interleave(len(steps_t))
+    all_steps = steps_t.repeat(len(ids))
+    out = torch.empty(all_ids.numel(), dtype=torch.float32, device=device)
+    with policy.lora_disabled():
+        for a in range(0, all_ids.numel(), batch_size):
+            bi, bs = all_ids[a:a + batch_size], all_steps[a:a + batch_size]
+            b = arena.gather(bi, bs, device=device)
+            out[a:a + len(bi)] = step_logprob(policy.unet, table, b.x_t, b.x_prev, b.step, _row_cond(arena, bi, cond),
+                                              uncond, guidance_scale=guidance_scale, eta=eta,
+                                              reduction=reduction).float()
+    return out.reshape(len(ids), len(steps_t))
+
+
+def train_dpo(policy, optimizer, table, arena, preferred: torch.Tensor, dispreferred: torch.Tensor,
+              train_steps: Sequence[int], cond: torch.Tensor, uncond: torch.Tensor, cfg: DPOConfig, *,
+              guidance_scale: float, eta: float = 1.0, generator: torch.Generator | None = None,
+              ref_logp: tuple[torch.Tensor, torch.Tensor] | None = None,
+              progress: Callable | None = None) -> dict:
+    """D3PO update on the pairs (preferred[k], dispreferred[k]) over ``train_steps``. Returns metrics.
+
+    Per batch of ``cfg.pairs_per_batch`` pairs: each pair draws a random order of ``train_steps`` (shared by both
+    members); for every position of that order one CFG UNet call on the 2·B transitions gives ℓθ, the loss is
+    backpropagated with weight 1/T (T = all DDIM steps; the skipped steps have exactly zero gradient), and after
+    the last position the gradient is clipped and the optimizer steps.
+    """
+    cfg.validate()
+    device = cond.device
+    preferred, dispreferred = torch.as_tensor(preferred).long(), torch.as_tensor(dispreferred).long()
+    k_pairs, steps = preferred.numel(), torch.as_tensor(list(train_steps), dtype=torch.long)
+    metrics = {"dpo_pairs": k_pairs, "dpo_loss": float("nan"), "dpo_clipfrac": float("nan"),
+               "dpo_acc": float("nan"), "dpo_grad_norm": float("nan")}
+    if k_pairs == 0 or steps.numel() == 0 or cfg.inner_epochs == 0:
+        return metrics
+    if ref_logp is None:
+        ref_logp = tuple(reference_logprobs(policy, table, arena, ids, steps.tolist(), cond, uncond,
+                                            guidance_scale=guidance_scale, eta=eta, reduction=cfg.logprob_reduction,
+                                            batch_size=cfg.ref_batch_size) for ids in (preferred, dispreferred))
+    ref_w, ref_l = ref_logp
+    params = [p for p in policy.unet.parameters() if p.requires_grad]
+    T = table.num_steps
+    lo, hi = math.log1p(-cfg.clip_eps), math.log1p(cfg.clip_eps)
+    losses, clipped, correct, norms = [], [], [], []
+    policy.unet.train()
+    for _ in range(cfg.inner_epochs):
+        order = torch.randperm(k_pairs, generator=generator)
+        for a in range(0, k_pairs, cfg.pairs_per_batch):
+            pb = order[a:a + cfg.pairs_per_batch]
+            b = pb.numel()
+            pos = torch.stack([torch.randperm(steps.numel(), generator=generator) for _ in range(b)])   # [b, K]
+            ids = torch.cat([preferred[pb], dispreferred[pb]])
+            row_cond = _row_cond(arena, ids, cond)
+            optimizer.zero_grad(set_to_none=True)
+            for k in range(steps.numel()):
+                col = pos[:, k]
+                st = steps[col]
+                batch = arena.gather(ids, torch.cat([st, st]), device=device)
+                logp = step_logprob(policy.unet, table, batch.x_t, batch.x_prev, batch.step, row_cond, uncond,
+                                    guidance_scale=guidance_scale, eta=eta, reduction=cfg.logprob_reduction)
+                lw, ll = logp[:b], logp[b:]
+                rw, rl = ref_w[pb, col].to(device), ref_l[pb, col].to(device)
+                loss = d3po_loss(lw, ll, rw, rl, beta=cfg.beta, eps=cfg.clip_eps)
+                (loss.sum() / (b * T)).backward()
+                with torch.no_grad():
+                    dw, dl = lw - rw, ll - rl
+                    losses.append(loss.detach())
+                    clipped.append(((dw < lo) | (dw > hi) | (dl < lo) | (dl > hi)).float())
+                    correct.append((dw > dl).float())
+            norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).detach())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if progress is not None:
+                progress(1)
+    policy.unet.eval()
+    metrics.update(dpo_loss=float(torch.cat(losses).mean()), dpo_clipfrac=float(torch.cat(clipped).mean()),
+                   dpo_acc=float(torch.cat(correct).mean()), dpo_grad_norm=float(torch.stack(norms).mean()))
+    return metrics

@@ -1,0 +1,382 @@
+"""Run configuration: one dataclass tree, help text per field, YAML and ``--set key=value`` overrides.
+
+No torch import here, so ``b2diffurl train --help`` is fast and complete.
+
+Two presets fill every field the user did not set explicitly (in YAML or with ``--set``):
+
+* ``official`` — the values of the official B²-DiffuRL run script (SD 1.4, T = 20, η = 1, CFG 5, 100 stages,
+  256 prompts × 5 branches per stage, k 14 → 20, H = 8, thresholds ±0.5, 2 inner epochs, AdamW 1e-4 wd 1e-4,
+  clip 1.0, micro-batch 2 × 64 accumulated micro-steps, LoRA rank 4). These are the dataclass defaults.
+* ``toy`` — small CPU-friendly values so ``b2diffurl train`` with no arguments runs B² on the embedded toy world
+  in minutes on 2 CPU cores (fewer stages and prompts, bigger micro-batches, full fine-tune of the tiny UNet).
+
+``preset: auto`` (default) picks ``toy`` when ``model.path`` is ``toy`` and ``official`` otherwise.
+Precedence, lowest first: dataclass defaults (official) → preset → YAML file → ``--set`` overrides
+(YAML and ``--set`` values always win over the preset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration, reported before anything is loaded or sampled."""
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best at the call sites
+    if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("toy", "policy to fine-tune: 'toy' (embedded toy world) or a local diffusers folder (SD 1.x/2.x)")
+    dtype: str = _f("float32", "weights/compute dtype: float32 | float16 | bfloat16 (LoRA weights stay float32)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    lora: str = _f("auto", "auto (LoRA for real models, full fine-tune for the toy) | on | off")
+    lora_rank: int = _f(4, "LoRA rank on the UNet attention projections")
+    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
+    lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "module names that get LoRA adapters")
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = _f(20, "T: DDIM steps per trajectory")
+    eta: float = _f(1.0, "DDIM eta (must be > 0: eta = 0 has no step density)")
+    guidance_scale: float = _f(5.0, "classifier-free guidance scale for sampling and training (1.0 = no CFG)")
+    prompts_per_stage: int = _f(256, "P: prompts (prefixes / branch groups) sampled per stage")
+    branches: int = _f(5, "B: branches per prefix for B² (DDPO draws B independent images per prompt instead)")
+    batch_size: int = _f(8, "prompts per batched UNet call while sampling (rows = batch_size·B, ×2 for CFG)")
+    cuda_graphs: bool = _f(False, "capture the sampling step (UNet + DDIM) in CUDA graphs (CUDA only; falls back "
+                                  "with a logged reason elsewhere)")
+    backend: str = _f("auto", "b2kernels backend for the DDIM step: auto | triton | reference")
+
+
+@dataclass
+class TrainConfig:
+    inner_epochs: int = _f(2, "passes over the stage's selected samples")
+    lr: float = _f(1e-4, "AdamW learning rate")
+    lr_warmup_steps: int = _f(0, "linear LR warmup over this many optimizer steps (0 = constant LR)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "gradient-norm clip per optimizer step")
+    micro_batch_size: int = _f(2, "samples per training micro-step (UNet rows = 2× with CFG)")
+    grad_accum_steps: int = _f(64, "micro-steps (one micro-batch at one trained timestep) per optimizer step; a "
+                                   "partial group is flushed at the end of each inner epoch")
+    clip_range: float = _f(0.1, "PPO clip epsilon")
+    adv_clip: float = _f(5.0, "advantages are clamped to [-adv_clip, adv_clip]")
+    cfg: bool = _f(True, "use classifier-free guidance in the training forward (one 2N-row UNet call)")
+
+
+@dataclass
+class B2Config:
+    k_left: int = _f(14, "branched (trained) steps at stage 0")
+    k_right: int = _f(20, "branched (trained) steps at the last stage; must be <= sample.num_steps")
+    history: int = _f(8, "H: earlier stages whose raw scores join the per-prompt statistics")
+    pos_threshold: float = _f(0.5, "best branch is a positive sample if its z-score >= this")
+    neg_threshold: float = _f(-0.5, "worst branch is a negative sample if its z-score < this")
+    beta1: float = _f(1.0, "weight of positive advantages")
+    beta2: float = _f(1.0, "weight of negative advantages")
+
+
+@dataclass
+class DDPOConfig:
+    history: int = _f(8, "earlier stages whose raw scores join the per-prompt statistics")
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = _f("toy", "held-out prompts: 'toy' (toy held-out set), a .txt (one per line) or .json list, or "
+                             "'none'")
+    num_prompts: int = _f(32, "held-out prompts evaluated (first N)")
+    images_per_prompt: int = _f(2, "images per held-out prompt")
+    every: int = _f(0, "evaluate every N stages (0 = only before and after training)")
+    seed: int = _f(1234, "fixed sampling seed for evaluation (same noise before and after)")
+
+
+@dataclass
+class RunConfig:
+    algo: str = _f("b2", "algorithm: b2 | ddpo")
+    preset: str = _f("auto", "auto | toy | official: fills every field not set explicitly (see module help)")
+    stages: int = _f(100, "S: stages (sample → score → select → train)")
+    seed: int = _f(42, "run seed (sampling noise, prompt draws, shuffles)")
+    prompts: str = _f("toy", "training prompts: 'toy', a .txt (one per line) or a .json list")
+    reward: str = _f("toy", "reward: toy | clip | python:pkg.mod:fn")
+    reward_options: dict = _f({}, "keyword options passed to the reward factory (e.g. clip weights path)")
+    out: str = _f("runs/latest", "output directory (metrics.jsonl, checkpoints, grids, plots)")
+    checkpoint_every: int = _f(10, "checkpoint every N stages (also at the end and on SIGTERM)")
+    grid_every: int = _f(10, "save a sample grid every N stages (0 = never)")
+    progress: bool = _f(True, "show progress bars")
+    deterministic: bool = _f(False, "torch deterministic algorithms (exact resume on GPU)")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "policy"})
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "sampling"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "PPO update"})
+    b2: B2Config = field(default_factory=B2Config, metadata={"help": "B²-DiffuRL"})
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig, metadata={"help": "DDPO baseline"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
+
+
+# Algorithms the trainer knows (name -> "module:Class"); new algorithms register here and may add a config
+# section (a dataclass field on RunConfig named like the algorithm).
+ALGORITHMS = {
+    "b2": "b2diffurl.algos.b2:B2Algorithm",
+    "ddpo": "b2diffurl.algos.ddpo:DDPOAlgorithm",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # real models: CLIP reward (pass its weights with reward_options), no toy held-out set
+    "official": {"reward": "clip", "eval.prompts": "none"},
+    # 2 CPU cores, ≤ 15 min for the whole default run including before/after evaluation.
+    "toy": {
+        "stages": 16,
+        "sample.prompts_per_stage": 8,
+        "sample.branches": 4,
+        "sample.batch_size": 8,
+        "b2.k_left": 14,
+        "b2.k_right": 20,
+        "train.micro_batch_size": 16,
+        "train.grad_accum_steps": 8,
+        "train.lr": 3e-4,
+        "train.weight_decay": 0.0,
+        "eval.num_prompts": 16,
+        "eval.images_per_prompt": 2,
+        "checkpoint_every": 4,
+        "grid_every": 4,
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------- tree helpers
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def iter_fields(cfg=None, prefix: str = ""):
+    """Yield (dotted key, field, value-or-default, owner dataclass) for every leaf field."""
+    cls = type(cfg) if cfg is not None else RunConfig
+    obj = cfg if cfg is not None else RunConfig()
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(value, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, value, hints[f.name]
+
+
+def _lookup(cfg, key: str):
+    parts = key.split(".")
+    obj = cfg
+    for p in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+            raise ConfigError(_unknown(key))
+        obj = getattr(obj, p)
+    if not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(_unknown(key))
+    f = next(f for f in dataclasses.fields(obj) if f.name == parts[-1])
+    if dataclasses.is_dataclass(getattr(obj, f.name)):
+        raise ConfigError(f"config key {key!r} is a section; set one of its fields (e.g. {key}.<field>)")
+    return obj, f, _hints(type(obj))[f.name]
+
+
+def _unknown(key: str) -> str:
+    keys = [k for k, *_ in iter_fields()]
+    import difflib
+
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else " Run `b2diffurl train --help` for the full list."
+    return f"unknown config key {key!r}.{hint}"
+
+
+def _coerce(key: str, value: Any, typ) -> Any:
+    origin = typing.get_origin(typ) or typ
+    if isinstance(value, str) and origin is not str:
+        if origin is bool:
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+        if origin in (list, dict, tuple):
+            import yaml
+
+            value = yaml.safe_load(value)
+    try:
+        if origin is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if origin is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if origin is float:
+            return float(value)
+        if origin is str:
+            return str(value)
+        if origin is list:
+            return list(value) if not isinstance(value, str) else [value]
+        if origin is tuple:
+            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}") from None
+    return value
+
+
+def set_value(cfg: RunConfig, key: str, value: Any) -> None:
+    obj, f, typ = _lookup(cfg, key)
+    setattr(obj, f.name, _coerce(key, value, typ))
+
+
+def get_value(cfg: RunConfig, key: str) -> Any:
+    obj, f, _ = _lookup(cfg, key)
+    return getattr(obj, f.name)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix + k).endswith("reward_options"):
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def resolve_preset(cfg: RunConfig) -> str:
+    if cfg.preset == "auto":
+        return "toy" if cfg.model.path == "toy" else "official"
+    if cfg.preset not in PRESETS:
+        raise ConfigError(f"preset must be one of auto, {', '.join(PRESETS)}; got {cfg.preset!r}")
+    return cfg.preset
+
+
+def load_config(yaml_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
+    """Defaults → preset → YAML → overrides, then :func:`validate`. Unknown keys raise :class:`ConfigError`."""
+    explicit: dict[str, Any] = {}
+    if yaml_path:
+        if not os.path.isfile(yaml_path):
+            raise ConfigError(f"config file {yaml_path!r} does not exist")
+        import yaml
+
+        with open(yaml_path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {yaml_path!r} must hold a mapping, got {type(data).__name__}")
+        explicit.update(_flatten(data))
+    if isinstance(overrides, list):
+        overrides = parse_set(overrides)
+    explicit.update(overrides or {})
+
+    cfg = RunConfig()
+    for k, v in explicit.items():  # first pass: learn model.path / preset, and reject unknown keys early
+        set_value(cfg, k, v)
+    preset = resolve_preset(cfg)
+    cfg = RunConfig()
+    for k, v in PRESETS[preset].items():
+        set_value(cfg, k, v)
+    for k, v in explicit.items():
+        set_value(cfg, k, v)
+    cfg.preset = preset
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no torch and no files beyond existence; raise ConfigError with the fix."""
+    errs = []
+    s, t, b2 = cfg.sample, cfg.train, cfg.b2
+    if cfg.algo not in ALGORITHMS:
+        errs.append(f"algo must be one of {', '.join(sorted(ALGORITHMS))}; got {cfg.algo!r}")
+    if s.eta <= 0:
+        errs.append(f"sample.eta must be > 0 (eta = {s.eta} makes the DDIM step deterministic: no log-prob for the "
+                    "policy gradient); use eta=1.0 as in the papers")
+    if s.num_steps < 1:
+        errs.append(f"sample.num_steps must be >= 1, got {s.num_steps}")
+    if s.prompts_per_stage < 1 or s.batch_size < 1:
+        errs.append("sample.prompts_per_stage and sample.batch_size must be >= 1")
+    if s.branches < 1:
+        errs.append(f"sample.branches must be >= 1, got {s.branches}")
+    if cfg.algo == "b2":
+        if s.branches < 2:
+            errs.append(f"B² needs sample.branches >= 2 to compare branches of a prefix, got {s.branches}")
+        if not (1 <= b2.k_left <= b2.k_right):
+            errs.append(f"need 1 <= b2.k_left <= b2.k_right, got k_left={b2.k_left}, k_right={b2.k_right}")
+        if b2.k_right > s.num_steps:
+            errs.append(f"b2.k_right={b2.k_right} exceeds sample.num_steps={s.num_steps} (at most T steps can be "
+                        "branched); lower b2.k_right or raise sample.num_steps")
+        if b2.history < 0:
+            errs.append("b2.history must be >= 0")
+        if b2.neg_threshold > b2.pos_threshold:
+            errs.append("b2.neg_threshold must be <= b2.pos_threshold")
+    if cfg.stages < 1:
+        errs.append(f"stages must be >= 1, got {cfg.stages}")
+    if t.inner_epochs < 1 or t.micro_batch_size < 1 or t.grad_accum_steps < 1:
+        errs.append("train.inner_epochs, train.micro_batch_size and train.grad_accum_steps must be >= 1")
+    if t.lr <= 0 or t.clip_range <= 0 or t.max_grad_norm <= 0:
+        errs.append("train.lr, train.clip_range and train.max_grad_norm must be > 0")
+    if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
+        errs.append(f"model.dtype must be float32, float16 or bfloat16, got {cfg.model.dtype!r}")
+    if cfg.model.lora not in ("auto", "on", "off"):
+        errs.append(f"model.lora must be auto, on or off, got {cfg.model.lora!r}")
+    if cfg.model.path != "toy" and not os.path.isdir(cfg.model.path):
+        errs.append(f"model.path {cfg.model.path!r} is neither 'toy' nor an existing diffusers folder "
+                    "(nothing is downloaded: pass a local folder with unet/, text_encoder/, tokenizer/, scheduler/)")
+    r = cfg.reward
+    if not (r in ("toy", "clip") or (r.startswith("python:") and r.count(":") == 2 and all(r.split(":")[1:]))):
+        errs.append(f"reward {r!r} is unknown: use toy, clip or python:pkg.module:function")
+    for key, spec in (("prompts", cfg.prompts), ("eval.prompts", cfg.eval.prompts)):
+        if spec not in ("toy", "none") and not os.path.isfile(spec):
+            errs.append(f"{key}={spec!r}: expected 'toy'{', none' if key != 'prompts' else ''} or an existing "
+                        ".txt/.json prompt file")
+    if cfg.prompts == "none":
+        errs.append("prompts='none': training needs prompts")
+    if s.backend not in ("auto", "triton", "reference"):
+        errs.append(f"sample.backend must be auto, triton or reference, got {s.backend!r}")
+    if errs:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))
+
+
+# ----------------------------------------------------------------------------------------------- I/O, help
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> RunConfig:
+    cfg = RunConfig()
+    for k, v in _flatten(d).items():
+        set_value(cfg, k, v)
+    return cfg
+
+
+def help_text() -> str:
+    """One line per field: key, default (official), toy preset value, help."""
+    lines = []
+    toy = PRESETS["toy"]
+    for key, f, value, _ in iter_fields():
+        extra = f" [toy: {toy[key]}]" if key in toy else ""
+        lines.append(f"  {key} (default {value!r}{extra})\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""Batched branch-tree DDIM sampler shared by every algorithm (B², DDPO, D-Fusion phase A) and the CLI.
+
+One UNet call per DDIM step for *all* prompts and branches of a batch: P prompts share a prefix up to step
+``split_step`` (= T − k), then P·B rows continue with independent noise. CFG is one 2× batch (uncond rows
+first). The fused ``b2kernels.ddim_step_sample`` produces x_prev and the step log-prob. Latents go to the
+arena as they are produced (prefix latents once per tree); log-probs stay on the device until the loop ends
+(one transfer), so the step loop has no ``.item()`` and no host sync.
+
+Row layout is tree-major: row ``p·B + b`` is branch ``b`` of prompt ``p`` (the arena's id order).
+
+Shapes are static per (rows, dtype), so the step (UNet + DDIM) can be captured in a CUDA graph
+(``cuda_graphs=True``): one graph for the P-row prefix step and one for the P·B-row branch step, replayed
+with the step index as a device tensor. Where capture can't run (CPU, capture error) the sampler logs why and
+runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TreeSample:
+    """Output of :meth:`TreeSampler.sample_trees` for P prompts × B branches (tree-major rows)."""
+
+    latents: torch.Tensor  # [P·B, C, H, W] final latents (x at latent index T)
+    logprobs: torch.Tensor  # [P·B, T] float32 per-step log-probs (prefix steps repeated per branch)
+    split_step: int
+    branches: int
+
+
+@dataclass
+class SampleResult:
+    """Output of :func:`sample`."""
+
+    images: torch.Tensor | None  # [N, 3, H, W] in [0, 1] (None with decode=False)
+    latents: torch.Tensor  # [N, C, H, W] final latents
+    logprobs: torch.Tensor  # [N, T] float32
+    prompts: list[str]
+
+
+class _GraphedStep:
+    """A CUDA-graph capture of ``step_fn`` for one static shape. Inputs are copied into static buffers."""
+
+    def __init__(self, step_fn, x, step_idx, embeds, noise):
+        self.static = [t.clone() for t in (x, step_idx, embeds, noise)]
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm up (autotuning, lazy inits) outside the capture
+            for _ in range(2):
+                step_fn(*self.static)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step_fn(*self.static)
+
+    def __call__(self, x, step_idx, embeds, noise):
+        for dst, src in zip(self.static, (x, step_idx, embeds, noise)):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        self.graph.replay()
+        # clone: the next replay overwrites the outputs while async arena copies may still read them
+        return self.out[0].clone(), self.out[1].clone()
+
+
+class TreeSampler:
+    """Branch-tree DDIM sampler for a policy (see module docs). Holds the DDIM table and the uncond embedding."""
+
+    def __init__(self, policy, *, num_steps: int = 20, guidance_scale: float = 5.0, eta: float = 1.0,
+                 backend: str = "auto", cuda_graphs: bool = False):
+        from b2kernels import DDIMTable
+
+        if eta <= 0:
+            raise ValueError(f"eta must be > 0 for a sampler with log-probs (got {eta}); eta = 0 has no density")
+        self.policy = policy
+        self.num_steps, self.guidance_scale, self.eta, self.backend = int(num_steps), guidance_scale, eta, backend
+        self.device = next(policy.unet.parameters()).device
+        self.dtype = next(policy.unet.parameters()).dtype
+        policy.scheduler.set_timesteps(self.num_steps)
+        self.table = DDIMTable.from_scheduler(policy.scheduler, device=self.device)
+        self.timesteps = self.table.timesteps.to(self.device)
+        self.use_cfg = guidance_scale is not None and guidance_scale != 1.0
+        with torch.no_grad():
+            self.uncond = policy.encode_prompts([""]).to(self.dtype) if self.use_cfg else None
+        self.graphs: dict | None = None
+        self.graph_reason: str | None = None
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                self.graph_reason = f"cuda_graphs=True but the policy is on '{self.device.type}': running eagerly"
+            else:
+                self.graphs = {}
+            if self.graph_reason:
+                log.warning(self.graph_reason)
+
+    # ---- the batched step: everything the UNet and the DDIM kernel do for one step of N rows -------------
+    def embeds_for(self, cond: torch.Tensor) -> torch.Tensor:
+        """UNet conditioning for N rows: [uncond × N; cond] with CFG, else cond."""
+        cond = cond.to(self.dtype)
+        if not self.use_cfg:
+            return cond
+        return torch.cat([self.uncond.expand(cond.shape[0], -1, -1), cond])
+
+    def model_output(self, x: torch.Tensor, step_idx, embeds: torch.Tensor):
+        """(cond output, uncond output or None) of one UNet call on N rows (2N with CFG).
+
+        ``step_idx``: an int (eager sampling: no host sync anywhere) or a LongTensor [N] (training rows, graphs).
+        """
+        if isinstance(step_idx, int):
+            t = self.timesteps[step_idx].expand(x.shape[0])
+        else:
+            t = self.timesteps[step_idx]
+        if self.use_cfg:
+            out = self.policy.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=embeds).sample
+            uncond, cond = out.chunk(2)
+            return cond, uncond
+        return self.policy.unet(x, t, encoder_hidden_states=embeds).sample, None
+
+    def _step(self, x, step_idx, embeds, noise):
+        from b2kernels import ddim_step_sample
+
+        cond, uncond = self.model_output(x, step_idx, embeds)
+        return ddim_step_sample(self.table, step_idx, x, cond, noise, eta=self.eta, model_output_uncond=uncond,
+                                guidance_scale=self.guidance_scale if self.use_cfg else None, backend=self.backend)
+
+    def step(self, x: torch.Tensor, i: int, embeds: torch.Tensor, noise: torch.Tensor):
+        """One batched DDIM step i for all rows: (x_prev, logp [N])."""
+        if self.graphs is None:
+            return self._step(x, int(i), embeds, noise)
+        key = (x.shape[0], x.dtype)
+        g = self.graphs.get(key)
+        step_idx = torch.full((x.shape[0],), int(i), dtype=torch.long, device=x.device)
+        if g is None:
+            try:
+                g = self.graphs[key] = _GraphedStep(self._step, x, step_idx, embeds, noise)
+            except Exception as exc:  # noqa: BLE001 - any capture failure falls back, with the reason logged
+                self.graph_reason = f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly"
+                log.warning(self.graph_reason)
+                self.graphs = None
+                return self._step(x, int(i), embeds, noise)
+        return g(x, step_idx, embeds, noise)
+
+    # ---- trees --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_trees(self, cond: torch.Tensor, *, split_step: int, branches: int, generator: torch.Generator,
+                     arena=None, ids: torch.Tensor | None = None) -> TreeSample:
+        """Sample P trees: cond [P, L, D] prompt embeddings; latents 0..split_step shared, then B branches.
+
+        ``arena``/``ids`` (ids [P·B] from ``arena.add_trees``): latents are written as they are produced and
+        log-probs at the end. ``generator`` (on the policy's device) draws x_T and every step's noise in float32.
+        """
+        T, B, s = self.num_steps, int(branches), int(split_step)
+        if not 0 <= s <= T:
+            raise ValueError(f"split_step must be in [0, T={T}], got {s}")
+        P = cond.shape[0]
+        shape = tuple(self.policy.latent_shape)
+        dev = self.device
+        tree_ids = ids[::B] if ids is not None else None
+        x = torch.randn((P, *shape), generator=generator, device=dev, dtype=torch.float32).to(self.dtype)
+        embeds = self.embeds_for(cond)
+        if arena is not None:
+            arena.write_latents(tree_ids, 0, x.to(arena.dtype))  # latent 0 is always shared (s >= 0)
+        logps = []
+        for i in range(T):
+            if i == s and B > 1:  # branch: latent s is the last shared one
+                x = x.repeat_interleave(B, dim=0)
+                embeds = self.embeds_for(cond.repeat_interleave(B, dim=0))
+            rows = x.shape[0]
+            noise = torch.randn((rows, *shape), generator=generator, device=dev, dtype=torch.float32)
+            x, logp = self.step(x, i, embeds, noise)
+            logps.append(logp)
+            if arena is not None:
+                if i + 1 <= s:
+                    arena.write_latents(tree_ids, i + 1, x.to(arena.dtype))
+                else:
+                    arena.write_latents(ids, i + 1, x.to(arena.dtype))
+        if s == T and B > 1:  # s == T: every latent shared; the B rows are copies
+            x = x.repeat_interleave(B, dim=0)
+        rows_final = P * B
+        full = torch.stack([lp if lp.shape[0] == rows_final else lp.repeat_interleave(B) for lp in logps], dim=1)
+        if arena is not None:
+            host = [lp.float().cpu() for lp in logps]  # one sync, after the loop
+            for i, lp in enumerate(host):
+                arena.write_logprobs(tree_ids if i < s else ids, i, lp)
+        return TreeSample(latents=x, logprobs=full.float(), split_step=s, branches=B)
+
+
+def sample(policy, prompts: list[str], *, num_steps: int = 20, guidance_scale: float = 5.0, eta: float = 1.0,
+           seed: int = 0, batch_size: int | None = None, decode: bool = True, backend: str = "auto",
+           cuda_graphs: bool = False, sampler: TreeSampler | None = None) -> SampleResult:
+    """Plain sampling (no branching) with the tree sampler's batched step; used by ``b2diffurl sample/eval``.
+
+    Returns images [N, 3, H, W] in [0, 1] (``policy.decode``), final latents and per-step log-probs. The same
+    ``seed`` and ``batch_size`` give the same noise, hence the same images, for any policy weights.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("sample: no prompts given")
+    sampler = sampler or TreeSampler(policy, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
+                                     backend=backend, cuda_graphs=cuda_graphs)
+    gen = torch.Generator(device=sampler.device).manual_seed(int(seed))
+    bs = int(batch_size or len(prompts))
+    lat, lps, imgs = [], [], []
+    for i in range(0, len(prompts), bs):
+        chunk = prompts[i:i + bs]
+        with torch.no_grad():
+            cond = policy.encode_prompts(chunk)
+        out = sampler.sample_trees(cond, split_step=sampler.num_steps, branches=1, generator=gen)
+        lat.append(out.latents)
+        lps.append(out.logprobs)
+        if decode:
+            with torch.no_grad():
+                imgs.append(policy.decode(out.latents).float().clamp(0, 1))
+    return SampleResult(images=torch.cat(imgs) if decode else None, latents=torch.cat(lat),
+                        logprobs=torch.cat(lps), prompts=prompts)

@@ -1,0 +1,80 @@
+"""Architecture of the toy text-to-image model (diffusers/transformers classes, random init).
+
+Pixel space with an "identity VAE": a 32×32×3 image in [-1, 1] is pixel-unshuffled (lossless) into a
+12×16×16 latent, so the UNet runs at 16×16 — about 4× cheaper than at 32×32, which is what makes CPU
+pretraining fit in well under an hour — and still has cross-attention at two resolutions (16×16, 8×8;
+plus the 4×4 mid block) for D-Fusion's masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from b2diffurl.toy.prompts import VOCAB
+
+IMAGE_SIZE = 32
+PATCH = 2
+LATENT_SHAPE = (3 * PATCH * PATCH, IMAGE_SIZE // PATCH, IMAGE_SIZE // PATCH)   # (12, 16, 16)
+MAX_TOKENS = 16
+SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
+TEXT_DIM = 64
+
+
+def build_tokenizer():
+    """Word-level ``PreTrainedTokenizerFast`` over the toy vocabulary (lowercased, whitespace split,
+    ``<bos> … <eos>`` added, padded to MAX_TOKENS)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL + VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", pad_token="<pad>", model_max_length=MAX_TOKENS)
+
+
+def build_text_encoder():
+    """Tiny ``CLIPTextModel``: 2 layers, width 64, 16 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=len(SPECIAL) + len(VOCAB), hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, projection_dim=TEXT_DIM)
+    return CLIPTextModel(cfg)
+
+
+def build_unet(block_out_channels=(64, 96, 128)):
+    """Tiny ``UNet2DConditionModel`` on 12×16×16 latents; cross-attention at 16×16, 8×8 and the 4×4 mid block."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=LATENT_SHAPE[1], in_channels=LATENT_SHAPE[0], out_channels=LATENT_SHAPE[0],
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=tuple(block_out_channels), layers_per_block=1, cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4, norm_num_groups=16)
+
+
+def build_schedulers():
+    """(DDPMScheduler for training, DDIMScheduler for sampling) with the same cosine ᾱ schedule; SD-style
+    DDIM settings (leading spacing, steps_offset 1, set_alpha_to_one False, no clipping)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                  clip_sample=False)
+    ddim = DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    return DDPMScheduler(**common), ddim
+
+
+def images_to_latents(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, 32, 32] in [0, 1] -> latents [N, 12, 16, 16] in [-1, 1] (pixel unshuffle, lossless)."""
+    return F.pixel_unshuffle(images * 2 - 1, PATCH)
+
+
+def latents_to_images(latents: torch.Tensor) -> torch.Tensor:
+    """Latents [N, 12, 16, 16] -> images [N, 3, 32, 32] clamped to [0, 1]."""
+    return ((F.pixel_shuffle(latents, PATCH) + 1) / 2).clamp(0, 1)

@@ -1,0 +1,213 @@
+"""Pretrain the toy text-to-image model: ``python -m b2diffurl.toy.pretrain [--steps N] [--out DIR]``.
+
+Data are rendered on the fly (:mod:`b2diffurl.toy.render`) from the train split, half single objects,
+a quarter counts, a quarter relations, 10 % empty prompts for classifier-free guidance. DDPM ε-loss on
+a cosine schedule, AdamW with warm-up then constant LR, an EMA of the weights is what gets saved.
+The checkpoint (diffusers folder layout, safetensors) is rewritten every ``--save-every`` steps, so a
+usable model exists even if the run is stopped early; at the end a loss curve, a sample grid and a
+quality report (mean toy reward per prompt category, 20 DDIM steps, η = 1, CFG 5) are written next to it.
+This file also holds an independent sampling loop on ``DDIMScheduler.step`` (a cross-check for
+:mod:`b2diffurl.sampling`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from b2diffurl.toy import CHECKPOINT_DIR
+from b2diffurl.toy import model as M
+from b2diffurl.toy.prompts import CATEGORIES, heldout_prompts, prompt_category, train_prompts
+from b2diffurl.toy.render import render
+from b2diffurl.toy.score import toy_score
+
+CATEGORY_WEIGHTS = {"single": 0.5, "count": 0.25, "relation": 0.25}
+P_UNCOND = 0.1
+
+
+def encode(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> text embeddings [N, MAX_TOKENS, TEXT_DIM]."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+def sample_prompts(rng: random.Random, n: int) -> list[str]:
+    by_cat = {c: train_prompts(c) for c in CATEGORIES}
+    cats = rng.choices(list(CATEGORY_WEIGHTS), weights=list(CATEGORY_WEIGHTS.values()), k=n)
+    return [rng.choice(by_cat[c]) for c in cats]
+
+
+@torch.no_grad()
+def ddim_sample(unet, text_encoder, tokenizer, scheduler, prompts, *, num_steps=20, guidance_scale=5.0,
+                eta=1.0, seed=0) -> torch.Tensor:
+    """Reference DDIM sampler on ``DDIMScheduler.step`` -> images [N, 3, 32, 32] in [0, 1]."""
+    dev = unet.device
+    g = torch.Generator().manual_seed(seed)
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(num_steps)
+    n = len(prompts)
+    cond = encode(tokenizer, text_encoder, prompts)
+    emb = torch.cat([encode(tokenizer, text_encoder, [""]).expand(n, -1, -1), cond])
+    x = torch.randn((n, *M.LATENT_SHAPE), generator=g).to(dev)
+    for t in sched.timesteps:
+        eu, ec = unet(torch.cat([x, x]), t, emb).sample.chunk(2)
+        eps = eu + guidance_scale * (ec - eu)
+        noise = torch.randn(x.shape, generator=g).to(dev)
+        x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+    return M.latents_to_images(x)
+
+
+def save_checkpoint(out: Path, unet, text_encoder, tokenizer, ddim, meta: dict) -> None:
+    """Write the diffusers-layout folder atomically (tmp dir + rename)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    ddim.save_pretrained(tmp / "scheduler")
+    import diffusers
+    index = {"_class_name": "B2DiffuRLToyPipeline", "_diffusers_version": diffusers.__version__,
+             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "vae": [None, None],
+             "b2diffurl_toy": {"latent_shape": list(M.LATENT_SHAPE), "image_size": M.IMAGE_SIZE, "patch": M.PATCH,
+                               "decode": "pixel_shuffle(latents, patch) * 0.5 + 0.5", **meta}}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    keep = {p.name: p for p in out.glob("*.png")} | {p.name: p for p in out.glob("*.json") if p.name != "model_index.json"}
+    for name, p in keep.items():      # artefacts from earlier evaluations survive a checkpoint rewrite
+        shutil.copy2(p, tmp / name)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def evaluate(unet, text_encoder, tokenizer, ddim, out: Path | None, *, n_per_prompt=4, seed=0) -> dict:
+    """Mean toy reward per (split, category) with 20 DDIM steps, η = 1, CFG 5; writes samples.png."""
+    report = {}
+    grid_rows = []
+    for split, prompts in (("train", train_prompts()), ("heldout", heldout_prompts())):
+        rng = random.Random(seed)
+        for cat in CATEGORIES:
+            ps = [p for p in prompts if prompt_category(p) == cat]
+            ps = rng.sample(ps, min(len(ps), 24)) if cat == "relation" else ps
+            ps = [p for p in ps for _ in range(n_per_prompt)]
+            imgs = torch.cat([ddim_sample(unet, text_encoder, tokenizer, ddim, ps[i:i + 64], seed=seed + i)
+                              for i in range(0, len(ps), 64)])
+            r = toy_score(imgs, ps)
+            report[f"{split}/{cat}"] = {"mean": r.mean().item(), "std": r.std().item(), "n": len(ps)}
+            if split == "train":
+                grid_rows.append(imgs[: 8 * n_per_prompt: n_per_prompt // 2 or 1][:8])
+    if out is not None:
+        from torchvision.utils import save_image
+        save_image(torch.cat(grid_rows), out / "samples.png", nrow=8, padding=1)
+        (out / "quality.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k = 50
+    smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(losses, alpha=0.3, lw=0.5, label="loss")
+    ax.plot(smooth, lw=1.5, label=f"mean of last {k}")
+    ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_ylabel("ε-MSE"); ax.legend()
+    fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--channels", type=str, default="32,64,64", help="UNet block_out_channels")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out and exit")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    dev = torch.device(args.device)
+    tokenizer = M.build_tokenizer()
+    ddpm, ddim = M.build_schedulers()
+    if args.eval_only:
+        from b2diffurl.toy.checkpoint_io import load_toy_components
+        unet, te, tokenizer, ddim = load_toy_components(args.out, device=dev)
+        print(json.dumps(evaluate(unet, te, tokenizer, ddim, args.out), indent=2))
+        return
+    unet = M.build_unet(tuple(int(c) for c in args.channels.split(","))).to(dev)
+    te = M.build_text_encoder().to(dev)
+    params = list(unet.parameters()) + list(te.parameters())
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    acp = ddpm.alphas_cumprod.to(dev)
+    print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder "
+          f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M; threads {torch.get_num_threads()}", flush=True)
+    losses, t0 = [], time.time()
+    from tqdm import tqdm
+    bar = tqdm(range(args.steps), mininterval=20, dynamic_ncols=False, ncols=100)
+    step = 0
+    for step in bar:
+        prompts = sample_prompts(rng, args.batch)
+        x0 = M.images_to_latents(render(prompts, seed=args.seed * 100_000 + step)).to(dev)
+        prompts = ["" if rng.random() < P_UNCOND else p for p in prompts]
+        t = torch.randint(0, ddpm.config.num_train_timesteps, (args.batch,), device=dev)
+        noise = torch.randn_like(x0)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(xt, t, encode(tokenizer, te, prompts)).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); sched.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", s_per_step=f"{(time.time() - t0) / (step + 1):.2f}")
+        last = step + 1 == args.steps or (args.max_minutes and time.time() - t0 > 60 * args.max_minutes)
+        if (step + 1) % args.save_every == 0 or last:
+            meta = {"train_steps": step + 1, "batch": args.batch, "lr": args.lr, "ema": args.ema, "seed": args.seed,
+                    "channels": args.channels, "wall_minutes": round((time.time() - t0) / 60, 1),
+                    "final_loss_mean100": sum(losses[-100:]) / len(losses[-100:])}
+            save_checkpoint(args.out, ema_unet, ema_te, tokenizer, ddim, meta)
+            (args.out / "losses.json").write_text(json.dumps([round(v, 5) for v in losses]))
+            plot_losses(losses, args.out / "loss_curve.png")
+            print(f"\nsaved step {step + 1} to {args.out} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+        if last:
+            break
+    ema_unet.eval(); ema_te.eval()
+    report = evaluate(ema_unet, ema_te, tokenizer, ddim, args.out)
+    print(json.dumps(report, indent=2), flush=True)
+    print(f"done: {step + 1} steps in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

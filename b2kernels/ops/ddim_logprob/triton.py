@@ -1,0 +1,355 @@
+"""Triton kernels for the fused DDIM step (log-prob forward/backward, sampling forward/backward).
+
+Layout (STYLE.md order): kernels → launchers → torch.library custom ops (+ fake impls and autograd) .
+
+Grid: one program per (row, BLOCK-element chunk of the row), flattened on axis 0 (``pid = row * n_chunks +
+chunk``) so neither N nor the row length is bounded by the 65535 limit of grid axes 1/2, and N=16 rows of SD
+latents (16384 elements) still give 16×16 programs. Each program loads its row's ᾱ_t, ᾱ_prev from the device
+table (``step_idx`` may differ per row), folds the prediction type into a linear form
+``μ = A·x_t + B·ε̂`` (ε̂ = the CFG-combined model output, never stored), and reads each input once.
+
+* forward (log-prob): writes ``-Σ_chunk (x_prev-μ)² / (2σ²D)`` (+ ``-log σ - ½log 2π`` for chunk 0) into a
+  [N, n_chunks] fp32 partials buffer; ``logp = partials.sum(1)`` — deterministic, no atomics (the RL ratio
+  π/π_old should not jitter between sampling and training).
+* forward (sample): additionally writes ``x_prev = μ + σ·z`` in the I/O dtype; the log-prob uses that
+  *rounded* x_prev, exactly what a later ``ddim_step_logprob`` sees.
+* backward (log-prob): ``∂logp/∂ε̂ = g_row · B · (x_prev-μ) / (σ² D)``; CFG splits it as ``w·G`` (cond) and
+  ``(1-w)·G`` (uncond). One read of each input, one write per gradient.
+* backward (sample): ``∂x_prev/∂ε̂ = B``; the log-prob of a reparameterised sample does not depend on ε̂
+  (x_prev-μ = σz), so its gradient contribution is exactly 0.
+
+All arithmetic is fp32 whatever the I/O dtype; offsets are int64 (row·D can pass 2³¹).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from b2kernels._dispatch import triton_interpret
+
+PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# Tests set this to fill fresh outputs with NaN, so any element a kernel fails to write shows up.
+POISON_OUTPUTS = False
+
+
+def _new(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    out = torch.empty(like.shape if shape is None else shape, dtype=dtype or like.dtype, device=like.device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+@triton.jit
+def _ddim_coeffs(
+    a_t_ptr, a_p_ptr, step_ptr, step_const, row, eta, PRED: tl.constexpr, HAS_STEP: tl.constexpr
+):
+    """(A, B, σ) of μ = A·x_t + B·ε̂ for ``row`` (fp32 scalars; diffusers' formulas, correctly rounded)."""
+    if HAS_STEP:
+        s = tl.load(step_ptr + row)
+    else:
+        s = step_const
+    a_t = tl.load(a_t_ptr + s).to(tl.float32)
+    a_p = tl.load(a_p_ptr + s).to(tl.float32)
+    b_t = 1.0 - a_t
+    b_p = 1.0 - a_p
+    variance = tl.div_rn(b_p, b_t) * (1.0 - tl.div_rn(a_t, a_p))
+    sigma = eta * tl.sqrt_rn(variance)
+    direction = tl.sqrt_rn(tl.maximum(1.0 - a_p - sigma * sigma, 0.0))
+    sa_t = tl.sqrt_rn(a_t)
+    sb_t = tl.sqrt_rn(b_t)
+    sa_p = tl.sqrt_rn(a_p)
+    if PRED == 0:  # epsilon: x̂0 = (x - √β_t ε)/√ᾱ_t, ε̂ = ε
+        A = tl.div_rn(sa_p, sa_t)
+        B = direction - tl.div_rn(sa_p * sb_t, sa_t)
+    elif PRED == 1:  # sample: x̂0 = m, ε̂ = (x - √ᾱ_t m)/√β_t
+        A = tl.div_rn(direction, sb_t)
+        B = sa_p - tl.div_rn(direction * sa_t, sb_t)
+    else:  # v_prediction: x̂0 = √ᾱ_t x - √β_t v, ε̂ = √ᾱ_t v + √β_t x
+        A = sa_p * sa_t + direction * sb_t
+        B = direction * sa_t - sa_p * sb_t
+    return A, B, sigma
+
+
+@triton.jit
+def _ddim_fwd_kernel(
+    x_ptr,
+    m_ptr,
+    mu_ptr,
+    y_ptr,
+    xout_ptr,
+    part_ptr,  # y = x_prev (log-prob) or noise (sample)
+    a_t_ptr,
+    a_p_ptr,
+    step_ptr,
+    step_const,
+    D,
+    n_chunks,
+    eta,
+    w,
+    log_const,
+    PRED: tl.constexpr,
+    HAS_STEP: tl.constexpr,
+    CFG: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid // n_chunks
+    chunk = pid - row * n_chunks
+    A, B, sigma = _ddim_coeffs(a_t_ptr, a_p_ptr, step_ptr, step_const, row, eta, PRED, HAS_STEP)
+
+    col = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < D
+    offs = row.to(tl.int64) * D + col
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    eps = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CFG:
+        u = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = u + w * (eps - u)
+    mean = A * x + B * eps
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SAMPLE:
+        xo = (mean + sigma * y).to(xout_ptr.dtype.element_ty)
+        tl.store(xout_ptr + offs, xo, mask=mask)
+        diff = xo.to(tl.float32) - mean
+    else:
+        diff = y - mean
+    sq = tl.sum(tl.where(mask, diff * diff, 0.0), axis=0)
+    part = -tl.div_rn(sq, 2.0 * sigma * sigma * D)
+    if chunk == 0:
+        part = part - tl.log(sigma) - log_const
+    tl.store(part_ptr + pid, part)
+
+
+@triton.jit
+def _ddim_bwd_kernel(
+    x_ptr,
+    m_ptr,
+    mu_ptr,
+    y_ptr,
+    g_ptr,
+    dm_ptr,
+    dmu_ptr,  # y = x_prev (log-prob) or dL/dx_prev (sample)
+    a_t_ptr,
+    a_p_ptr,
+    step_ptr,
+    step_const,
+    D,
+    n_chunks,
+    eta,
+    w,
+    PRED: tl.constexpr,
+    HAS_STEP: tl.constexpr,
+    CFG: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid // n_chunks
+    chunk = pid - row * n_chunks
+    A, B, sigma = _ddim_coeffs(a_t_ptr, a_p_ptr, step_ptr, step_const, row, eta, PRED, HAS_STEP)
+
+    col = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < D
+    offs = row.to(tl.int64) * D + col
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SAMPLE:
+        grad = B * y
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if CFG:
+            u = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            eps = u + w * (eps - u)
+        mean = A * x + B * eps
+        g = tl.load(g_ptr + row).to(tl.float32)
+        grad = (y - mean) * tl.div_rn(g * B, sigma * sigma * D)
+    if CFG:
+        tl.store(dm_ptr + offs, (w * grad).to(dm_ptr.dtype.element_ty), mask=mask)
+        tl.store(dmu_ptr + offs, ((1.0 - w) * grad).to(dmu_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(dm_ptr + offs, grad.to(dm_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+def _block(d: int) -> tuple[int, int]:
+    """(BLOCK, num_warps). The interpreter pays per program, so it gets whole (small) rows per program."""
+    if triton_interpret():
+        return min(triton.next_power_of_2(d), 4096), 1
+    return min(max(triton.next_power_of_2(d), 16), 1024), 4
+
+
+def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
+    n, d = x.shape[0], math.prod(x.shape[1:])
+    block, warps = _block(d)
+    n_chunks = triton.cdiv(d, block)
+    parts = _new(x, (n, n_chunks), torch.float32)
+    xout = _new(x) if sample else parts  # dummy pointer when unused
+    if n > 0 and d > 0:
+        _ddim_fwd_kernel[(n * n_chunks,)](
+            x,
+            m,
+            mu if mu is not None else m,
+            y,
+            xout,
+            parts,
+            a_t,
+            a_p,
+            step if step is not None else a_t,
+            int(step_const),
+            d,
+            n_chunks,
+            float(eta),
+            float(w),
+            _HALF_LOG_2PI,
+            PRED=pred,
+            HAS_STEP=step is not None,
+            CFG=mu is not None,
+            SAMPLE=sample,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    logp = parts.sum(dim=1)
+    return (xout, logp) if sample else logp
+
+
+def _launch_bwd(a_t, a_p, step, step_const, x, m, mu, y, g, eta, w, pred, sample):
+    n, d = x.shape[0], math.prod(x.shape[1:])
+    block, warps = _block(d)
+    n_chunks = triton.cdiv(d, block)
+    dm = _new(m)
+    dmu = _new(mu) if mu is not None else dm.new_empty(0)
+    if n > 0 and d > 0:
+        _ddim_bwd_kernel[(n * n_chunks,)](
+            x,
+            m,
+            mu if mu is not None else m,
+            y,
+            g,
+            dm,
+            dmu if mu is not None else dm,
+            a_t,
+            a_p,
+            step if step is not None else a_t,
+            int(step_const),
+            d,
+            n_chunks,
+            float(eta),
+            float(w),
+            PRED=pred,
+            HAS_STEP=step is not None,
+            CFG=mu is not None,
+            SAMPLE=sample,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    return dm, dmu
+
+
+# ------------------------------------------------------------------------------- torch.library custom ops
+# Inputs arrive contiguous and validated (b2kernels.ops.ddim_logprob). ``step`` is a LongTensor [N] or None
+# (then every row uses ``step_const``); ``w`` is ignored without ``mu`` (the uncond output).
+
+
+@torch.library.custom_op("b2kernels::ddim_logprob_fwd", mutates_args=())
+def ddim_logprob_fwd(
+    a_t: torch.Tensor,
+    a_p: torch.Tensor,
+    step: torch.Tensor | None,
+    step_const: int,
+    x: torch.Tensor,
+    m: torch.Tensor,
+    mu: torch.Tensor | None,
+    x_prev: torch.Tensor,
+    eta: float,
+    w: float,
+    pred: int,
+) -> torch.Tensor:
+    return _launch_fwd(a_t, a_p, step, step_const, x, m, mu, x_prev, eta, w, pred, sample=False)
+
+
+@ddim_logprob_fwd.register_fake
+def _(a_t, a_p, step, step_const, x, m, mu, x_prev, eta, w, pred):
+    return x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("b2kernels::ddim_sample_fwd", mutates_args=())
+def ddim_sample_fwd(
+    a_t: torch.Tensor,
+    a_p: torch.Tensor,
+    step: torch.Tensor | None,
+    step_const: int,
+    x: torch.Tensor,
+    m: torch.Tensor,
+    mu: torch.Tensor | None,
+    noise: torch.Tensor,
+    eta: float,
+    w: float,
+    pred: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_fwd(a_t, a_p, step, step_const, x, m, mu, noise, eta, w, pred, sample=True)
+
+
+@ddim_sample_fwd.register_fake
+def _(a_t, a_p, step, step_const, x, m, mu, noise, eta, w, pred):
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("b2kernels::ddim_step_bwd", mutates_args=())
+def ddim_step_bwd(
+    a_t: torch.Tensor,
+    a_p: torch.Tensor,
+    step: torch.Tensor | None,
+    step_const: int,
+    x: torch.Tensor,
+    m: torch.Tensor,
+    mu: torch.Tensor | None,
+    y: torch.Tensor,
+    g: torch.Tensor,
+    eta: float,
+    w: float,
+    pred: int,
+    sample: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dm, dL/dmu) — the second is empty without CFG. ``y``/``g``: x_prev/grad_logp [N] (log-prob) or
+    grad_x_prev/unused (sample)."""
+    return _launch_bwd(a_t, a_p, step, step_const, x, m, mu, y, g, eta, w, pred, sample)
+
+
+@ddim_step_bwd.register_fake
+def _(a_t, a_p, step, step_const, x, m, mu, y, g, eta, w, pred, sample):
+    return torch.empty_like(m), (torch.empty_like(mu) if mu is not None else m.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred = inputs
+    ctx.save_for_backward(a_t, a_p, step, x, m, mu, y)
+    ctx.args = (step_const, eta, w, pred)
+
+
+def _logprob_backward(ctx, grad_logp):
+    a_t, a_p, step, x, m, mu, x_prev = ctx.saved_tensors
+    step_const, eta, w, pred = ctx.args
+    dm, dmu = ddim_step_bwd(
+        a_t, a_p, step, step_const, x, m, mu, x_prev, grad_logp.contiguous(), eta, w, pred, False
+    )
+    return None, None, None, None, None, dm, (dmu if mu is not None else None), None, None, None, None
+
+
+def _sample_backward(ctx, grad_x_prev, grad_logp):
+    a_t, a_p, step, x, m, mu, _noise = ctx.saved_tensors
+    step_const, eta, w, pred = ctx.args
+    if grad_x_prev is None:  # only the log-prob was used: it does not depend on ε̂ (reparameterised sample)
+        dm, dmu = torch.zeros_like(m), (torch.zeros_like(mu) if mu is not None else None)
+    else:
+        dm, dmu = ddim_step_bwd(
+            a_t, a_p, step, step_const, x, m, mu, grad_x_prev.contiguous(), grad_x_prev, eta, w, pred, True
+        )
+    return None, None, None, None, None, dm, (dmu if mu is not None else None), None, None, None, None
+
+
+ddim_logprob_fwd.register_autograd(_logprob_backward, setup_context=_setup_context)
+ddim_sample_fwd.register_autograd(_sample_backward, setup_context=_setup_context)

@@ -1,0 +1,267 @@
+"""Triton forward kernel of K/V-injection attention (flash-style, blend in registers).
+
+Order: autotune configs → ``_kv_inject_fwd_kernel`` → launcher ``kv_inject_attention_triton``.
+
+One program computes a [BLOCK_M, D] tile of the output for one (batch row, head). It streams key blocks,
+loads K and K_ref (V and V_ref) with *complementary predicates* — K_ref only where m > 0, K only where m < 1 —
+so a binary mask reads each key token from exactly one source (no extra traffic over plain attention), blends
+``m·K_ref + (1−m)·K`` in fp32 registers, casts back to the input dtype and runs the usual online softmax
+(exp2, running max/sum in fp32). Neither an N×N score matrix nor a blended K/V copy ever touches memory.
+The mask is read per (batch row, token) with no head dimension (broadcast over heads by construction);
+reference rows come from ``ref_index[b]`` or ``b % Br`` (stride-0 broadcast of a batch-1 reference).
+Head dims are split into at most two power-of-two chunks (≥ 16) read with masked loads: 40 → 32+16,
+80 → 64+16, 160 → 128+32 (padding to one power of two would waste 60% of the FLOPs at SD's 40/80/160).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from b2kernels._dispatch import triton_interpret
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_empty = torch.empty  # tests swap in a NaN-filled allocator to catch unwritten output
+
+
+def _configs():
+    if triton_interpret():
+        # The interpreter runs every program in numpy: few, large-ish blocks are fastest and still
+        # exercise the boundary masks for odd N.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 32, 4, 4),
+            (64, 64, 4, 3),
+            (64, 32, 4, 4),
+            (128, 128, 8, 2),
+            (64, 128, 4, 2),
+        ]
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    # Large head dims blow the register/shared-memory budget with big tiles.
+    d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    keep = [c for c in configs if d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    return keep or configs
+
+
+@triton.jit
+def _blend_tile(own, ref, rows64, s_own, s_ref, offs_d, d_ok, use_own, use_ref, m2):
+    """Load a [rows, d] tile from ``own`` where m < 1 and from ``ref`` where m > 0; return m·ref + (1−m)·own
+    in fp32. Complementary predicates: a binary mask reads each token from one source only."""
+    a = tl.load(own + rows64[:, None] * s_own + offs_d[None, :], mask=use_own[:, None] & d_ok[None, :], other=0.0)
+    r = tl.load(ref + rows64[:, None] * s_ref + offs_d[None, :], mask=use_ref[:, None] & d_ok[None, :], other=0.0)
+    return m2 * r.to(tl.float32) + (1.0 - m2) * a.to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "HAS_QREF"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.jit
+def _kv_inject_fwd_kernel(
+    Q, K, V, QR, KR, VR, M, RIDX, O,
+    sqb, sqh, sqn,
+    skb, skh, skn,
+    svb, svh, svn,
+    sqrb, sqrh, sqrn,
+    skrb, skrh, skrn,
+    svrb, svrh, svrn,
+    smb, smn,
+    sob, soh, son,
+    H, NQ, NK, BR, MB,
+    qk_scale,
+    NQ_BUCKET, NK_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    HAS_QREF: tl.constexpr,
+    HAS_RIDX: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Head dim split into two power-of-two chunks [0, D0) + [D0, D0+D1) (D1 = 0: one chunk), so 40/80/160
+    # cost 48/80/160 lanes instead of 64/128/256. HEAD_DIM is constexpr: the d-masks fold to constants and
+    # the loads stay vectorised.
+    HAS_D1: tl.constexpr = BLOCK_D1 > 0
+    D1C: tl.constexpr = BLOCK_D1 if BLOCK_D1 > 0 else 16
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    if HAS_RIDX:
+        r64 = tl.load(RIDX + b).to(tl.int64)
+    else:
+        r64 = (b % BR).to(tl.int64)
+    mrow = (b % MB).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, D1C)
+    d0_ok = offs_d0 < HEAD_DIM
+    d1_ok = offs_d1 < HEAD_DIM
+    m_ok = offs_m < NQ
+    rows64 = offs_m.to(tl.int64)
+
+    q_base = Q + b64 * sqb + h64 * sqh
+    qr_base = QR + r64 * sqrb + h64 * sqrh
+    if HAS_QREF:
+        mq = tl.load(M + mrow * smb + offs_m * smn, mask=m_ok, other=0.0)
+        q_own = m_ok & (mq < 1.0)
+        q_ref = m_ok & (mq > 0.0)
+        q0 = _blend_tile(q_base, qr_base, rows64, sqn, sqrn, offs_d0, d0_ok, q_own, q_ref, mq[:, None])
+        q0 = q0.to(Q.dtype.element_ty)
+        q1 = _blend_tile(q_base, qr_base, rows64, sqn, sqrn, offs_d1, d1_ok, q_own, q_ref, mq[:, None])
+        q1 = q1.to(Q.dtype.element_ty)
+    else:
+        q0 = tl.load(q_base + rows64[:, None] * sqn + offs_d0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
+        q1 = tl.load(q_base + rows64[:, None] * sqn + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+
+    # Finite start for the running max: a row whose scores were all -inf would give 0, not NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1C], dtype=tl.float32)
+
+    k_base = K + b64 * skb + h64 * skh
+    v_base = V + b64 * svb + h64 * svh
+    kr_base = KR + r64 * skrb + h64 * skrh
+    vr_base = VR + r64 * svrb + h64 * svrh
+    m_base = M + mrow * smb
+
+    for start_n in range(0, NK, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < NK
+        cols64 = cols.to(tl.int64)
+        mk = tl.load(m_base + cols * smn, mask=n_ok, other=0.0)
+        use_ref = n_ok & (mk > 0.0)
+        use_own = n_ok & (mk < 1.0)
+        mk2 = mk[:, None]
+
+        k0 = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d0, d0_ok, use_own, use_ref, mk2)
+        s = _dot(q0, tl.trans(k0.to(K.dtype.element_ty)), IEEE)
+        if HAS_D1:
+            k1 = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d1, d1_ok, use_own, use_ref, mk2)
+            s += _dot(q1, tl.trans(k1.to(K.dtype.element_ty)), IEEE)
+        s = s * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(V.dtype.element_ty)
+
+        v0 = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d0, d0_ok, use_own, use_ref, mk2)
+        acc0 = acc0 * alpha[:, None] + _dot(p, v0.to(V.dtype.element_ty), IEEE)
+        if HAS_D1:
+            v1 = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d1, d1_ok, use_own, use_ref, mk2)
+            acc1 = acc1 * alpha[:, None] + _dot(p, v1.to(V.dtype.element_ty), IEEE)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o_base = O + b64 * sob + h64 * soh
+    out0 = acc0 / l_safe[:, None]
+    tl.store(o_base + rows64[:, None] * son + offs_d0[None, :], out0.to(O.dtype.element_ty), mask=m_ok[:, None] & d0_ok[None, :])
+    if HAS_D1:
+        out1 = acc1 / l_safe[:, None]
+        tl.store(o_base + rows64[:, None] * son + offs_d1[None, :], out1.to(O.dtype.element_ty), mask=m_ok[:, None] & d1_ok[None, :])
+
+
+def split_head_dim(d: int) -> tuple[int, int]:
+    """(D0, D1): power-of-two chunks ≥ 16 covering ``d`` (D1 = 0 when one chunk suffices).
+
+    40 → (32, 16), 64 → (64, 0), 80 → (64, 16), 128 → (128, 0), 160 → (128, 32).
+    """
+    d0 = max(16, 1 << (d.bit_length() - 1))
+    if d0 >= d:
+        return d0, 0
+    rest = d - d0
+    d1 = max(16, triton.next_power_of_2(rest))
+    if d1 >= d0:  # e.g. 100 = 64 + 36 → (64, 64) is no better than one 128 chunk
+        return triton.next_power_of_2(d), 0
+    return d0, d1
+
+
+def _bucket(n: int) -> int:
+    # Autotune key: powers of two, so N=4095 and N=4096 share a tuned config.
+    return 1 << max(n - 1, 1).bit_length()
+
+
+def kv_inject_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_ref: torch.Tensor,
+    v_ref: torch.Tensor,
+    mask: torch.Tensor,
+    q_ref: torch.Tensor | None,
+    ref_index: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Launch the kernel. Inputs are already validated by the public function.
+
+    q [B,H,Nq,D], k/v [B,H,Nk,D], k_ref/v_ref [Br,H,Nk,D], q_ref [Br,H,Nq,D] or None, mask float32
+    [Bm, Nk] with B % Bm == 0, ref_index int32 [B] or None. Any strides with a unit last-dim stride.
+    Returns [B,H,Nq,D] whose memory is laid out [B,Nq,H,D] (what diffusers reshapes into next, for free).
+    """
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+
+    def unit_last(t):
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    q, k, v, k_ref, v_ref = (unit_last(t) for t in (q, k, v, k_ref, v_ref))
+    if q_ref is not None:
+        q_ref = unit_last(q_ref)
+    mask = mask.contiguous()
+    out = _empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    qr = q_ref if q_ref is not None else q
+    ridx = ref_index if ref_index is not None else mask  # dummy pointer when unused
+    d0, d1 = split_head_dim(D)
+    grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
+    _kv_inject_fwd_kernel[grid](
+        q, k, v, qr, k_ref, v_ref, mask, ridx, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        qr.stride(0), qr.stride(1), qr.stride(2),
+        k_ref.stride(0), k_ref.stride(1), k_ref.stride(2),
+        v_ref.stride(0), v_ref.stride(1), v_ref.stride(2),
+        mask.stride(0), mask.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, NQ, NK, k_ref.shape[0], mask.shape[0],
+        float(scale) * math.log2(math.e),
+        _bucket(NQ), _bucket(NK),
+        HEAD_DIM=D,
+        BLOCK_D0=d0,
+        BLOCK_D1=d1,
+        HAS_QREF=q_ref is not None,
+        HAS_RIDX=ref_index is not None,
+        # fp32 inputs: exact fp32 dots (no TF32), like torch's default. The interpreter's bf16 dot is broken
+        # (numpy has no bf16), so interpreted bf16 runs its dots in fp32 on bf16-rounded operands.
+        IEEE=q.dtype == torch.float32 or (triton_interpret() and q.dtype == torch.bfloat16),
+    )
+    return out

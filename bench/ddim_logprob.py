@@ -1,0 +1,152 @@
+"""``python -m bench ddim_logprob``: fused DDIM step log-prob vs the eager torch reference.
+
+Rows: N ∈ {16, 160, 1280} latents of 4×64×64 (SD), fp32/bf16/fp16, modes ``fwd`` (log-prob), ``fwd+bwd``
+(log-prob + grads w.r.t. the model outputs, the training path) and ``sample`` (x_prev + log-prob), CFG fused by
+default (cond and uncond outputs, w = 5). Per row: median ms, GB/s (ideal bytes read + written by a fused
+kernel / time), the fraction of the device copy bandwidth measured in the same run for the same byte count, and
+the speedup over the eager reference. Triton rows are skipped, with the reason, where Triton can't run.
+
+Targets (H100/H200): fwd at N=1280 bf16 ≥ 85% of copy bandwidth; fwd+bwd ≥ 5× the eager reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from b2kernels._dispatch import resolve
+from bench.common import copy_bandwidth_gbs, time_fn
+from bench.common import plot as _plot
+
+LATENT = (4, 64, 64)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("fwd", "fwd+bwd", "sample")
+
+
+def add_args(parser):
+    parser.add_argument(
+        "--n", default=None, help="comma-separated row counts (default 16,160,1280; quick: 16)"
+    )
+    parser.add_argument(
+        "--dtypes", default=None, help="comma-separated of fp32,bf16,fp16 (default all; quick: fp32,bf16)"
+    )
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated of {','.join(MODES)}")
+    parser.add_argument("--no-cfg", action="store_true", help="one model output instead of fused CFG")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="timed iterations (default 20 on GPU, 3 on CPU)"
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+
+def _table(num_steps: int, device):
+    """A Stable-Diffusion-like DDIM table built without diffusers (scaled_linear betas, steps_offset=1)."""
+    from b2kernels import DDIMTable
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    ac = torch.cumprod(1 - betas, 0)
+    ts = torch.arange(num_steps - 1, -1, -1) * (1000 // num_steps) + 1
+    return DDIMTable.from_alphas(ac, ts, ac[0], 1000, "epsilon", device=device)
+
+
+def _bytes(mode: str, n: int, d: int, esize: int, cfg: bool) -> int:
+    """Ideal traffic of a fused kernel: each input read once, each output written once."""
+    k = 1 if cfg else 0
+    if mode == "fwd":  # read x_t, m, (m_u), x_prev; write logp
+        return (3 + k) * n * d * esize + 4 * n
+    if mode == "sample":  # read x_t, m, (m_u), noise; write x_prev, logp
+        return (4 + k) * n * d * esize + 4 * n
+    # fwd + bwd: the forward, then read x_t, m, (m_u), x_prev, grad [N]; write dm, (dm_u)
+    return (3 + k) * n * d * esize + 4 * n + (3 + k) * n * d * esize + 4 * n + (1 + k) * n * d * esize
+
+
+def _make_call(mode, backend, table, steps, x, m, u, y, w):
+    from b2kernels import ddim_step_logprob, ddim_step_sample
+
+    kw = dict(eta=1.0, model_output_uncond=u, guidance_scale=w, backend=backend)
+    if mode == "fwd":
+        return lambda: ddim_step_logprob(table, steps, x, m, y, **kw)
+    if mode == "sample":
+        return lambda: ddim_step_sample(table, steps, x, m, y, **kw)
+    params = [m] if u is None else [m, u]
+
+    def fwd_bwd():
+        lp = ddim_step_logprob(table, steps, x, m, y, **kw)
+        return torch.autograd.grad(lp, params, torch.ones_like(lp))
+
+    return fwd_bwd
+
+
+def run(args) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = getattr(args, "quick", False)
+    ns = [int(v) for v in (args.n or ("16" if quick else "16,160,1280")).split(",")]
+    dtypes = (args.dtypes or ("fp32,bf16" if quick else "fp32,bf16,fp16")).split(",")
+    modes = args.modes.split(",")
+    cfg = not args.no_cfg
+    iters = args.iters or (20 if device.type == "cuda" else 3)
+    warmup = 5 if device.type == "cuda" else 1
+    table = _table(20, device)
+    d = LATENT[0] * LATENT[1] * LATENT[2]
+    rows = []
+    for n in ns:
+        steps = torch.randint(0, table.num_steps, (n,), device=device)
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            x, y, m, u = (torch.randn((n, *LATENT), device=device, dtype=dtype) for _ in range(4))
+            m.requires_grad_(True)
+            u = u.requires_grad_(True) if cfg else None
+            w = 5.0 if cfg else None
+            for mode in modes:
+                nbytes = _bytes(mode, n, d, dtype.itemsize, cfg)
+                copy_gbs = copy_bandwidth_gbs(nbytes // 2, device)  # a copy of nbytes/2 moves nbytes
+                base = dict(
+                    mode=mode,
+                    N=n,
+                    shape="x".join(map(str, LATENT)),
+                    dtype=dname,
+                    cfg=cfg,
+                    MB=nbytes / 1e6,
+                    copy_GBps=copy_gbs,
+                )
+                ref_ms = None
+                for backend in ("reference", "triton"):
+                    row = dict(base, backend=backend)
+                    try:
+                        resolve("ddim_logprob", backend, device)
+                    except RuntimeError as e:
+                        row["skipped"] = str(e)
+                        rows.append(row)
+                        continue
+                    fn = _make_call(mode, backend, table, steps, x, m, u, y, w)
+                    ms = time_fn(fn, warmup=warmup, iters=iters, device=device)
+                    gbs = nbytes / (ms * 1e-3) / 1e9
+                    ref_ms = ms if backend == "reference" else ref_ms
+                    row.update(
+                        ms=ms,
+                        GBps=gbs,
+                        frac_copy=gbs / copy_gbs,
+                        speedup_vs_ref=(ref_ms / ms) if ref_ms else None,
+                    )
+                    rows.append(row)
+            del x, y, m, u
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    def find(**kw):
+        return next((r for r in rows if all(r.get(k) == v for k, v in kw.items()) and "ms" in r), None)
+
+    fwd = find(mode="fwd", N=1280, dtype="bf16", backend="triton")
+    fb = [r for r in rows if r.get("mode") == "fwd+bwd" and r.get("backend") == "triton" and "ms" in r]
+    return {
+        "targets": {
+            "fwd_N1280_bf16_frac_copy": fwd["frac_copy"] if fwd else None,
+            "fwd_N1280_bf16_frac_copy_target": 0.85,
+            "fwd_bwd_min_speedup_vs_ref": min((r["speedup_vs_ref"] for r in fb), default=None),
+            "fwd_bwd_speedup_target": 5.0,
+        }
+    }
+
+
+def plot(rows: list[dict], path):
+    pts = [dict(r, series=f"{r['backend']}-{r['dtype']}-{r['mode']}") for r in rows if "GBps" in r]
+    return _plot("ddim_logprob", pts, x="N", y="GBps", series="series", path=path)

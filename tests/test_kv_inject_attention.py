@@ -1,0 +1,250 @@
+"""K/V-injection attention: Triton kernel (interpreter on CPU) and reference vs a float64 explicit-softmax oracle.
+
+Oracle: softmax(Q'K'ᵀ·s)V' computed in float64 from the same dtype-rounded inputs, with the blend written out
+here (not the package's). Tolerance: ≤ 2× torch's own SDPA error in that dtype, or 2 ulps of the output scale.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import b2kernels
+from b2kernels import KVMask, kv_inject_attention
+from b2kernels.ops.kv_inject_attention import triton as kv_triton
+
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def oracle(q, k, v, kr, vr, m, qr=None, scale=None):
+    """float64 oracle; kr/vr/qr already expanded to B rows, m dense [B, N]."""
+    q, k, v, kr, vr = (t.double() for t in (q, k, v, kr, vr))
+    m4 = m.double()[:, None, :, None]
+    k2 = (m4 * kr + (1 - m4) * k)
+    v2 = (m4 * vr + (1 - m4) * v)
+    if qr is not None:
+        q = m4 * qr.double() + (1 - m4) * q
+    # the kernel rounds the blend to the input dtype before the dots, like the reference
+    s = scale if scale is not None else q.shape[-1] ** -0.5
+    scores = (q @ k2.transpose(-1, -2)) * s
+    return torch.softmax(scores, -1) @ v2
+
+
+def make(B, H, N, D, dtype, *, ref_batch=None, q_ref=False, mask="soft", nq=None):
+    nq = nq or N
+    g = torch.Generator().manual_seed(1234 + B + N + D)
+    rb = ref_batch or B
+    t = lambda b, n: torch.randn(b, H, n, D, generator=g).to(dtype)
+    q, k, v = t(B, nq), t(B, N), t(B, N)
+    kr, vr = t(rb, N), t(rb, N)
+    qr = t(rb, nq) if q_ref else None
+    if mask == "soft":
+        m = torch.rand(B, N, generator=g)
+        m[:, ::5] = 0.0
+        m[:, 1::7] = 1.0
+    elif mask == "bool":
+        m = torch.rand(B, N, generator=g) > 0.5
+    else:
+        m = torch.full((B, N), float(mask))
+    return q, k, v, kr, vr, qr, m
+
+
+def check_close(out, ref64, torch_out, dtype):
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (torch_out.double() - ref64).abs().max().item()
+    tol = max(2 * torch_err, 2 * EPS[dtype] * ref64.abs().max().item(), 1e-12)
+    assert err <= tol, f"max error {err:.3g} > tol {tol:.3g} (torch's own error {torch_err:.3g})"
+
+
+def expand(t, B):
+    return t if t is None or t.shape[0] == B else t.expand(B, *t.shape[1:])
+
+
+# Pairwise-sampled grid: every D, N, B, dtype, mask kind and q-injection flag appears, most pairs covered.
+CASES = [
+    # D,   N,   B, H, dtype,          mask,   q_ref, ref_batch
+    (40, 77, 1, 2, torch.float32, "soft", False, None),
+    (40, 257, 1, 1, torch.float16, "bool", True, 1),
+    (64, 100, 3, 2, torch.bfloat16, "soft", True, None),
+    (64, 1, 3, 2, torch.float16, "bool", False, 1),
+    (80, 100, 1, 2, torch.float16, "soft", False, 1),
+    (80, 77, 3, 1, torch.float32, "bool", True, None),
+    (160, 1, 1, 2, torch.bfloat16, "bool", True, None),
+    (160, 257, 1, 1, torch.float32, "soft", False, None),
+    (128, 33, 3, 1, torch.bfloat16, "soft", False, 1),
+]
+
+
+@pytest.mark.parametrize(
+    "D,N,B,H,dtype,mask,q_ref,ref_batch", CASES,
+    ids=[f"D{c[0]}-N{c[1]}-B{c[2]}-{str(c[4])[6:]}-{c[5]}-q{int(c[6])}-rb{c[7] or c[2]}" for c in CASES],
+)
+def test_kernel_matches_oracle(D, N, B, H, dtype, mask, q_ref, ref_batch, monkeypatch):
+    monkeypatch.setattr(kv_triton, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+    q, k, v, kr, vr, qr, m = make(B, H, N, D, dtype, ref_batch=ref_batch, q_ref=q_ref, mask=mask)
+    out = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, q_ref=qr, backend="triton")
+    ref = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, q_ref=qr, backend="reference")
+    want = oracle(q, k, v, expand(kr, B), expand(vr, B), m.float(), expand(qr, B))
+    assert out.shape == (B, H, N, D)
+    check_close(ref, want, ref, dtype)  # the reference itself is within torch's error
+    check_close(out, want, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mask_zero_is_sdpa_and_mask_one_is_reference_sdpa(dtype):
+    B, H, N, D = 2, 2, 45, 40
+    q, k, v, kr, vr, qr, _ = make(B, H, N, D, dtype, q_ref=True)
+    zeros, ones = torch.zeros(B, N), torch.ones(1, N, dtype=torch.bool)
+    plain = F.scaled_dot_product_attention(q, k, v)
+    onto_ref = F.scaled_dot_product_attention(qr, kr, vr)
+    for backend in ("triton", "reference"):
+        o0 = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=zeros, q_ref=qr, backend=backend)
+        o1 = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=ones, q_ref=qr, backend=backend)
+        tol = 2e-6 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(o0, plain, atol=tol, rtol=0)
+        torch.testing.assert_close(o1, onto_ref, atol=tol, rtol=0)
+
+
+def test_fully_injected_rows_and_unread_sources():
+    """Row 0 fully injected, row 1 untouched; the source a token does not use is never read (NaN there is harmless)."""
+    B, H, N, D = 2, 2, 50, 80
+    q, k, v, kr, vr, _, _ = make(B, H, N, D, torch.float32)
+    m = torch.zeros(B, N)
+    m[0] = 1.0
+    m[1, 10:20] = 1.0
+    want = oracle(q, k, v, kr, vr, m)
+    k_poison, v_poison, kr_poison, vr_poison = k.clone(), v.clone(), kr.clone(), vr.clone()
+    on = m.bool()[:, None, :, None].expand_as(k)
+    k_poison[on] = float("nan")
+    v_poison[on] = float("nan")
+    kr_poison[~on] = float("inf")
+    vr_poison[~on] = float("nan")
+    out = kv_inject_attention(q, k_poison, v_poison, k_ref=kr_poison, v_ref=vr_poison, mask=m, backend="triton")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
+    torch.testing.assert_close(out[0], F.scaled_dot_product_attention(q, kr, vr)[0], atol=2e-6, rtol=0)
+    # huge logits: the online softmax must not overflow to NaN
+    big = kv_inject_attention(q * 300, k, v, k_ref=kr, v_ref=vr, mask=m, backend="triton")
+    big_torch = kv_inject_attention(q * 300, k, v, k_ref=kr, v_ref=vr, mask=m, backend="reference")
+    check_close(big, oracle(q * 300, k, v, kr, vr, m), big_torch, torch.float32)  # logits ~1e3: ill-conditioned
+
+
+def test_ref_index_cfg_mask_and_strided_inputs():
+    """References taken in place from rows of the same batch, one mask shared by both CFG halves,
+    q/k/v as the transposed [B, N, H, D] views diffusers produces."""
+    B, H, N, D = 4, 2, 37, 64
+    g = torch.Generator().manual_seed(7)
+    qkv = [torch.randn(B, N, H, D, generator=g).transpose(1, 2) for _ in range(3)]
+    q, k, v = qkv
+    ridx = torch.tensor([0, 0, 2, 2])  # rows 1 and 3 (targets) read rows 0 and 2 (references)
+    half = torch.rand(B // 2, N, generator=g)
+    half[0] = 0.0  # row 0 / row 2 ("reference" rows) get mask 0
+    half[1, :5] = 0.0
+    mask = KVMask(torch.stack([torch.zeros(N), half[1]]))  # [uncond_ref, tgt] pattern reused by both halves
+    out = kv_inject_attention(q, k, v, k_ref=k, v_ref=v, mask=mask, ref_index=ridx, backend="triton")
+    dense = mask.materialize(B)
+    want = oracle(q, k, v, k[ridx], v[ridx], dense)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
+    ref = kv_inject_attention(q, k, v, k_ref=k, v_ref=v, mask=mask, ref_index=ridx, backend="reference")
+    torch.testing.assert_close(ref.double(), want, atol=2e-6, rtol=0)
+    assert out.transpose(1, 2).is_contiguous()  # laid out [B, N, H, D]: diffusers' reshape is free
+
+
+def test_cross_shapes_nq_ne_nk_and_scale():
+    q, k, v, kr, vr, _, m = make(2, 2, 20, 40, torch.float32, nq=9)
+    out = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, scale=0.3, backend="triton")
+    torch.testing.assert_close(out.double(), oracle(q, k, v, kr, vr, m, scale=0.3), atol=2e-6, rtol=0)
+
+
+def test_kvmask_type():
+    m = KVMask(torch.tensor([[0.0, 1.0, 0.5]]))
+    assert (m.batch, m.num_tokens) == (1, 3)
+    assert m.materialize(4).shape == (4, 3) and torch.equal(m.materialize(4)[3], torch.tensor([0.0, 1.0, 0.5]))
+    assert torch.equal(KVMask.full(3, 1.0).values, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="does not divide"):
+        KVMask(torch.zeros(2, 3)).materialize(3)
+    with pytest.raises(ValueError, match="2-D"):
+        KVMask(torch.zeros(3))
+    with pytest.raises(TypeError, match="bool or floating"):
+        KVMask(torch.zeros(1, 3, dtype=torch.int64))
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, kr, vr, qr, m = make(2, 2, 10, 40, torch.float32, q_ref=True)
+    kw = dict(k_ref=kr, v_ref=vr, mask=m)
+    with pytest.raises(ValueError, match=r"expected k and v of shape"):
+        kv_inject_attention(q, k[:, :, :5], v, **kw)
+    with pytest.raises(ValueError, match=r"expected k_ref of shape"):
+        kv_inject_attention(q, k, v, k_ref=kr[:, :1], v_ref=vr, mask=m)
+    with pytest.raises(ValueError, match=r"expected k_ref of shape .* batch 1 or 2"):
+        kv_inject_attention(q, k, v, k_ref=torch.cat([kr, kr]), v_ref=vr, mask=m)
+    with pytest.raises(TypeError, match=r"k has dtype torch.float16 but q has torch.float32"):
+        kv_inject_attention(q, k.half(), v, **kw)
+    with pytest.raises(ValueError, match=r"is on meta but q is on cpu"):
+        kv_inject_attention(q, k, v, k_ref=kr.to("meta"), v_ref=vr, mask=m)
+    with pytest.raises(ValueError, match=r"expected mask of shape \[Bm, 10\]"):
+        kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m[:, :4])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m * 2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=torch.full_like(m, float("nan")))
+    with pytest.raises(ValueError, match=r"q_ref needs self-attention shapes"):
+        kv_inject_attention(q[:, :, :4], k, v, k_ref=kr, v_ref=vr, mask=m, q_ref=qr[:, :, :4])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kv_inject_attention(q, k, v, **kw, backend="cuda")
+    big = torch.randn(1, 1, 4, 320)
+    with pytest.raises(RuntimeError, match=r"head dim 320 unsupported"):
+        kv_inject_attention(big, big, big, k_ref=big, v_ref=big, mask=torch.ones(1, 4), backend="triton")
+    # auto falls back to the reference quietly (here: CPU, or head dim 320 on CUDA)
+    out = kv_inject_attention(big, big, big, k_ref=big, v_ref=big, mask=torch.ones(1, 4))
+    assert out.shape == big.shape
+    qg = q.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="no backward"):
+        kv_inject_attention(qg, k, v, **kw, backend="triton")
+
+
+def test_reference_backend_has_gradients():
+    q, k, v, kr, vr, _, m = make(1, 1, 6, 16, torch.float64)
+    q.requires_grad_()
+    kr.requires_grad_()
+    ok = torch.autograd.gradcheck(
+        lambda q_, kr_: kv_inject_attention(q_, k, v, k_ref=kr_, v_ref=vr, mask=m, backend="reference"), (q, kr)
+    )
+    assert ok
+
+
+def test_custom_op_fake_and_schema():
+    q, k, v, kr, vr, _, m = make(1, 1, 8, 16, torch.float32)
+    op = torch.ops.b2kernels.kv_inject_attention_fwd.default
+    torch.library.opcheck(op, (q, k, v, kr, vr, m.float(), None, None, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+    assert b2kernels.kv_inject_attention is kv_inject_attention
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,N", [(40, 4096), (64, 1024), (80, 1024), (160, 256)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_sd_shapes(D, N, dtype):
+    B, H = 4, 8
+    q, k, v, kr, vr, _, m = (t.cuda() if t is not None else None for t in make(B, H, N, D, dtype, ref_batch=1))
+    m = m > 0.5
+    out = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m)
+    ref = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, backend="reference")
+    want = oracle(q, k, v, expand(kr, B), expand(vr, B), m.float())
+    check_close(out, want, ref, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_captures_op():
+    q, k, v, kr, vr, _, m = (t.cuda() if t is not None else None for t in make(2, 8, 256, 64, torch.float16))
+    f = torch.compile(lambda *a: kv_inject_attention(*a[:3], k_ref=a[3], v_ref=a[4], mask=a[5], validate=False),
+                      fullgraph=True)
+    torch.testing.assert_close(f(q, k, v, kr, vr, m), kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m),
+                               atol=0, rtol=0)
+    assert math.isfinite(f(q, k, v, kr, vr, m).float().sum().item())
