@@ -40,7 +40,7 @@ from b2diffurl import config as C
 
 log = logging.getLogger("b2diffurl.trainer")
 CHECKPOINT_VERSION = 1
-_TIMING_KEYS = ("time", "_s", "per_s")  # metric names that hold wall-clock numbers (not reproducible)
+_TIMING_SUFFIXES = ("_time_s", "_per_s", "_time")  # metric names holding wall-clock numbers (not reproducible)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -176,7 +176,7 @@ def plot_reward_curve(metrics: list[dict], path: Path) -> Path | None:
 
 
 def is_timing_key(k: str) -> bool:
-    return any(t in k for t in _TIMING_KEYS)
+    return k.endswith(_TIMING_SUFFIXES) or k == "wall_time_s"
 
 
 # ----------------------------------------------------------------------------------------------- trainer

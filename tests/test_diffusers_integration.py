@@ -97,7 +97,7 @@ def test_injection_off_equals_default_processors(unet):
     originals = dict(unet.attn_processors)
     with torch.no_grad():
         want = unet(x, T_STEP, e).sample
-        ctx = InjectionContext(InjectionConfig(layers=(1, 2, 3, 4), steps=(5,), mask_mode="full", mask_grid=8))
+        ctx = InjectionContext(InjectionConfig(layers=(1, 2, 3, 4), steps=(5,), mask_grid=8))
         ctx.set_objects([1, 3])
         with attach(unet, ctx):
             ctx.layout = StreamLayout.cfg(R, T, P)

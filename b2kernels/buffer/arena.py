@@ -191,7 +191,8 @@ class TrajectoryArena:
         self._check_latents(latents, ids.numel())
         if latents.device.type == "cuda":
             slots = self._core.slots(ids, torch.full_like(ids, int(latent_idx)))
-            self._write_async(slots, latents.detach())
+            if ids.numel():
+                self._write_async(slots, latents.detach().contiguous())
             return
         self.synchronize()
         src = latents.detach().contiguous().view(ids.numel(), self._numel).view(torch.uint8)
@@ -218,7 +219,6 @@ class TrajectoryArena:
 
     def write_logprobs(self, ids, step: int, logp) -> None:
         ids = self._ids(ids)
-        self.synchronize()
         self._core.write_logprobs(ids, int(step), self._values(logp, ids.numel(), "logp"))
 
     def set_rewards(self, ids, rewards) -> None:

@@ -1,0 +1,219 @@
+"""D-Fusion pair construction: pairing, object tokens, masks, replayable noise, one-call fusion vs the official
+three-call procedure (tests/dfusion_reference.py), config errors. CPU, tiny random-init toy-world models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from dfusion_reference import TinyPolicy, official_targets, row_noise, toy_reward
+
+from b2diffurl.algos import dfusion as D
+
+T = 5
+PROMPTS = ["a blue square to the left of a green triangle"]
+
+
+def _arena(policy, trees=32):
+    from b2kernels.buffer import TrajectoryArena
+
+    return TrajectoryArena(policy.latent_shape, num_steps=T, max_trees=trees, branches=1, backend="python")
+
+
+def _sampler(policy):
+    from b2diffurl.sampling import TreeSampler
+
+    return TreeSampler(policy, num_steps=T, guidance_scale=5.0, eta=1.0)
+
+
+def _traj(arena, ids):
+    return torch.stack([arena.latents(ids, i) for i in range(T + 1)], 1)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return TinyPolicy(num_steps=T)
+
+
+# ----------------------------------------------------------------------------------------------- pairing
+def test_pair_indices_hand_made():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4],
+                           [1.0, 1.0, 0.0, 2.0, -1.0, 0.5, 0.5, 3.0]])
+    refs, bases = D.pair_indices(scores, 0.25, 0.5, 2)
+    # row 0 best-first: 1, 6, 4, 2, 7, 3, 5, 0
+    assert refs[0].tolist() == [1, 1, 6, 6] and bases[0].tolist() == [7, 3, 5, 0]
+    # row 1 best-first (ties keep the lower index first): 7, 3, 0, 1, 5, 6, 2, 4
+    assert refs[1].tolist() == [7, 7, 3, 3] and bases[1].tolist() == [5, 6, 2, 4]
+    # n = 16 as in the official run: 4 references × 2 = 8 bases
+    r16, b16 = D.pair_indices(torch.arange(16.0)[None], 0.25, 0.5, 2)
+    assert r16[0].tolist() == [15, 15, 14, 14, 13, 13, 12, 12] and b16[0].tolist() == list(range(7, -1, -1))
+
+
+@pytest.mark.parametrize("n,ref,base,reuse,msg", [
+    (6, 0.25, 0.5, 2, "does not split"),
+    (8, 0.25, 0.5, 3, "references × ref_reuse = bases"),
+    (8, 0.5, 0.75, 1, "references × ref_reuse = bases"),
+])
+def test_pairing_errors(n, ref, base, reuse, msg):
+    with pytest.raises(ValueError, match=msg):
+        D.pairing_sizes(n, ref, base, reuse)
+    with pytest.raises(ValueError, match=msg):
+        D.DFusionConfig(samples_per_prompt=n, ref_fraction=ref, base_fraction=base, ref_reuse=reuse).validate()
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+class _SubwordTokenizer:
+    """Word pieces of ≤ 4 characters, BOS=1, EOS=2 (HF-like call)."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def _pieces(self, text):
+        return [w[i:i + 4] for w in text.lower().split() for i in range(0, len(w), 4)]
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [self.vocab.setdefault(p, len(self.vocab) + 3) for p in self._pieces(text)]
+        return {"input_ids": [1] + ids + [2] if add_special_tokens else ids}
+
+
+def test_object_tokens_by_tokenizer_multi_token():
+    tok = _SubwordTokenizer()
+    # "triangle" -> "tria", "ngle"; "cat" one piece. Positions include BOS at 0.
+    cols = D.object_token_columns(tok, "a big triangle near a cat", ["triangle", "cat"], required=True)
+    assert cols == [[3, 4], [7]]
+    with pytest.raises(ValueError, match="not in prompt"):
+        D.object_token_columns(tok, "a red circle", ["dog"], required=True)
+
+
+def test_object_tokens_toy_tokenizer(policy):
+    cols = D.object_token_columns(policy.tokenizer, PROMPTS[0], ["square", "triangle"], required=True)
+    assert cols == [[3], [10]]                     # word index + 1 (BOS)
+    cfg = D.DFusionConfig(object_words=("circle",))
+    with pytest.raises(ValueError, match="'circle' is not in prompt"):
+        D.item_selection(policy.tokenizer, PROMPTS, cfg, 16)
+
+
+# ----------------------------------------------------------------------------------------------- masks
+def test_object_mask_hand_made():
+    # 2 rows, 2×2 grid (4 tokens), sequence of 4 text tokens; item 0 = column 1, item 1 = columns 2+3 (summed)
+    probs = torch.tensor([[[0.0, 0.50, 0.10, 0.00],
+                           [0.0, 0.01, 0.10, 0.15],
+                           [0.0, 0.02, 0.01, 0.01],
+                           [0.0, 0.30, 0.00, 0.00]],
+                          [[0.0, 0.0, 0.0, 0.0]] * 4])
+    probs[1, 2, 3] = 0.9
+    sel = torch.zeros(2, 4, 2)
+    sel[:, 1, 0] = 1
+    sel[:, 2, 1] = sel[:, 3, 1] = 1
+    thr = torch.tensor([[0.3, 0.2], [0.5, 0.5]])
+    m = D.object_mask(probs, sel, thr)
+    # row 0: item0 on at tokens 0 (0.5), 3 (0.3); item1 (sum) on at token 1 (0.25) -> union {0, 1, 3}
+    assert m.tolist() == [[1, 1, 0, 1], [0, 0, 1, 0]]
+    # mean rule: item means row0 = (0.5+0.01+0.02+0.3)/4 = 0.2075 -> {0, 3}; item1 sums (0.1,0.25,0.02,0) mean 0.0925 -> {0,1}
+    assert D.object_mask(probs, sel, thr, "mean")[0].tolist() == [1, 1, 0, 1]
+    # nearest resize (F.interpolate semantics: src = floor(dst · in / out)) against numpy
+    g = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float32).reshape(1, 16)
+    src = g.reshape(4, 4).numpy()
+    for out in (2, 3, 8):
+        idx = np.floor(np.arange(out) * 4 / out).astype(int)
+        want = src[np.ix_(idx, idx)].reshape(1, -1)
+        np.testing.assert_array_equal(D.resize_mask(g, (4, 4), (out, out)).numpy(), want)
+
+
+def test_row_noise_replays():
+    seeds = [D.sample_seed(7, 3, j) for j in range(3)]
+    a = D.RowNoise(seeds, T, (2, 4, 4), "cpu")
+    b = D.RowNoise(seeds[::-1], T, (2, 4, 4), "cpu")                # another batch order
+    assert torch.equal(a.noise, b.noise.flip(0))
+    assert torch.equal(a.noise[1], row_noise(seeds[1], T, (2, 4, 4)))
+    assert len(set(D.sample_seed(7, e, j) for e in range(4) for j in range(100))) == 400
+
+
+# ----------------------------------------------------------------------------------------------- fusion
+def _run(policy, cfg, seed=3, arena=None):
+    arena = arena or _arena(policy)
+    stage = D.generate_pairs(_sampler(policy), PROMPTS, cfg, reward_fn=toy_reward, arena=arena, run_seed=seed,
+                             epoch=1)
+    return stage, arena
+
+
+def test_zero_mask_target_equals_base(policy):
+    # threshold +inf: the mask is all zero, so the fused attention blends nothing in. Targets replay the bases'
+    # noise; the only difference is numerical (batch of 2+4 rows through the K/V-injection op vs 4 rows through
+    # SDPA in Phase A), so fp32 agreement is ~1e-6 rather than bitwise.
+    stage, arena = _run(policy, D.DFusionConfig(samples_per_prompt=4, mask_threshold=math.inf))
+    assert stage.masks.sum() == 0
+    tgt, base = _traj(arena, stage.target_ids), _traj(arena, stage.base_ids)
+    torch.testing.assert_close(tgt, base, rtol=0, atol=2e-5)
+    torch.testing.assert_close(arena.logprobs(stage.target_ids), arena.logprobs(stage.base_ids), rtol=0, atol=1e-4)
+
+
+def test_fusion_changes_target_from_first_fused_step(policy):
+    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0, fusion_steps=(2, -1))   # m ≡ 1
+    stage, arena = _run(policy, cfg)
+    assert stage.masks[:, 2:].all() and not stage.masks[:, :2].any()
+    tgt, base = _traj(arena, stage.target_ids), _traj(arena, stage.base_ids)
+    diff = (tgt - base).flatten(2).abs().amax(2).amax(0)             # per latent index
+    assert diff[:3].max() == 0                                       # latents 0, 1, 2 precede fused step 2
+    assert (diff[3:] > 1e-3).all()
+
+
+def test_one_call_fusion_equals_official_three_call_procedure(policy):
+    thr = 0.0625                                   # ~ half the tokens on for this random toy model
+    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=thr)
+    calls = []
+    hook = policy.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        stage, arena = _run(policy, cfg, seed=11)
+    finally:
+        hook.remove()
+    # Phase A: T calls; fusion: one call per step from the first fused step on (no base pass, refs once)
+    assert len(calls) == T + (T - 2)
+    cov = float(stage.masks[:, 2:].float().mean())
+    assert 0.05 < cov < 0.95, cov
+    items = [[3, 10]]
+    ref = official_targets(policy.unet, policy.scheduler, policy.encode_prompts, PROMPTS, items, [[thr, thr]], n=4,
+                           seeds=[D.sample_seed(11, 1, j) for j in range(4)],
+                           rewards_fn=lambda lat, ps: toy_reward(policy.decode(lat), ps), fused_blocks=(2, 3, 4),
+                           window=range(2, T), guidance_scale=5.0, latent_shape=policy.latent_shape)
+    assert stage.ref_ids.tolist() == ref["refs"] and stage.base_ids.tolist() == ref["bases"]
+    tgt, base = _traj(arena, stage.target_ids), _traj(arena, stage.base_ids)
+    err = (tgt - ref["targets"]).abs().max()
+    effect = (ref["targets"][:, -1] - ref["base_final"]).abs().max()
+    assert err < 1e-4 and effect > 100 * err, (err, effect)
+    torch.testing.assert_close(arena.logprobs(stage.target_ids)[:, 2:], ref["target_logp"][:, 2:], rtol=0, atol=1e-4)
+    torch.testing.assert_close(stage.target_rewards, toy_reward(policy.decode(tgt[:, -1]), PROMPTS * 2))
+
+
+def test_preference_by_reward_ties_excluded(policy):
+    stage, arena = _run(policy, D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625))
+    rt, rb = stage.target_rewards, stage.base_rewards
+    want_pref = [int(t if a > b else s) for t, s, a, b in zip(stage.target_ids, stage.base_ids, rt, rb) if a != b]
+    assert stage.preferred.tolist() == want_pref
+    # all-zero mask: target == base up to rounding, rewards tie or differ by rounding only
+    rewards = arena.rewards(stage.target_ids)
+    torch.testing.assert_close(rewards, stage.target_rewards)
+
+
+def test_save_pairs_png(policy, tmp_path):
+    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625, save_pairs=str(tmp_path))
+    stage, _ = _run(policy, cfg)
+    from PIL import Image
+
+    img = Image.open(stage.metrics["pairs_png"])
+    assert img.size == (4 * 32, 2 * 32)
+
+
+def test_config_errors(policy):
+    with pytest.raises(ValueError, match="out of range: this UNet has 5 blocks"):
+        D.fusion_block_indices(policy.unet, "3-6")
+    assert D.fusion_block_indices(policy.unet, "auto") == (2, 3, 4)
+    with pytest.raises(ValueError, match="fusion_steps"):
+        D.fused_step_range(D.DFusionConfig(fusion_steps=(2, 30)), 20)
+    assert D.fused_step_range(D.DFusionConfig(), 20) == list(range(2, 20))
+    with pytest.raises(ValueError, match="mask_grid=32"):
+        _run(policy, D.DFusionConfig(samples_per_prompt=4, mask_grid=32))
+    with pytest.raises(ValueError, match="does not split"):
+        _run(policy, D.DFusionConfig(samples_per_prompt=6))
