@@ -494,6 +494,20 @@ def test_zero_sigma_step_refused_for_logprob(no_launch):
         ddim_step_logprob(table, torch.tensor([0, 6]), x, m, y, backend="reference")
 
 
+def test_unchecked_out_of_range_step_gives_nan_not_oob(monkeypatch):
+    """Where the host range check is skipped (compile tracing / graph capture) a bad row turns NaN."""
+    import b2kernels.ops.ddim_logprob as mod
+
+    monkeypatch.setattr(mod, "_skip_sync_checks", lambda: True)
+    table = DDIMTable.from_scheduler(make_scheduler(7))
+    x, m, y = _inputs(3)
+    xs, lp = ddim_step_sample(table, torch.tensor([1, 99, -5]), x, m, y, backend="triton")
+    want_x, want_lp = ddim_step_sample(table, 1, x[:1], m[:1], y[:1], backend="reference")
+    torch.testing.assert_close(xs[:1], want_x)
+    torch.testing.assert_close(lp[:1], want_lp)
+    assert torch.isnan(xs[1:]).all() and torch.isnan(lp[1:]).all()
+
+
 def test_bad_schedulers():
     with pytest.raises(TypeError, match="expected a diffusers DDIMScheduler, got DDPMScheduler"):
         DDIMTable.from_scheduler(DDPMScheduler())

@@ -14,6 +14,15 @@ import b2kernels
 from b2kernels import KVMask, kv_inject_attention
 from b2kernels.ops.kv_inject_attention import triton as kv_triton
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 2 shared cores: torch's intra-op threads oversubscribe them and tiny ops get ~50x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 

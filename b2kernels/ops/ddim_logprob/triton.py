@@ -42,11 +42,17 @@ def _new(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
 
 @triton.jit
 def _ddim_coeffs(
-    a_t_ptr, a_p_ptr, step_ptr, step_const, row, eta, PRED: tl.constexpr, HAS_STEP: tl.constexpr
+    a_t_ptr, a_p_ptr, step_ptr, step_const, num_steps, row, eta, PRED: tl.constexpr, HAS_STEP: tl.constexpr
 ):
-    """(A, B, σ) of μ = A·x_t + B·ε̂ for ``row`` (fp32 scalars; diffusers' formulas, correctly rounded)."""
+    """(A, B, σ) of μ = A·x_t + B·ε̂ for ``row`` (fp32 scalars; diffusers' formulas, correctly rounded).
+
+    A per-row step outside [0, num_steps) (only possible when the host range check was skipped, i.e. under
+    torch.compile tracing or CUDA-graph capture) reads step 0 and makes σ NaN: the row's outputs turn NaN
+    instead of reading out of bounds."""
     if HAS_STEP:
         s = tl.load(step_ptr + row)
+        ok = (s >= 0) & (s < num_steps)
+        s = tl.where(ok, s, 0)
     else:
         s = step_const
     a_t = tl.load(a_t_ptr + s).to(tl.float32)
@@ -68,6 +74,8 @@ def _ddim_coeffs(
     else:  # v_prediction: x̂0 = √ᾱ_t x - √β_t v, ε̂ = √ᾱ_t v + √β_t x
         A = sa_p * sa_t + direction * sb_t
         B = direction * sa_t - sa_p * sb_t
+    if HAS_STEP:
+        sigma = tl.where(ok, sigma, float("nan"))
     return A, B, sigma
 
 
@@ -75,14 +83,15 @@ def _ddim_coeffs(
 def _ddim_fwd_kernel(
     x_ptr,
     m_ptr,
-    mu_ptr,
-    y_ptr,
+    mu_ptr,  # uncond model output (CFG) or a dummy
+    y_ptr,  # x_prev (log-prob) or noise (sample)
     xout_ptr,
-    part_ptr,  # y = x_prev (log-prob) or noise (sample)
+    part_ptr,
     a_t_ptr,
     a_p_ptr,
     step_ptr,
     step_const,
+    num_steps,
     D,
     n_chunks,
     eta,
@@ -97,7 +106,7 @@ def _ddim_fwd_kernel(
     pid = tl.program_id(0)
     row = pid // n_chunks
     chunk = pid - row * n_chunks
-    A, B, sigma = _ddim_coeffs(a_t_ptr, a_p_ptr, step_ptr, step_const, row, eta, PRED, HAS_STEP)
+    A, B, sigma = _ddim_coeffs(a_t_ptr, a_p_ptr, step_ptr, step_const, num_steps, row, eta, PRED, HAS_STEP)
 
     col = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = col < D
@@ -127,14 +136,15 @@ def _ddim_bwd_kernel(
     x_ptr,
     m_ptr,
     mu_ptr,
-    y_ptr,
-    g_ptr,
+    y_ptr,  # x_prev (log-prob) or dL/dx_prev (sample)
+    g_ptr,  # dL/dlogp [N] (log-prob; unused for sample)
     dm_ptr,
-    dmu_ptr,  # y = x_prev (log-prob) or dL/dx_prev (sample)
+    dmu_ptr,
     a_t_ptr,
     a_p_ptr,
     step_ptr,
     step_const,
+    num_steps,
     D,
     n_chunks,
     eta,
@@ -148,7 +158,7 @@ def _ddim_bwd_kernel(
     pid = tl.program_id(0)
     row = pid // n_chunks
     chunk = pid - row * n_chunks
-    A, B, sigma = _ddim_coeffs(a_t_ptr, a_p_ptr, step_ptr, step_const, row, eta, PRED, HAS_STEP)
+    A, B, sigma = _ddim_coeffs(a_t_ptr, a_p_ptr, step_ptr, step_const, num_steps, row, eta, PRED, HAS_STEP)
 
     col = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = col < D
@@ -200,6 +210,7 @@ def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
             a_p,
             step if step is not None else a_t,
             int(step_const),
+            a_t.shape[0],
             d,
             n_chunks,
             float(eta),
@@ -235,6 +246,7 @@ def _launch_bwd(a_t, a_p, step, step_const, x, m, mu, y, g, eta, w, pred, sample
             a_p,
             step if step is not None else a_t,
             int(step_const),
+            a_t.shape[0],
             d,
             n_chunks,
             float(eta),
