@@ -92,6 +92,100 @@ class DDPOConfig:
     history: int = _f(8, "earlier stages whose raw scores join the per-prompt statistics")
 
 
+def dfusion_pairing_sizes(n: int, ref_fraction: float, base_fraction: float, reuse: int) -> tuple[int, int]:
+    """(references, bases) per prompt for D-Fusion pairing; ValueError when ``n`` does not split as needed."""
+    def whole(x):
+        return abs(x - round(x)) < 1e-9
+
+    n_ref, n_base = n * ref_fraction, n * base_fraction
+    if not (whole(n_ref) and whole(n_base)) or round(n_ref) < 1:
+        m = next((k for k in range(1, 1000) if whole(k * ref_fraction) and whole(k * base_fraction)), 1000)
+        raise ValueError(f"dfusion.samples_per_prompt={n} does not split into ref_fraction={ref_fraction} and "
+                         f"base_fraction={base_fraction} whole samples (n·ref_fraction = {n_ref:g}, n·base_fraction"
+                         f" = {n_base:g}); use a multiple of {m} (official: 16)")
+    n_ref, n_base = round(n_ref), round(n_base)
+    if n_ref * reuse != n_base:
+        raise ValueError(f"D-Fusion pairing needs references × ref_reuse = bases, got {n_ref} × {reuse} != {n_base} "
+                         f"(samples_per_prompt={n}, ref_fraction={ref_fraction}, base_fraction={base_fraction})")
+    if n_ref + n_base > n:
+        raise ValueError(f"D-Fusion references ({n_ref}) and bases ({n_base}) overlap within samples_per_prompt={n}")
+    return n_ref, n_base
+
+
+@dataclass
+class DFusionConfig:
+    samples_per_prompt: int = _f(16, "n: Phase-A images per prompt (official 16)")
+    ref_fraction: float = _f(0.25, "fraction of each prompt's images (best first) used as references")
+    base_fraction: float = _f(0.5, "fraction of each prompt's images (worst) used as bases; needs "
+                                   "n·ref_fraction·ref_reuse = n·base_fraction")
+    ref_reuse: int = _f(2, "targets per reference (official 2)")
+    fusion_steps: list = _f([2, -1], "first and last fused DDIM step index, inclusive; negatives count from the end "
+                                     "(official: 2..19 of 20 = every step but the two noisiest)")
+    fusion_layers: str = _f("auto", "fused blocks: 'a-b' inclusive, counting UNet blocks with cross-attention in "
+                                    "execution order; 'auto' = mid block + every cross-attention up block (= the "
+                                    "official '3-6' on SD 1.x/2.x)")
+    object_words: list = _f([], "object words whose cross-attention builds the mask (located with the tokenizer; "
+                                "multi-token words use all their tokens); empty = the toy world's shape nouns found "
+                                "in each prompt. Every listed word must occur in every prompt")
+    mask_grid: int = _f(16, "token-grid side of the cross-attention layers averaged into the mask (official 16)")
+    mask_threshold: float = _f(0.05, "binarisation threshold of the head/layer-averaged object attention "
+                                     "(official fallback 0.05)")
+    item_thresholds: dict = _f({}, "per object word thresholds overriding mask_threshold (official: hand-set per "
+                                   "prompt and item, 0.005-0.03)")
+    mask_rule: str = _f("threshold", "'threshold' (official) or 'mean': keep tokens >= the item's spatial mean "
+                                     "(scale-free: transfers between models and prompt lengths)")
+    objective: str = _f("dpo", "training on the (target, base) pairs: 'dpo' (D3PO, as the paper) or 'ppo' "
+                               "(DDPO-style PPO-clip on targets and bases with per-prompt z-scored rewards)")
+    save_pairs: bool = _f(False, "write reference | base | target | mask grids to <out>/pairs/ every stage")
+
+    def errors(self) -> list[str]:
+        errs = []
+        try:
+            dfusion_pairing_sizes(self.samples_per_prompt, self.ref_fraction, self.base_fraction, self.ref_reuse)
+        except ValueError as e:
+            errs.append(str(e))
+        if self.ref_reuse < 1:
+            errs.append(f"dfusion.ref_reuse must be >= 1, got {self.ref_reuse}")
+        if len(self.fusion_steps) != 2:
+            errs.append(f"dfusion.fusion_steps must be [first, last], got {self.fusion_steps!r}")
+        if self.mask_rule not in ("threshold", "mean"):
+            errs.append(f"dfusion.mask_rule must be 'threshold' or 'mean', got {self.mask_rule!r}")
+        if self.objective not in ("dpo", "ppo"):
+            errs.append(f"dfusion.objective must be 'dpo' or 'ppo', got {self.objective!r}")
+        if self.mask_grid < 1:
+            errs.append(f"dfusion.mask_grid must be >= 1, got {self.mask_grid}")
+        return errs
+
+    def validate(self) -> None:
+        errs = self.errors()
+        if errs:
+            raise ValueError("; ".join(errs))
+
+
+@dataclass
+class DPOConfig:
+    beta: float = _f(0.1, "DPO temperature β (D3PO 0.1; D-Fusion's config key is 0, which makes the loss constant)")
+    clip_eps: float = _f(0.1, "ratio clamp ε: r = clamp(π_θ/π_ref, 1−ε, 1+ε)")
+    logprob_reduction: str = _f("mean", "'mean' over C·H·W (the papers' convention: βΔ is tiny) or 'sum' "
+                                        "(= mean × C·H·W, a stronger signal)")
+    ref_batch_size: int = _f(32, "transitions per no-grad UNet call when computing ℓ^ref once per stage")
+
+    def errors(self) -> list[str]:
+        errs = []
+        if self.logprob_reduction not in ("mean", "sum"):
+            errs.append(f"dpo.logprob_reduction must be 'mean' or 'sum', got {self.logprob_reduction!r}")
+        if not 0 < self.clip_eps < 1:
+            errs.append(f"dpo.clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.ref_batch_size < 1:
+            errs.append(f"dpo.ref_batch_size must be >= 1, got {self.ref_batch_size}")
+        return errs
+
+    def validate(self) -> None:
+        errs = self.errors()
+        if errs:
+            raise ValueError("; ".join(errs))
+
+
 @dataclass
 class EvalConfig:
     prompts: str = _f("toy", "held-out prompts: 'toy' (toy held-out set), a .txt (one per line) or .json list, or "
@@ -104,7 +198,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    algo: str = _f("b2", "algorithm: b2 | ddpo")
+    algo: str = _f("b2", "algorithm: b2 | ddpo | dfusion (D-Fusion pairs + D3PO)")
     preset: str = _f("auto", "auto | toy | official: fills every field not set explicitly (see module help)")
     stages: int = _f(100, "S: stages (sample → score → select → train)")
     seed: int = _f(42, "run seed (sampling noise, prompt draws, shuffles)")
@@ -121,6 +215,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "PPO update"})
     b2: B2Config = field(default_factory=B2Config, metadata={"help": "B²-DiffuRL"})
     ddpo: DDPOConfig = field(default_factory=DDPOConfig, metadata={"help": "DDPO baseline"})
+    dfusion: DFusionConfig = field(default_factory=DFusionConfig, metadata={"help": "D-Fusion pair construction"})
+    dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "D3PO loss (D-Fusion training)"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
 
 
@@ -129,6 +225,7 @@ class RunConfig:
 ALGORITHMS = {
     "b2": "b2diffurl.algos.b2:B2Algorithm",
     "ddpo": "b2diffurl.algos.ddpo:DDPOAlgorithm",
+    "dfusion": "b2diffurl.algos.dfusion:DFusionAlgorithm",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -354,6 +451,8 @@ def validate(cfg: RunConfig) -> None:
                         ".txt/.json prompt file")
     if cfg.prompts == "none":
         errs.append("prompts='none': training needs prompts")
+    if cfg.algo == "dfusion":
+        errs += cfg.dfusion.errors() + cfg.dpo.errors()
     if s.backend not in ("auto", "triton", "reference"):
         errs.append(f"sample.backend must be auto, triton or reference, got {s.backend!r}")
     if errs:

@@ -253,7 +253,8 @@ class Trainer:
 
     def use_lora(self) -> bool:
         m = self.cfg.model
-        return m.lora == "on" or (m.lora == "auto" and m.path != "toy")
+        # D-Fusion's DPO needs π_ref = the same UNet with LoRA disabled, so 'auto' means LoRA for it on the toy too
+        return m.lora == "on" or (m.lora == "auto" and (m.path != "toy" or self.cfg.algo == "dfusion"))
 
     def _setup_trainable(self) -> list[torch.nn.Parameter]:
         p, m = self.policy, self.cfg.model

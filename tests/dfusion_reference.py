@@ -193,6 +193,7 @@ class TinyPolicy:
         self.scheduler.set_timesteps(num_steps)
         self.latent_shape = tm.LATENT_SHAPE
         self.vae = None
+        self.lora_config = None
         self._ctx = contextlib
 
     def encode_prompts(self, prompts):
@@ -205,11 +206,12 @@ class TinyPolicy:
     def decode(self, latents):
         return self._tm.latents_to_images(latents.float())
 
-    def add_lora(self, rank=4, alpha=4, targets=("to_q", "to_k", "to_v", "to_out.0"), random_b: bool = True):
+    def add_lora(self, rank=4, alpha=4, targets=("to_q", "to_k", "to_v", "to_out.0"), random_b: bool = False):
         from peft import LoraConfig
 
         self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                                          init_lora_weights=not random_b))
+        self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
         for n_, p in self.unet.named_parameters():
             p.requires_grad_("lora_" in n_)
 

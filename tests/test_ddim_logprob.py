@@ -247,9 +247,12 @@ def test_fused_cfg_equals_combining_first(pred):
 
 @pytest.mark.parametrize("cfg", [False, True], ids=["nocfg", "cfg"])
 @pytest.mark.parametrize("pred", PREDS)
-def test_triton_grads_equal_reference_autograd(pred, cfg, monkeypatch):
-    # 16-element blocks: several chunks per row plus a masked tail, under the interpreter too
+@pytest.mark.parametrize("split", [1, 3, 99], ids=["loop7", "split3", "split7"])
+def test_triton_grads_equal_reference_autograd(pred, cfg, split, monkeypatch):
+    # 16-element blocks: 7 chunks per 105-element row plus a masked tail, under the interpreter too; the
+    # forward either loops over a whole row per program, splits rows 3 ways (3+3+1 chunks) or one chunk each
     monkeypatch.setattr(tri, "_block", lambda d: (16, 1))
+    monkeypatch.setattr(tri, "_n_split", lambda n, n_chunks, device: min(split, n_chunks))
     s = make_scheduler(20, pred, False)
     table = DDIMTable.from_scheduler(s)
     steps = torch.tensor([2, 19, 9])

@@ -32,6 +32,15 @@ def _traj(arena, ids):
     return torch.stack([arena.latents(ids, i) for i in range(T + 1)], 1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The CPU is shared by several jobs: OpenMP spin-waiting with 2 threads makes these tiny convs ~30× slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def policy():
     return TinyPolicy(num_steps=T)
@@ -132,10 +141,10 @@ def test_row_noise_replays():
 
 
 # ----------------------------------------------------------------------------------------------- fusion
-def _run(policy, cfg, seed=3, arena=None):
+def _run(policy, cfg, seed=3, arena=None, **kw):
     arena = arena or _arena(policy)
     stage = D.generate_pairs(_sampler(policy), PROMPTS, cfg, reward_fn=toy_reward, arena=arena, run_seed=seed,
-                             epoch=1)
+                             epoch=1, **kw)
     return stage, arena
 
 
@@ -198,8 +207,8 @@ def test_preference_by_reward_ties_excluded(policy):
 
 
 def test_save_pairs_png(policy, tmp_path):
-    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625, save_pairs=str(tmp_path))
-    stage, _ = _run(policy, cfg)
+    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625)
+    stage, _ = _run(policy, cfg, save_dir=str(tmp_path))
     from PIL import Image
 
     img = Image.open(stage.metrics["pairs_png"])

@@ -20,6 +20,7 @@ from b2kernels.integrations.diffusers import (
     token_grid,
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # 2 shared cores: torch's intra-op threads oversubscribe them and tiny ops get ~50x slower.
@@ -174,8 +175,7 @@ def test_fused_self_attention_matches_hand_written_oracle(unet, components):
             m[i] = ref_mask[layout.ref_id[i]].repeat_interleave(f, 0).repeat_interleave(f, 1).reshape(-1).double()
             src[i] = layout.ref_row(layout.ref_id[i], layout.cond[i])
         m4 = m[:, None, :, None]
-        bl = lambda t, c: m4 * t[src] + (1 - m4) * t if c in components else t
-        q2, k2, v2 = bl(q, "q"), bl(k, "k"), bl(v, "v")
+        q2, k2, v2 = (m4 * t[src] + (1 - m4) * t if c in components else t for t, c in ((q, "q"), (k, "k"), (v, "v")))
         o = torch.softmax(q2 @ k2.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v2
         o = o.transpose(1, 2).reshape(h_in.shape[0], N, -1)
         with torch.no_grad():

@@ -14,6 +14,7 @@ import b2kernels
 from b2kernels import KVMask, kv_inject_attention
 from b2kernels.ops.kv_inject_attention import triton as kv_triton
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # 2 shared cores: torch's intra-op threads oversubscribe them and tiny ops get ~50x slower.
@@ -131,9 +132,10 @@ def test_fully_injected_rows_and_unread_sources():
     v_poison[on] = float("nan")
     kr_poison[~on] = float("inf")
     vr_poison[~on] = float("nan")
-    out = kv_inject_attention(q, k_poison, v_poison, k_ref=kr_poison, v_ref=vr_poison, mask=m, backend="triton")
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
+    for mm in (m, m.bool()):  # fp32 blend path and the exact binary (add) path
+        out = kv_inject_attention(q, k_poison, v_poison, k_ref=kr_poison, v_ref=vr_poison, mask=mm, backend="triton")
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
     torch.testing.assert_close(out[0], F.scaled_dot_product_attention(q, kr, vr)[0], atol=2e-6, rtol=0)
     # huge logits: the online softmax must not overflow to NaN
     big = kv_inject_attention(q * 300, k, v, k_ref=kr, v_ref=vr, mask=m, backend="triton")
@@ -228,7 +230,7 @@ def test_reference_backend_has_gradients():
 def test_custom_op_fake_and_schema():
     q, k, v, kr, vr, _, m = make(1, 1, 8, 16, torch.float32)
     op = torch.ops.b2kernels.kv_inject_attention_fwd.default
-    torch.library.opcheck(op, (q, k, v, kr, vr, m.float(), None, None, 0.25),
+    torch.library.opcheck(op, (q, k, v, kr, vr, m.float(), None, None, 0.25, False),
                           test_utils=("test_schema", "test_faketensor"))
     assert b2kernels.kv_inject_attention is kv_inject_attention
 

@@ -20,86 +20,27 @@ One stage = :func:`generate_pairs`:
    the base's (same latent, model and noise), so targets start from the base latent at the first fused step.
 4. Targets are scored; (preferred, dispreferred) = (target, base) by reward, ties dropped.
 
-The attention processors live here (``_FusionProcessor``) because they must also capture masks in Phase A and
-keep Phase-A and fusion numerics on one code path (the "all-zero mask ⇒ target == base" property); the blend
-itself calls :func:`b2kernels.kv_inject_attention` when that op is available, else the same maths in torch.
+Attention processors: :mod:`b2kernels.integrations.diffusers` — in Phase A a "captured" context on the
+cross-attention modules only (all rows are reference streams, no fused layers), during fusion a "given"-mask
+context whose fused self-attention calls :func:`b2kernels.kv_inject_attention` with the reference rows of the
+same batch (no gather copy).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-# --------------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class DFusionConfig:
-    """D-Fusion pair construction (defaults = the official run scripts)."""
-
-    samples_per_prompt: int = field(default=16, metadata={"help": "Phase-A images per prompt (n)."})
-    ref_fraction: float = field(default=0.25, metadata={
-        "help": "fraction of each prompt's samples (best first) used as references"})
-    base_fraction: float = field(default=0.5, metadata={
-        "help": "fraction of each prompt's samples (worst) used as bases; needs n·ref_fraction·ref_reuse = n·base_fraction"})
-    ref_reuse: int = field(default=2, metadata={"help": "targets per reference (official: 2)"})
-    fusion_steps: tuple[int, int] = field(default=(2, -1), metadata={
-        "help": "fused DDIM step indices, inclusive; negative counts from the end (official: 2..19 of 20)"})
-    fusion_layers: str = field(default="auto", metadata={
-        "help": "blocks whose self-attention is fused, counting UNet blocks with cross-attention in execution "
-                "order, 'a-b' inclusive; 'auto' = the mid block and every cross-attention up block (= official "
-                "'3-6' on SD 1.x/2.x)"})
-    object_words: tuple[str, ...] = field(default=(), metadata={
-        "help": "object words whose cross-attention builds the mask; empty = the toy world's shape nouns found "
-                "in each prompt. Every listed word must occur in every prompt."})
-    mask_grid: int = field(default=16, metadata={
-        "help": "token grid side of the cross-attention layers averaged into the mask (official: 16)"})
-    mask_threshold: float = field(default=0.05, metadata={
-        "help": "global binarisation threshold on the head/layer-averaged attention probability (official fallback 0.05)"})
-    item_thresholds: dict[str, float] = field(default_factory=dict, metadata={
-        "help": "per object word thresholds overriding mask_threshold (official: hand-set 0.005-0.03)"})
-    mask_rule: str = field(default="threshold", metadata={
-        "help": "'threshold' (official) or 'mean': per item, keep tokens whose probability is >= that item's "
-                "spatial mean (scale-free, so it transfers between models and prompt lengths)"})
-    save_pairs: str = field(default="", metadata={
-        "help": "directory: write reference/base/target/mask grids (PNG) per stage; empty = off"})
-
-    def validate(self) -> None:
-        if self.mask_rule not in ("threshold", "mean"):
-            raise ValueError(f"dfusion.mask_rule must be 'threshold' or 'mean', got {self.mask_rule!r}")
-        if self.ref_reuse < 1:
-            raise ValueError(f"dfusion.ref_reuse must be >= 1, got {self.ref_reuse}")
-        pairing_sizes(self.samples_per_prompt, self.ref_fraction, self.base_fraction, self.ref_reuse)
-
+from b2diffurl.config import DFusionConfig, DPOConfig  # noqa: F401  (re-exported: the config lives torch-free)
+from b2diffurl.config import dfusion_pairing_sizes as pairing_sizes
 
 # --------------------------------------------------------------------------------------------------- pairing
-
-
-def pairing_sizes(n: int, ref_fraction: float, base_fraction: float, reuse: int) -> tuple[int, int]:
-    """(references, bases) per prompt; raises when ``n`` does not split as pairing needs."""
-    n_ref, n_base = n * ref_fraction, n * base_fraction
-    if abs(n_ref - round(n_ref)) > 1e-9 or abs(n_base - round(n_base)) > 1e-9 or round(n_ref) < 1:
-        raise ValueError(
-            f"samples_per_prompt={n} does not split into ref_fraction={ref_fraction} and "
-            f"base_fraction={base_fraction} whole samples (n·ref_fraction = {n_ref:g}, n·base_fraction = "
-            f"{n_base:g}); use n a multiple of {_multiple(ref_fraction, base_fraction)} (e.g. 16)")
-    n_ref, n_base = round(n_ref), round(n_base)
-    if n_ref * reuse != n_base:
-        raise ValueError(f"pairing needs references × ref_reuse = bases, got {n_ref} × {reuse} != {n_base} "
-                         f"(samples_per_prompt={n}, ref_fraction={ref_fraction}, base_fraction={base_fraction})")
-    if n_ref + n_base > n:
-        raise ValueError(f"references ({n_ref}) and bases ({n_base}) overlap within samples_per_prompt={n}")
-    return n_ref, n_base
-
-
-def _multiple(ref_fraction: float, base_fraction: float) -> int:
-    """Smallest n for which both fractions give whole sample counts (1000 if none below it)."""
-    return next((m for m in range(1, 1000) if abs(m * ref_fraction - round(m * ref_fraction)) < 1e-9
-                 and abs(m * base_fraction - round(m * base_fraction)) < 1e-9), 1000)
 
 
 def pair_indices(scores: torch.Tensor, ref_fraction: float = 0.25, base_fraction: float = 0.5,
@@ -305,6 +246,7 @@ class DFusionStage:
     dispreferred: torch.Tensor         # [K]
     metrics: dict
     images: torch.Tensor | None = None  # a few (reference, base, target) images for grids
+    cond: torch.Tensor | None = None    # [P, L, D] prompt embeddings (arena prompt id indexes them)
 
     @property
     def num_pairs(self) -> int:
@@ -430,42 +372,32 @@ def _capture_tokens(selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def generate_pairs(sampler, prompts: Sequence[str], cfg: DFusionConfig, *, reward_fn, arena,
-                   run_seed: int = 0, epoch: int = 0, decode_batch: int = 64,
-                   progress: Callable | None = None) -> DFusionStage:
-    """One D-Fusion stage on ``sampler.policy``: Phase A for ``prompts`` (each ``cfg.samples_per_prompt``
-    times), pairing, fusion, scoring. Every trajectory (Phase A and targets) goes into ``arena`` (branches=1,
-    prompt id = index into ``prompts``), with rewards; target log-probs are the fused sampling log-probs."""
-    cfg.validate()
-    policy = sampler.policy
-    prompts = list(prompts)
-    T = sampler.num_steps
+def _generate_chunk(sampler, prompts, cond, selection, thresholds, p0, cfg, *, reward_fn, arena, run_seed, epoch,
+                    decode_batch, progress) -> dict:
+    """Phase A + pairing + fusion + scoring for prompts p0 … p0+len(prompts)−1 of the stage."""
+    policy, T, device = sampler.policy, sampler.num_steps, sampler.device
     shape = tuple(policy.latent_shape)
-    device = sampler.device
     fused_steps = fused_step_range(cfg, T)
     layers = fusion_block_indices(policy.unet, cfg.fusion_layers)
     n = cfg.samples_per_prompt
     _, n_base = pairing_sizes(n, cfg.ref_fraction, cfg.base_fraction, cfg.ref_reuse)
     P = len(prompts)
-
-    cond = policy.encode_prompts(prompts).to(device, sampler.dtype)
-    selection, thresholds = item_selection(policy.tokenizer, prompts, cfg, cond.shape[1])
     tok, sub = _capture_tokens(selection)
 
     # ---- Phase A (per-sample generators; masks captured for every row, references chosen afterwards)
     row_prompt = torch.arange(P).repeat_interleave(n)
-    seeds = [sample_seed(run_seed, epoch, j) for j in range(P * n)]
-    ids_a = arena.add_trees(row_prompt.tolist(), T)
+    seeds = [sample_seed(run_seed, epoch, p0 * n + j) for j in range(P * n)]
+    ids_a = arena.add_trees((row_prompt + p0).tolist(), T)
     lat_a, logp_a, masks_a = run_phase_a(sampler, cond[row_prompt.to(device)], RowNoise(seeds, T, shape, device),
                                          token_cols=tok[row_prompt], selection=sub[row_prompt],
                                          thresholds=thresholds[row_prompt], cfg=cfg, arena=arena, ids=ids_a,
                                          progress=progress)
     rewards_a = _score(policy, reward_fn, lat_a[:, -1], [prompts[i] for i in row_prompt.tolist()], decode_batch)
-    arena.set_rewards(ids_a, rewards_a.float().cpu())
+    rewards_a = rewards_a.float().cpu()
+    arena.set_rewards(ids_a, rewards_a)
 
-    # ---- pairing (indices local to each prompt -> global Phase-A rows)
-    ref_local, base_local = pair_indices(rewards_a.reshape(P, n).cpu(), cfg.ref_fraction, cfg.base_fraction,
-                                         cfg.ref_reuse)
+    # ---- pairing (indices local to each prompt -> rows of this chunk)
+    ref_local, base_local = pair_indices(rewards_a.reshape(P, n), cfg.ref_fraction, cfg.base_fraction, cfg.ref_reuse)
     offs = (torch.arange(P) * n)[:, None]
     ref_rows, base_rows = (ref_local + offs).reshape(-1), (base_local + offs).reshape(-1)
     uniq_refs = (ref_local[:, ::cfg.ref_reuse] + offs).reshape(-1)          # each reference once
@@ -482,7 +414,7 @@ def generate_pairs(sampler, prompts: Sequence[str], cfg: DFusionConfig, *, rewar
                                RowNoise([seeds[j] for j in base_rows.tolist()], T, shape, device), ref_masks,
                                fused_steps, layers, cfg, progress=progress)
 
-    ids_t = arena.add_trees(pair_prompt.tolist(), T)
+    ids_t = arena.add_trees((pair_prompt + p0).tolist(), T)
     for i in range(s0 + 1):                       # identical to the base up to the first fused step
         arena.write_latents(ids_t, i, lat_a[base_rows, i])
     for k, i in enumerate(range(s0, T)):
@@ -491,41 +423,74 @@ def generate_pairs(sampler, prompts: Sequence[str], cfg: DFusionConfig, *, rewar
     for i in range(T):
         arena.write_logprobs(ids_t, i, logp_t[:, i])
     rewards_t = _score(policy, reward_fn, lat_f[:, -1], [prompts[i] for i in pair_prompt.tolist()], decode_batch)
-    arena.set_rewards(ids_t, rewards_t.float().cpu())
-    arena.synchronize()
+    rewards_t = rewards_t.float().cpu()
+    arena.set_rewards(ids_t, rewards_t)
+    return {
+        "sample_ids": ids_a.cpu(), "sample_rewards": rewards_a, "ref_ids": ids_a[ref_rows].cpu(),
+        "base_ids": ids_a[base_rows].cpu(), "target_ids": ids_t.cpu(), "base_rewards": rewards_a[base_rows],
+        "target_rewards": rewards_t, "ref_rewards": rewards_a[ref_rows], "pair_prompt": pair_prompt + p0,
+        "masks": ref_masks[ref_of_target.to(ref_masks.device)].cpu(),
+        "final": (lat_a[ref_rows, -1], lat_a[base_rows, -1], lat_f[:, -1]),
+    }
 
-    rb, rt = rewards_a[base_rows].float().cpu(), rewards_t.float().cpu()
+
+@torch.no_grad()
+def generate_pairs(sampler, prompts: Sequence[str], cfg: DFusionConfig, *, reward_fn, arena,
+                   run_seed: int = 0, epoch: int = 0, prompts_per_call: int | None = None, decode_batch: int = 64,
+                   save_dir: str | None = None, progress: Callable | None = None) -> DFusionStage:
+    """One D-Fusion stage on ``sampler.policy``: Phase A for ``prompts`` (each ``cfg.samples_per_prompt``
+    times), pairing, fusion, scoring, ``prompts_per_call`` prompts per batched UNet call (default: all).
+    Every trajectory (Phase A and targets) goes into ``arena`` (branches=1, prompt id = index into ``prompts``;
+    a prompt listed twice is two groups), with rewards; target log-probs are the fused sampling log-probs.
+    ``save_dir``: write the reference | base | target | mask grid there."""
+    cfg.validate()
+    policy = sampler.policy
+    prompts = list(prompts)
+    T = sampler.num_steps
+    fused_steps = fused_step_range(cfg, T)
+    fusion_block_indices(policy.unet, cfg.fusion_layers)            # fail on a bad layer range before sampling
+    cond = policy.encode_prompts(prompts).to(sampler.device, sampler.dtype)
+    selection, thresholds = item_selection(policy.tokenizer, prompts, cfg, cond.shape[1])
+    step = prompts_per_call or len(prompts)
+    parts = [_generate_chunk(sampler, prompts[a:a + step], cond[a:a + step], selection[a:a + step],
+                             thresholds[a:a + step], a, cfg, reward_fn=reward_fn, arena=arena, run_seed=run_seed,
+                             epoch=epoch, decode_batch=decode_batch, progress=progress)
+             for a in range(0, len(prompts), step)]
+    arena.synchronize()
+    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "final"}
+    rb, rt = cat["base_rewards"], cat["target_rewards"]
     win, lose = rt > rb, rt < rb
     decisive = win | lose
-    base_ids = ids_a[base_rows].cpu()
-    preferred = torch.where(win, ids_t.cpu(), base_ids)[decisive]
-    dispreferred = torch.where(win, base_ids, ids_t.cpu())[decisive]
-    pair_masks = ref_masks[ref_of_target.to(ref_masks.device)].cpu()
+    preferred = torch.where(win, cat["target_ids"], cat["base_ids"])[decisive]
+    dispreferred = torch.where(win, cat["base_ids"], cat["target_ids"])[decisive]
     metrics = {
-        "images": P * n + int(ids_t.numel()),
-        "reward_mean": float(rewards_a.float().mean()),
-        "reward_ref_mean": float(rewards_a[ref_rows].float().mean()),
+        "images": int(cat["sample_ids"].numel() + cat["target_ids"].numel()),
+        "reward_mean": float(cat["sample_rewards"].mean()),
+        "reward_std": float(cat["sample_rewards"].std()) if cat["sample_rewards"].numel() > 1 else 0.0,
+        "reward_ref_mean": float(cat["ref_rewards"].mean()),
         "reward_base_mean": float(rb.mean()),
         "reward_target_mean": float(rt.mean()),
         "target_minus_base": float((rt - rb).mean()),
         "target_beats_base": float(win.float().mean()),
         "pairs": int(decisive.sum()),
         "pairs_tied": int((~decisive).sum()),
-        "mask_coverage": float(pair_masks[:, fused_steps].float().mean()),
+        "mask_coverage": float(cat["masks"][:, fused_steps].float().mean()),
     }
-    k = min(8, int(ids_t.numel()))
-    images = torch.stack([policy.decode(x[:k]).float().clamp(0, 1).cpu()
-                          for x in (lat_a[ref_rows, -1], lat_a[base_rows, -1], lat_f[:, -1])], 1).flatten(0, 1)
-    stage = DFusionStage(prompts=prompts, sample_ids=ids_a.cpu(), sample_rewards=rewards_a.float().cpu(),
-                         ref_ids=ids_a[ref_rows].cpu(), base_ids=base_ids, target_ids=ids_t.cpu(), base_rewards=rb,
-                         target_rewards=rt, pair_prompt=pair_prompt, masks=pair_masks, fused_steps=fused_steps,
-                         preferred=preferred, dispreferred=dispreferred, metrics=metrics, images=images)
-    if cfg.save_pairs:
+    ref_f, base_f, tgt_f = parts[0]["final"]
+    k = min(8, tgt_f.shape[0])
+    images = torch.stack([policy.decode(x[:k]).float().clamp(0, 1).cpu() for x in (ref_f, base_f, tgt_f)],
+                         1).flatten(0, 1)
+    stage = DFusionStage(prompts=prompts, sample_ids=cat["sample_ids"], sample_rewards=cat["sample_rewards"],
+                         ref_ids=cat["ref_ids"], base_ids=cat["base_ids"], target_ids=cat["target_ids"],
+                         base_rewards=rb, target_rewards=rt, pair_prompt=cat["pair_prompt"], masks=cat["masks"],
+                         fused_steps=fused_steps, preferred=preferred, dispreferred=dispreferred, metrics=metrics,
+                         images=images, cond=cond)
+    if save_dir:
         import os
 
-        path = os.path.join(cfg.save_pairs, f"pairs-stage{epoch:04d}.png")
-        save_pair_grid(path, policy, lat_a[ref_rows, -1], lat_a[base_rows, -1], lat_f[:, -1],
-                       pair_masks[:, fused_steps[len(fused_steps) // 2]], cfg.mask_grid)
+        path = os.path.join(save_dir, f"pairs-stage{epoch:05d}.png")
+        save_pair_grid(path, policy, ref_f, base_f, tgt_f, parts[0]["masks"][:, fused_steps[len(fused_steps) // 2]],
+                       cfg.mask_grid)
         stage.metrics["pairs_png"] = path
     return stage
 
@@ -554,3 +519,100 @@ def save_pair_grid(path: str, policy, ref_lat, base_lat, tgt_lat, masks, grid: i
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     Image.fromarray((canvas.numpy() * 255).round().astype(np.uint8)).save(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------- trainer plug-in
+
+
+class DFusionAlgorithm:
+    """``b2diffurl train --algo dfusion``: each stage draws ``sample.prompts_per_stage`` prompts, builds D-Fusion
+    pairs (:func:`generate_pairs`) and trains on them with D3PO (``dfusion.objective='dpo'``, π_ref = LoRA off,
+    ℓ^ref once per stage, fused steps only) or with DDPO-style PPO-clip (``'ppo'``: targets and bases, per-prompt
+    z-scored rewards). Sampling noise derives from (run seed, stage, sample index), so a resumed run replays it
+    without generator state."""
+
+    name = "dfusion"
+
+    def __init__(self, ctx):
+        from b2kernels.buffer import TrajectoryArena
+
+        c = ctx.cfg
+        self.ctx, self.dcfg, self.pcfg = ctx, c.dfusion, c.dpo
+        self.dcfg.validate()
+        self.pcfg.validate()
+        self.T = c.sample.num_steps
+        n = self.dcfg.samples_per_prompt
+        _, nb = pairing_sizes(n, self.dcfg.ref_fraction, self.dcfg.base_fraction, self.dcfg.ref_reuse)
+        P = c.sample.prompts_per_stage
+        self.prompts_per_call = max(1, c.sample.batch_size * c.sample.branches // n)
+        fused_step_range(self.dcfg, self.T)
+        fusion_block_indices(ctx.policy.unet, self.dcfg.fusion_layers)
+        if self.dcfg.objective == "dpo" and getattr(ctx.policy, "lora_config", "n/a") is None:
+            raise ValueError("dfusion with objective='dpo' needs π_ref = the UNet with LoRA disabled: set "
+                             "model.lora=on (or auto)")
+        self.arena = TrajectoryArena(tuple(ctx.policy.latent_shape), num_steps=self.T, max_trees=P * (n + nb),
+                                     branches=1, dtype=ctx.sampler.dtype)
+
+    def sample_stage(self, stage: int):
+        from b2diffurl.algos.common import StageData
+
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        prompts = ctx.draw_prompts(ctx.cfg.sample.prompts_per_stage)
+        self.arena.reset()
+        save_dir = os.path.join(ctx.cfg.out, "pairs") if self.dcfg.save_pairs else None
+        st = generate_pairs(ctx.sampler, prompts, self.dcfg, reward_fn=ctx.reward_fn, arena=self.arena,
+                            run_seed=ctx.cfg.seed, epoch=stage, prompts_per_call=self.prompts_per_call,
+                            save_dir=save_dir)
+        dt = time.perf_counter() - t0
+        m = dict(st.metrics, sample_time_s=dt, sample_images_per_s=st.metrics["images"] / max(dt, 1e-9),
+                 n_selected=st.num_pairs)
+        k = st.images.shape[0] // 3
+        captions = [f"{role} {float(r):.2f}" for i in range(k)
+                    for role, r in (("ref", st.sample_rewards[st.sample_ids == st.ref_ids[i]][0]),
+                                    ("base", st.base_rewards[i]), ("target", st.target_rewards[i]))]
+        return StageData(metrics=m, images=st.images, captions=captions, payload=st)
+
+    def train_stage(self, stage: int, data) -> dict:
+        st: DFusionStage = data.payload
+        ctx = self.ctx
+        s = ctx.sampler
+        if self.dcfg.objective == "ppo":
+            return self._train_ppo(st)
+        from b2diffurl.algos.dpo import train_dpo
+
+        return train_dpo(ctx.policy, s.table, self.arena, st.preferred, st.dispreferred, st.fused_steps, st.cond,
+                         s.uncond if s.use_cfg else None, self.pcfg,
+                         guidance_scale=s.guidance_scale if (s.use_cfg and ctx.cfg.train.cfg) else 1.0,
+                         eta=s.eta, inner_epochs=ctx.cfg.train.inner_epochs,
+                         pairs_per_batch=ctx.cfg.train.micro_batch_size, optimizer_step=ctx.optimizer_step,
+                         generator=ctx.cpu_gen)
+
+    def _train_ppo(self, st: DFusionStage) -> dict:
+        """D-Fusion pairs into DDPO: targets and bases, advantage = per-prompt z-score of their rewards; the
+        targets' old log-probs are re-evaluated under the plain policy (they were sampled by the fused one)."""
+        from b2diffurl.algos.common import ppo_update, training_logprob
+
+        ctx = self.ctx
+        ids = torch.cat([st.target_ids, st.base_ids])
+        r = torch.cat([st.target_rewards, st.base_rewards]).double()
+        g = torch.cat([st.pair_prompt, st.pair_prompt])
+        adv = torch.zeros_like(r)
+        for p in g.unique():
+            sel = g == p
+            v = r[sel]
+            adv[sel] = (v - v.mean()) / (v.std() + 1e-8) if v.numel() > 1 else 0.0
+        adv = adv.clamp(-ctx.cfg.train.adv_clip, ctx.cfg.train.adv_clip).float()
+        self.arena.set_advantages(ids, adv)
+        tid = st.target_ids
+        with torch.no_grad():
+            for i in range(self.T):
+                b = self.arena.gather(tid, torch.full_like(tid, i), device=ctx.device)
+                self.arena.write_logprobs(tid, i, training_logprob(ctx, b, st.cond).float().cpu())
+        return ppo_update(ctx, self.arena, ids, torch.arange(self.T), st.cond)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

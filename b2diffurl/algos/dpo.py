@@ -17,35 +17,13 @@ gradient; gradients are still divided by the total step count T so the update eq
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class DPOConfig:
-    """D3PO training on (preferred, dispreferred) trajectory pairs."""
-
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature β (D3PO: 0.1; D-Fusion's config key is 0, "
-                                                       "which would make the loss constant)"})
-    clip_eps: float = field(default=0.1, metadata={"help": "ratio clamp ε: r = clamp(π_θ/π_ref, 1−ε, 1+ε)"})
-    logprob_reduction: str = field(default="mean", metadata={
-        "help": "'mean' over C·H·W (the papers' convention; βΔ is tiny) or 'sum' (= mean × C·H·W, stronger signal)"})
-    inner_epochs: int = field(default=2, metadata={"help": "passes over the stage's pairs"})
-    pairs_per_batch: int = field(default=1, metadata={
-        "help": "pairs per optimizer step (gradients accumulated over all trained steps of the batch)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip before each optimizer step"})
-    ref_batch_size: int = field(default=32, metadata={"help": "transitions per no-grad UNet call for ℓ^ref"})
-
-    def validate(self) -> None:
-        if self.logprob_reduction not in ("mean", "sum"):
-            raise ValueError(f"dpo.logprob_reduction must be 'mean' or 'sum', got {self.logprob_reduction!r}")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"dpo.clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.pairs_per_batch < 1 or self.inner_epochs < 0:
-            raise ValueError("dpo.pairs_per_batch must be >= 1 and dpo.inner_epochs >= 0")
+from b2diffurl.config import DPOConfig  # noqa: F401  (re-exported; the config lives torch-free)
 
 
 def d3po_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, *,
@@ -66,9 +44,12 @@ def step_logprob(unet, table, x_t: torch.Tensor, x_prev: torch.Tensor, steps: to
 
     n = x_t.shape[0]
     t = table.timesteps.to(x_t.device)[steps.to(x_t.device)]
-    enc = torch.cat([uncond.expand(n, -1, -1), cond])
-    out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=enc).sample
-    eu, ec = out[:n], out[n:]
+    if uncond is None or guidance_scale is None or guidance_scale == 1.0:      # no CFG
+        ec, eu, guidance_scale = unet(x_t, t, encoder_hidden_states=cond).sample, None, None
+    else:
+        enc = torch.cat([uncond.expand(n, -1, -1), cond])
+        out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=enc).sample
+        eu, ec = out[:n], out[n:]
     logp = b2kernels.ddim_step_logprob(table, steps.to(x_t.device), x_t, ec, x_prev, eta=eta,
                                        model_output_uncond=eu, guidance_scale=guidance_scale)
     if reduction == "sum":
@@ -102,45 +83,59 @@ def reference_logprobs(policy, table, arena, ids: torch.Tensor, steps: Sequence[
     return out.reshape(len(ids), len(steps_t))
 
 
-def train_dpo(policy, optimizer, table, arena, preferred: torch.Tensor, dispreferred: torch.Tensor,
+def _default_optimizer_step(optimizer, params, max_grad_norm):
+    def step():
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    return step
+
+
+def train_dpo(policy, table, arena, preferred: torch.Tensor, dispreferred: torch.Tensor,
               train_steps: Sequence[int], cond: torch.Tensor, uncond: torch.Tensor, cfg: DPOConfig, *,
-              guidance_scale: float, eta: float = 1.0, generator: torch.Generator | None = None,
-              ref_logp: tuple[torch.Tensor, torch.Tensor] | None = None,
+              guidance_scale: float, eta: float = 1.0, inner_epochs: int = 2, pairs_per_batch: int = 1,
+              optimizer=None, max_grad_norm: float = 1.0, optimizer_step: Callable | None = None,
+              generator: torch.Generator | None = None, ref_logp: tuple[torch.Tensor, torch.Tensor] | None = None,
               progress: Callable | None = None) -> dict:
     """D3PO update on the pairs (preferred[k], dispreferred[k]) over ``train_steps``. Returns metrics.
 
-    Per batch of ``cfg.pairs_per_batch`` pairs: each pair draws a random order of ``train_steps`` (shared by both
-    members); for every position of that order one CFG UNet call on the 2·B transitions gives ℓθ, the loss is
-    backpropagated with weight 1/T (T = all DDIM steps; the skipped steps have exactly zero gradient), and after
-    the last position the gradient is clipped and the optimizer steps.
+    Per batch of ``pairs_per_batch`` pairs: each pair draws a random order of ``train_steps`` (shared by both
+    members); for every position of that order one CFG UNet call on the 2·B transitions gives ℓθ, and the loss
+    is backpropagated with weight 1/(B·T) (T = all DDIM steps: the skipped steps have exactly zero gradient, so
+    this is the all-steps average). After the last position ``optimizer_step()`` runs (the trainer's: clip, step,
+    schedule, zero grads; default: clip to ``max_grad_norm`` and step ``optimizer``).
     """
     cfg.validate()
     device = cond.device
     preferred, dispreferred = torch.as_tensor(preferred).long(), torch.as_tensor(dispreferred).long()
     k_pairs, steps = preferred.numel(), torch.as_tensor(list(train_steps), dtype=torch.long)
-    metrics = {"dpo_pairs": k_pairs, "dpo_loss": float("nan"), "dpo_clipfrac": float("nan"),
-               "dpo_acc": float("nan"), "dpo_grad_norm": float("nan")}
-    if k_pairs == 0 or steps.numel() == 0 or cfg.inner_epochs == 0:
+    metrics = {"dpo_pairs": k_pairs, "optimizer_steps": 0}
+    if k_pairs == 0 or steps.numel() == 0 or inner_epochs == 0:
         return metrics
+    params = [p for p in policy.unet.parameters() if p.requires_grad]
+    if optimizer_step is None:
+        optimizer_step = _default_optimizer_step(optimizer, params, max_grad_norm)
+    t0 = time.perf_counter()
     if ref_logp is None:
         ref_logp = tuple(reference_logprobs(policy, table, arena, ids, steps.tolist(), cond, uncond,
                                             guidance_scale=guidance_scale, eta=eta, reduction=cfg.logprob_reduction,
                                             batch_size=cfg.ref_batch_size) for ids in (preferred, dispreferred))
     ref_w, ref_l = ref_logp
-    params = [p for p in policy.unet.parameters() if p.requires_grad]
     T = table.num_steps
     lo, hi = math.log1p(-cfg.clip_eps), math.log1p(cfg.clip_eps)
     losses, clipped, correct, norms = [], [], [], []
+    was_training = policy.unet.training
     policy.unet.train()
-    for _ in range(cfg.inner_epochs):
+    for _ in range(inner_epochs):
         order = torch.randperm(k_pairs, generator=generator)
-        for a in range(0, k_pairs, cfg.pairs_per_batch):
-            pb = order[a:a + cfg.pairs_per_batch]
+        for a in range(0, k_pairs, pairs_per_batch):
+            pb = order[a:a + pairs_per_batch]
             b = pb.numel()
             pos = torch.stack([torch.randperm(steps.numel(), generator=generator) for _ in range(b)])   # [b, K]
             ids = torch.cat([preferred[pb], dispreferred[pb]])
             row_cond = _row_cond(arena, ids, cond)
-            optimizer.zero_grad(set_to_none=True)
             for k in range(steps.numel()):
                 col = pos[:, k]
                 st = steps[col]
@@ -156,12 +151,12 @@ def train_dpo(policy, optimizer, table, arena, preferred: torch.Tensor, disprefe
                     losses.append(loss.detach())
                     clipped.append(((dw < lo) | (dw > hi) | (dl < lo) | (dl > hi)).float())
                     correct.append((dw > dl).float())
-            norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).detach())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            norms.append(optimizer_step())
             if progress is not None:
                 progress(1)
-    policy.unet.eval()
-    metrics.update(dpo_loss=float(torch.cat(losses).mean()), dpo_clipfrac=float(torch.cat(clipped).mean()),
-                   dpo_acc=float(torch.cat(correct).mean()), dpo_grad_norm=float(torch.stack(norms).mean()))
+    policy.unet.train(was_training)
+    metrics.update(loss=float(torch.cat(losses).mean()), dpo_clipfrac=float(torch.cat(clipped).mean()),
+                   dpo_acc=float(torch.cat(correct).mean()), grad_norm=float(torch.stack(norms).float().mean()),
+                   optimizer_steps=len(norms), trained_steps=int(steps.numel()),
+                   train_time_s=time.perf_counter() - t0)
     return metrics

@@ -289,6 +289,7 @@ class InjectionContext:
     cross_maps: torch.Tensor | None = None  # [R, h·w, I] last call's averaged object-token maps
     stored: dict[str, _Stored] = field(default_factory=dict)  # layer name → reference K/V of the last ref-only call
     _tokens: torch.Tensor | None = None
+    _mask_binary: bool = True
     _thresholds: object = None
     _sample_hw: tuple[int, int] | None = None
     _maps_this_call: list = field(default_factory=list)
@@ -314,6 +315,7 @@ class InjectionContext:
             raise ValueError(f"set_mask: expected [R, h, w], got {list(mask.shape)}")
         KVMask(mask.reshape(mask.shape[0], -1)).validate()
         self.mask = mask.to(torch.float32)
+        self._mask_binary = bool(((self.mask == 0) | (self.mask == 1)).all())  # one sync, at set time
         self._row_mask_cache.clear()
 
     def clear(self) -> None:
@@ -372,15 +374,16 @@ class InjectionContext:
         return token_grid(num_tokens, self._sample_hw)
 
     def row_mask(self, layout: StreamLayout, num_tokens: int, device) -> torch.Tensor:
-        """[B, N] float32: target rows get their reference's mask at this layer's grid, other rows 0."""
-        key = (num_tokens, str(device), id(layout))
+        """[B, N]: target rows get their reference's mask at this layer's grid, other rows 0. Bool when the mask
+        is binary (captured / full / a binary given mask): the kernel then skips the fp32 blend."""
+        key = (num_tokens, str(device), layout)
         hit = self._row_mask_cache.get(key)
         if hit is not None:
             return hit
         tgt = layout.rows("target")
         out = torch.zeros(layout.batch, num_tokens, dtype=torch.float32, device=device)
         if self.config.mask_mode == "full":
-            out[tgt] = 1.0
+            out[self._index_tensors(layout, device)[0]] = 1.0
         else:
             if self.mask is None:
                 how = (
@@ -394,13 +397,25 @@ class InjectionContext:
             if max(ids) >= self.mask.shape[0]:
                 raise ValueError(f"target rows use ref_id up to {max(ids)} but the mask has {self.mask.shape[0]} streams")
             per_ref = resize_mask(self.mask.to(device), self._grid(num_tokens))
-            out[tgt] = per_ref[torch.tensor(ids, device=device)]
+            tgt_t, ids_t = self._index_tensors(layout, device)
+            out[tgt_t] = per_ref[ids_t]
+        if self.config.mask_mode != "given" or self._mask_binary:
+            out = out.bool()
         self._row_mask_cache[key] = out
         return out
 
+    def _index_tensors(self, layout: StreamLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("targets", layout, str(device))
+        hit = self._index_cache.get(key)
+        if hit is None:
+            tgt = layout.rows("target")
+            hit = (torch.tensor(tgt, device=device), torch.tensor([layout.ref_id[i] for i in tgt], device=device))
+            self._index_cache[key] = hit
+        return hit
+
     def ref_index(self, layout: StreamLayout, source: StreamLayout, device) -> torch.Tensor:
         """[B] int32: row of ``source`` whose K/V row b reads (targets: their reference; others: themselves)."""
-        key = (id(layout), id(source), str(device))
+        key = (layout, source, str(device))
         hit = self._index_cache.get(key)
         if hit is not None:
             return hit

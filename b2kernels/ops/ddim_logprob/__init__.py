@@ -16,6 +16,7 @@ Every input check below runs before any launch; the only host sync is the range 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -142,7 +143,7 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, torch.Tensor))
 
 
 def _skip_sync_checks() -> bool:
@@ -204,6 +205,8 @@ def _validate(
             f"with DDIMTable.from_scheduler(scheduler, device=...) or use table.to(x_t.device)"
         )
     n, num_steps = x_t.shape[0], table.num_steps
+    if isinstance(step_idx, numbers.Integral) and not isinstance(step_idx, bool):
+        step_idx = int(step_idx)  # numpy integers too
     if isinstance(step_idx, bool) or not isinstance(step_idx, (int, torch.Tensor)):
         raise TypeError(f"{op}: step_idx must be an int or a LongTensor [N], got {type(step_idx).__name__}")
     if isinstance(step_idx, int):

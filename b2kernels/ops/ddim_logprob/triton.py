@@ -1,26 +1,30 @@
 """Triton kernels for the fused DDIM step (log-prob forward/backward, sampling forward/backward).
 
-Layout (STYLE.md order): kernels → launchers → torch.library custom ops (+ fake impls and autograd) .
+Layout (STYLE.md order): kernels → launchers → torch.library custom ops (+ fake impls and autograd).
 
-Grid: one program per (row, BLOCK-element chunk of the row), flattened on axis 0 (``pid = row * n_chunks +
-chunk``) so neither N nor the row length is bounded by the 65535 limit of grid axes 1/2, and N=16 rows of SD
-latents (16384 elements) still give 16×16 programs. Each program loads its row's ᾱ_t, ᾱ_prev from the device
-table (``step_idx`` may differ per row), folds the prediction type into a linear form
-``μ = A·x_t + B·ε̂`` (ε̂ = the CFG-combined model output, never stored), and reads each input once.
+Every program loads its row's ᾱ_t, ᾱ_prev from the device table (``step_idx`` may differ per row), folds the
+prediction type into a linear form ``μ = A·x_t + B·ε̂`` (ε̂ = the CFG-combined model output, never stored) and
+reads each input once. Grids are 1-D (``pid = row * k + j``), so neither N nor the row length meets the 65535
+limit of grid axes 1/2.
 
-* forward (log-prob): writes ``-Σ_chunk (x_prev-μ)² / (2σ²D)`` (+ ``-log σ - ½log 2π`` for chunk 0) into a
-  [N, n_chunks] fp32 partials buffer; ``logp = partials.sum(1)`` — deterministic, no atomics (the RL ratio
-  π/π_old should not jitter between sampling and training).
+* forward: program = (row, split) walks ``chunks_per_prog`` BLOCK-element chunks of its row, accumulating
+  (x_prev-μ)² in a BLOCK-wide fp32 register vector, and writes ``-Σ/(2σ²D)`` (+ ``-log σ - ½log 2π`` for
+  split 0) to a [N, n_split] fp32 buffer. ``n_split`` is just enough to fill the GPU (≈ 8 programs/SM): at
+  N=1280 SD rows it is 1 (one program per row, logp written directly, a single launch); at N=16 every chunk is
+  its own program and ``logp = partials.sum(1)``. Deterministic, no atomics (the RL ratio π/π_old must not
+  jitter between sampling and training).
 * forward (sample): additionally writes ``x_prev = μ + σ·z`` in the I/O dtype; the log-prob uses that
   *rounded* x_prev, exactly what a later ``ddim_step_logprob`` sees.
-* backward (log-prob): ``∂logp/∂ε̂ = g_row · B · (x_prev-μ) / (σ² D)``; CFG splits it as ``w·G`` (cond) and
+* backward: one program per (row, BLOCK chunk) — no reduction, so no reason to loop.
+  Log-prob: ``∂logp/∂ε̂ = g_row · B · (x_prev-μ) / (σ² D)``; CFG splits it as ``w·G`` (cond) and
   ``(1-w)·G`` (uncond). One read of each input, one write per gradient.
-* backward (sample): ``∂x_prev/∂ε̂ = B``; the log-prob of a reparameterised sample does not depend on ε̂
+  Sample: ``∂x_prev/∂ε̂ = B``; the log-prob of a reparameterised sample does not depend on ε̂
   (x_prev-μ = σz), so its gradient contribution is exactly 0.
 
 All arithmetic is fp32 whatever the I/O dtype; offsets are int64 (row·D can pass 2³¹).
 """
 
+import functools
 import math
 
 import torch
@@ -93,7 +97,8 @@ def _ddim_fwd_kernel(
     step_const,
     num_steps,
     D,
-    n_chunks,
+    n_split,
+    chunks_per_prog,
     eta,
     w,
     log_const,
@@ -103,30 +108,35 @@ def _ddim_fwd_kernel(
     SAMPLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # program = (row, split): the split-th run of ``chunks_per_prog`` BLOCK-chunks of the row
     pid = tl.program_id(0)
-    row = pid // n_chunks
-    chunk = pid - row * n_chunks
+    row = pid // n_split
+    split = pid - row * n_split
     A, B, sigma = _ddim_coeffs(a_t_ptr, a_p_ptr, step_ptr, step_const, num_steps, row, eta, PRED, HAS_STEP)
 
-    col = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = col < D
-    offs = row.to(tl.int64) * D + col
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    eps = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if CFG:
-        u = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = u + w * (eps - u)
-    mean = A * x + B * eps
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if SAMPLE:
-        xo = (mean + sigma * y).to(xout_ptr.dtype.element_ty)
-        tl.store(xout_ptr + offs, xo, mask=mask)
-        diff = xo.to(tl.float32) - mean
-    else:
-        diff = y - mean
-    sq = tl.sum(tl.where(mask, diff * diff, 0.0), axis=0)
-    part = -tl.div_rn(sq, 2.0 * sigma * sigma * D)
-    if chunk == 0:
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    row_base = row.to(tl.int64) * D
+    first = split.to(tl.int64) * chunks_per_prog * BLOCK
+    for i in range(0, chunks_per_prog):
+        col = first + i * BLOCK + tl.arange(0, BLOCK)
+        mask = col < D
+        offs = row_base + col
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if CFG:
+            u = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            eps = u + w * (eps - u)
+        mean = A * x + B * eps
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SAMPLE:
+            xo = (mean + sigma * y).to(xout_ptr.dtype.element_ty)
+            tl.store(xout_ptr + offs, xo, mask=mask)
+            diff = xo.to(tl.float32) - mean
+        else:
+            diff = y - mean
+        acc += tl.where(mask, diff * diff, 0.0)
+    part = -tl.div_rn(tl.sum(acc, axis=0), 2.0 * sigma * sigma * D)
+    if split == 0:
         part = part - tl.log(sigma) - log_const
     tl.store(part_ptr + pid, part)
 
@@ -192,14 +202,30 @@ def _block(d: int) -> tuple[int, int]:
     return min(max(triton.next_power_of_2(d), 16), 1024), 4
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _n_split(n: int, n_chunks: int, device: torch.device) -> int:
+    """Programs per row of the forward. Rows are split only as far as needed to fill the GPU (≈ 8 programs
+    per SM): at N=1280 SD rows each program owns a whole row and writes logp directly (no partials to sum);
+    at N=16 rows are split into single chunks so 16 rows still spread over every SM."""
+    if device.type != "cuda" or n == 0:
+        return 1
+    return max(1, min(n_chunks, triton.cdiv(8 * _num_sms(device), n)))
+
+
 def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
     n, d = x.shape[0], math.prod(x.shape[1:])
     block, warps = _block(d)
     n_chunks = triton.cdiv(d, block)
-    parts = _new(x, (n, n_chunks), torch.float32)
+    per_prog = triton.cdiv(n_chunks, _n_split(n, n_chunks, x.device))
+    n_split = triton.cdiv(n_chunks, per_prog)
+    parts = _new(x, (n, n_split), torch.float32)
     xout = _new(x) if sample else parts  # dummy pointer when unused
     if n > 0 and d > 0:
-        _ddim_fwd_kernel[(n * n_chunks,)](
+        _ddim_fwd_kernel[(n * n_split,)](
             x,
             m,
             mu if mu is not None else m,
@@ -212,7 +238,8 @@ def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
             int(step_const),
             a_t.shape[0],
             d,
-            n_chunks,
+            n_split,
+            per_prog,
             float(eta),
             float(w),
             _HALF_LOG_2PI,
@@ -223,7 +250,7 @@ def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
             BLOCK=block,
             num_warps=warps,
         )
-    logp = parts.sum(dim=1)
+    logp = parts.view(n) if n_split == 1 else parts.sum(dim=1)  # deterministic: no atomics
     return (xout, logp) if sample else logp
 
 

@@ -50,6 +50,11 @@ class KVMask:
         return self.values.shape[0]
 
     @property
+    def binary(self) -> bool:
+        """True for bool masks (values exactly 0/1, known without reading them)."""
+        return self.values.dtype == torch.bool
+
+    @property
     def num_tokens(self) -> int:
         return self.values.shape[1]
 
@@ -166,14 +171,15 @@ def _kv_inject_attention_fwd(
     q_ref: torch.Tensor | None,
     ref_index: torch.Tensor | None,
     scale: float,
+    binary: bool,
 ) -> torch.Tensor:
     from b2kernels.ops.kv_inject_attention.triton import kv_inject_attention_triton
 
-    return kv_inject_attention_triton(q, k, v, k_ref, v_ref, mask, q_ref, ref_index, scale)
+    return kv_inject_attention_triton(q, k, v, k_ref, v_ref, mask, q_ref, ref_index, scale, binary)
 
 
 @_kv_inject_attention_fwd.register_fake
-def _(q, k, v, k_ref, v_ref, mask, q_ref, ref_index, scale):
+def _(q, k, v, k_ref, v_ref, mask, q_ref, ref_index, scale, binary):
     B, H, NQ, D = q.shape
     return q.new_empty((B, NQ, H, D)).transpose(1, 2)
 
@@ -229,4 +235,5 @@ def kv_inject_attention(
             ref_index=ref_index,
         )
     ridx = ref_index.to(torch.int32) if ref_index is not None else None
-    return _kv_inject_attention_fwd(q, k, v, k_ref, v_ref, mask.rows(), q_ref, ridx, scale)
+    # A bool mask lets the kernel replace the fp32 blend by an exact add of two complementary loads.
+    return _kv_inject_attention_fwd(q, k, v, k_ref, v_ref, mask.rows(), q_ref, ridx, scale, mask.binary)

@@ -55,12 +55,20 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _blend_tile(own, ref, rows64, s_own, s_ref, offs_d, d_ok, use_own, use_ref, m2):
-    """Load a [rows, d] tile from ``own`` where m < 1 and from ``ref`` where m > 0; return m·ref + (1−m)·own
-    in fp32. Complementary predicates: a binary mask reads each token from one source only."""
-    a = tl.load(own + rows64[:, None] * s_own + offs_d[None, :], mask=use_own[:, None] & d_ok[None, :], other=0.0)
-    r = tl.load(ref + rows64[:, None] * s_ref + offs_d[None, :], mask=use_ref[:, None] & d_ok[None, :], other=0.0)
-    return m2 * r.to(tl.float32) + (1.0 - m2) * a.to(tl.float32)
+def _blend_tile(own, ref, rows64, s_own, s_ref, offs_d, d_ok, ok, use_own, use_ref, m2, BINARY: tl.constexpr):
+    """[rows, d] tile of ``m·ref + (1−m)·own``, in the input dtype.
+
+    Binary mask: ONE load per element from a per-row selected source (ref where m = 1, own where m = 0) — the
+    tile costs exactly what plain attention's does, and it feeds the dot directly (so it can be pipelined).
+    Soft mask: K is read only where m < 1 and K_ref only where m > 0, blended in fp32.
+    """
+    if BINARY:
+        ptrs = tl.where(use_ref[:, None], ref + rows64[:, None] * s_ref, own + rows64[:, None] * s_own)
+        return tl.load(ptrs + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        a = tl.load(own + rows64[:, None] * s_own + offs_d[None, :], mask=use_own[:, None] & d_ok[None, :], other=0.0)
+        r = tl.load(ref + rows64[:, None] * s_ref + offs_d[None, :], mask=use_ref[:, None] & d_ok[None, :], other=0.0)
+        return (m2 * r.to(tl.float32) + (1.0 - m2) * a.to(tl.float32)).to(a.dtype)
 
 
 @triton.jit
@@ -93,17 +101,17 @@ def _kv_inject_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D0: tl.constexpr,
     BLOCK_D1: tl.constexpr,
+    HAS_D1: tl.constexpr,
     HAS_QREF: tl.constexpr,
     HAS_RIDX: tl.constexpr,
+    BINARY: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Head dim split into two power-of-two chunks [0, D0) + [D0, D0+D1) (D1 = 0: one chunk), so 40/80/160
+    # Head dim split into two power-of-two chunks [0, D0) + [D0, D0+D1) (HAS_D1 = False: one chunk), so 40/80/160
     # cost 48/80/160 lanes instead of 64/128/256. HEAD_DIM is constexpr: the d-masks fold to constants and
     # the loads stay vectorised.
-    HAS_D1: tl.constexpr = BLOCK_D1 > 0
-    D1C: tl.constexpr = BLOCK_D1 if BLOCK_D1 > 0 else 16
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -119,7 +127,7 @@ def _kv_inject_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, BLOCK_D0)
-    offs_d1 = BLOCK_D0 + tl.arange(0, D1C)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     d0_ok = offs_d0 < HEAD_DIM
     d1_ok = offs_d1 < HEAD_DIM
     m_ok = offs_m < NQ
@@ -131,10 +139,8 @@ def _kv_inject_fwd_kernel(
         mq = tl.load(M + mrow * smb + offs_m * smn, mask=m_ok, other=0.0)
         q_own = m_ok & (mq < 1.0)
         q_ref = m_ok & (mq > 0.0)
-        q0 = _blend_tile(q_base, qr_base, rows64, sqn, sqrn, offs_d0, d0_ok, q_own, q_ref, mq[:, None])
-        q0 = q0.to(Q.dtype.element_ty)
-        q1 = _blend_tile(q_base, qr_base, rows64, sqn, sqrn, offs_d1, d1_ok, q_own, q_ref, mq[:, None])
-        q1 = q1.to(Q.dtype.element_ty)
+        q0 = _blend_tile(q_base, qr_base, rows64, sqn, sqrn, offs_d0, d0_ok, m_ok, q_own, q_ref, mq[:, None], BINARY)
+        q1 = _blend_tile(q_base, qr_base, rows64, sqn, sqrn, offs_d1, d1_ok, m_ok, q_own, q_ref, mq[:, None], BINARY)
     else:
         q0 = tl.load(q_base + rows64[:, None] * sqn + offs_d0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
         q1 = tl.load(q_base + rows64[:, None] * sqn + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
@@ -143,7 +149,7 @@ def _kv_inject_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, D1C], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
 
     k_base = K + b64 * skb + h64 * skh
     v_base = V + b64 * svb + h64 * svh
@@ -160,11 +166,11 @@ def _kv_inject_fwd_kernel(
         use_own = n_ok & (mk < 1.0)
         mk2 = mk[:, None]
 
-        k0 = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d0, d0_ok, use_own, use_ref, mk2)
-        s = _dot(q0, tl.trans(k0.to(K.dtype.element_ty)), IEEE)
+        k0 = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d0, d0_ok, n_ok, use_own, use_ref, mk2, BINARY)
+        s = _dot(q0, tl.trans(k0), IEEE)
         if HAS_D1:
-            k1 = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d1, d1_ok, use_own, use_ref, mk2)
-            s += _dot(q1, tl.trans(k1.to(K.dtype.element_ty)), IEEE)
+            k1 = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d1, d1_ok, n_ok, use_own, use_ref, mk2, BINARY)
+            s += _dot(q1, tl.trans(k1), IEEE)
         s = s * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
 
@@ -174,11 +180,11 @@ def _kv_inject_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(V.dtype.element_ty)
 
-        v0 = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d0, d0_ok, use_own, use_ref, mk2)
-        acc0 = acc0 * alpha[:, None] + _dot(p, v0.to(V.dtype.element_ty), IEEE)
+        v0 = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d0, d0_ok, n_ok, use_own, use_ref, mk2, BINARY)
+        acc0 = acc0 * alpha[:, None] + _dot(p, v0, IEEE)
         if HAS_D1:
-            v1 = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d1, d1_ok, use_own, use_ref, mk2)
-            acc1 = acc1 * alpha[:, None] + _dot(p, v1.to(V.dtype.element_ty), IEEE)
+            v1 = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d1, d1_ok, n_ok, use_own, use_ref, mk2, BINARY)
+            acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -220,11 +226,12 @@ def kv_inject_attention_triton(
     q_ref: torch.Tensor | None,
     ref_index: torch.Tensor | None,
     scale: float,
+    binary: bool = False,
 ) -> torch.Tensor:
     """Launch the kernel. Inputs are already validated by the public function.
 
     q [B,H,Nq,D], k/v [B,H,Nk,D], k_ref/v_ref [Br,H,Nk,D], q_ref [Br,H,Nq,D] or None, mask float32
-    [Bm, Nk] with B % Bm == 0, ref_index int32 [B] or None. Any strides with a unit last-dim stride.
+    [Bm, Nk] with B % Bm == 0 (``binary``: its values are exactly 0 or 1, e.g. it came from a bool mask), ref_index int32 [B] or None. Any strides with a unit last-dim stride.
     Returns [B,H,Nq,D] whose memory is laid out [B,Nq,H,D] (what diffusers reshapes into next, for free).
     """
     B, H, NQ, D = q.shape
@@ -257,9 +264,11 @@ def kv_inject_attention_triton(
         _bucket(NQ), _bucket(NK),
         HEAD_DIM=D,
         BLOCK_D0=d0,
-        BLOCK_D1=d1,
+        BLOCK_D1=max(d1, 16),
+        HAS_D1=d1 > 0,
         HAS_QREF=q_ref is not None,
         HAS_RIDX=ref_index is not None,
+        BINARY=binary,
         # fp32 inputs: exact fp32 dots (no TF32), like torch's default. The interpreter's bf16 dot is broken
         # (numpy has no bf16), so interpreted bf16 runs its dots in fp32 on bf16-rounded operands.
         IEEE=q.dtype == torch.float32 or (triton_interpret() and q.dtype == torch.bfloat16),

@@ -1,0 +1,172 @@
+"""Bench suite ``kv_inject_attention``: self-attention shapes of SD 1.5 / SD 2.1 at 512², one run, all methods.
+
+Methods (each row: ms and TFLOP/s, FLOPs = 4·B·H·N²·D, the blend is not counted):
+
+* ``kv_inject_triton``        — this kernel (binary object mask, ~30 % of tokens injected)
+* ``kv_inject_triton_ridx``   — the same, references read in place from rows of the same batch (``ref_index``),
+                                  the layout the diffusers processors use
+* ``blend+sdpa_flash`` / ``blend+sdpa_efficient`` / ``blend+sdpa_math`` — torch blend (materialised K', V') then
+                                  SDPA forced to one backend
+* ``blend+xformers``          — torch blend then ``xformers.ops.memory_efficient_attention`` (if installed)
+* ``official_style``          — what D-Fusion's processor does: per-head [B·H, N, D] tensors, mask repeated per
+                                  head, blended K/V materialised, explicit scores (baddbmm), softmax, bmm
+* ``sdpa_flash`` / ``sdpa_efficient`` — SDPA on the *unblended* problem (the speed-of-light reference)
+
+``python -m bench kv_inject_attention`` (GPU: SD shapes, batch 2×8, bf16+fp16). On CPU the default is batch 1,
+float32, reference/SDPA/official rows only (the Triton interpreter is not a benchmark).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import device_name, time_fn
+
+# (model, head_dim, heads, tokens): SD 1.5 (8 heads) and SD 2.1 (head dim 64) self-attention at 512²
+SHAPES = [
+    ("sd15", 40, 8, 4096),
+    ("sd15", 80, 8, 1024),
+    ("sd15", 160, 8, 256),
+    ("sd21", 64, 5, 4096),
+    ("sd21", 64, 10, 1024),
+    ("sd21", 64, 20, 256),
+]
+
+
+def add_args(p):
+    p.add_argument("--batch", type=int, default=None, help="attention batch (default 16 = CFG 2 × 8 images on GPU, 1 on CPU)")
+    p.add_argument("--dtypes", default=None, help="comma list (default bfloat16,float16 on GPU, float32 on CPU)")
+    p.add_argument("--shapes", default=None, help="comma list of indices into SHAPES (default all; --quick: 2 and 5)")
+    p.add_argument("--fraction", type=float, default=0.3, help="fraction of key tokens injected (binary mask)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-official", action="store_true", help="skip the official-style path (N² scores in memory)")
+
+
+def _sdpa_backend(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "math": SDPBackend.MATH}[name])
+
+
+def _blend(x, xr, m4):
+    return (m4 * xr + (1 - m4) * x).to(x.dtype)
+
+
+def _methods(q, k, v, kr, vr, mask, *, cuda, official):
+    from b2kernels import kv_inject_attention
+
+    B, H, N, D = q.shape
+    m4 = mask.to(q.dtype)[:, None, :, None]
+    out = {}
+    if cuda:
+        out["kv_inject_triton"] = lambda: kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=mask,
+                                                              validate=False, backend="triton")
+        # references = the first half of the batch, read in place (ref_index), targets = second half
+        ridx = torch.cat([torch.arange(B // 2), torch.arange(B // 2)]).to(device=q.device, dtype=torch.int32)
+        out["kv_inject_triton_ridx"] = lambda: kv_inject_attention(q, k, v, k_ref=k, v_ref=v, mask=mask,
+                                                                   ref_index=ridx, validate=False, backend="triton")
+    for be in (("flash", "efficient") if cuda else ("math",)) + (("math",) if cuda and N <= 1024 else ()):
+        def f(be=be):
+            with _sdpa_backend(be):
+                return F.scaled_dot_product_attention(q, _blend(k, kr, m4), _blend(v, vr, m4))
+        out[f"blend+sdpa_{be}"] = f
+    if not cuda:
+        out["blend+sdpa_default"] = lambda: F.scaled_dot_product_attention(q, _blend(k, kr, m4), _blend(v, vr, m4))
+    with contextlib.suppress(ImportError):
+        import xformers.ops as xops
+
+        if cuda:
+            def fx():
+                t = lambda x: x.transpose(1, 2)
+                return xops.memory_efficient_attention(t(q), t(_blend(k, kr, m4)), t(_blend(v, vr, m4)))
+            out["blend+xformers"] = fx
+    if official:
+        def off():
+            # per-head batch layout and a per-head mask copy, like the official processor
+            hb = lambda x: x.reshape(B * H, N, D)
+            mm = mask.to(q.dtype)[:, None, :].expand(B, H, N).reshape(B * H, N, 1)
+            k2 = hb(kr) * mm + hb(k) * (1 - mm)
+            v2 = hb(vr) * mm + hb(v) * (1 - mm)
+            scores = torch.baddbmm(torch.empty(B * H, N, N, dtype=q.dtype, device=q.device), hb(q),
+                                   k2.transpose(-1, -2), beta=0, alpha=D**-0.5)
+            return torch.bmm(scores.softmax(dim=-1), v2).view(B, H, N, D)
+        out["official_style"] = off
+    for be in ("flash", "efficient") if cuda else ():
+        def g(be=be):
+            with _sdpa_backend(be):
+                return F.scaled_dot_product_attention(q, k, v)
+        out[f"sdpa_{be}"] = g
+    if not cuda:
+        out["sdpa_default"] = lambda: F.scaled_dot_product_attention(q, k, v)
+    return out
+
+
+def run(args) -> list[dict]:
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    batch = args.batch or (16 if cuda else 1)
+    dtypes = [getattr(torch, d) for d in (args.dtypes or ("bfloat16,float16" if cuda else "float32")).split(",")]
+    idx = [int(i) for i in args.shapes.split(",")] if args.shapes else ([2, 5] if args.quick else range(len(SHAPES)))
+    rows = []
+    for i in idx:
+        model, D, H, N = SHAPES[i]
+        for dtype in dtypes:
+            g = torch.Generator(device=device).manual_seed(0)
+            q, k, v, kr, vr = (torch.randn(batch, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(5))
+            mask = torch.rand(batch, N, device=device, generator=g) < args.fraction
+            flops = 4.0 * batch * H * N * N * D
+            official = not args.no_official and (cuda or N <= 1024)
+            for name, fn in _methods(q, k, v, kr, vr, mask, cuda=cuda, official=official).items():
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    ms = time_fn(fn, warmup=3, iters=args.iters, device=device)
+                except (RuntimeError, torch.OutOfMemoryError) as exc:  # e.g. no flash kernel for this dtype/dim
+                    rows.append({"model": model, "D": D, "H": H, "N": N, "B": batch, "dtype": str(dtype)[6:],
+                                 "method": name, "error": str(exc).splitlines()[0][:80]})
+                    continue
+                row = {"model": model, "D": D, "H": H, "N": N, "B": batch, "dtype": str(dtype)[6:], "method": name,
+                       "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
+                if cuda:
+                    row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """Ratios against the issue's targets, per (shape, dtype)."""
+    out = []
+    keys = dict.fromkeys((r["model"], r["D"], r["H"], r["N"], r["dtype"]) for r in rows)
+    for key in keys:
+        sel = {r["method"]: r for r in rows if (r["model"], r["D"], r["H"], r["N"], r["dtype"]) == key and "ms" in r}
+        ours = sel.get("kv_inject_triton")
+        if not ours:
+            continue
+        sdpa = max((r["tflops"] for m, r in sel.items() if m.startswith("sdpa_")), default=None)
+        blend = max((r["tflops"] for m, r in sel.items() if m.startswith("blend+")), default=None)
+        off = sel.get("official_style")
+        entry = {"shape": "/".join(map(str, key)), "ours_tflops": ours["tflops"]}
+        if sdpa:
+            entry["vs_best_unblended_sdpa"] = ours["tflops"] / sdpa
+            entry["target_0.9x_sdpa_met"] = entry["vs_best_unblended_sdpa"] >= 0.9
+        if blend:
+            entry["vs_best_blend_path"] = ours["tflops"] / blend
+            entry["target_1.3x_blend_met"] = entry["vs_best_blend_path"] >= 1.3
+        if off:
+            entry["vs_official_style"] = ours["tflops"] / off["tflops"]
+            if key[3] == 4096:
+                entry["target_5x_official_met"] = entry["vs_official_style"] >= 5
+        out.append(entry)
+    return {"device": device_name(), "targets": out}
+
+
+def plot(rows, path):
+    from bench.common import plot as _plot
+
+    pts = [dict(r, shape=f"{r['model']}-D{r['D']}-N{r['N']}-{r['dtype']}") for r in rows if "tflops" in r]
+    return _plot("kv_inject_attention", pts, x="shape", y="tflops", series="method", path=path)

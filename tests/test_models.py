@@ -1,0 +1,158 @@
+"""b2diffurl.models: the shipped toy checkpoint, an SD-shaped random folder written here, LoRA, errors."""
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+from b2diffurl.models import load_policy
+from b2diffurl.toy import CHECKPOINT_DIR
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_policy("toy")
+
+
+def test_shipped_checkpoint_layout_and_size():
+    for sub, f in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
+                   ("tokenizer", "tokenizer.json"), ("scheduler", "scheduler_config.json")):
+        assert (CHECKPOINT_DIR / sub / f).is_file()
+    assert json.loads((CHECKPOINT_DIR / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
+    size = sum(p.stat().st_size for p in CHECKPOINT_DIR.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20
+
+
+def test_toy_policy_loads(toy):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    assert isinstance(toy.unet, UNet2DConditionModel) and isinstance(toy.scheduler, DDIMScheduler)
+    assert toy.vae is None and toy.latent_shape == (12, 16, 16) and toy.is_toy
+    emb = toy.encode_prompts(["a red circle", ""])
+    assert emb.shape == (2, 16, 64)
+    assert not torch.allclose(emb[0], emb[1])
+    # the identity "VAE" is lossless: decode(encode(x)) == x for images in [0, 1]
+    img = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(toy.decode(toy.encode_images(img)), img, atol=1e-6)
+
+
+def test_toy_policy_generates(toy):
+    from b2diffurl.sampling import sample
+
+    out = sample(toy, ["a red circle", "two blue squares"], num_steps=3, seed=0)
+    assert out.images.shape == (2, 3, 32, 32)
+    assert torch.isfinite(out.images).all() and out.images.min() >= 0 and out.images.max() <= 1
+
+
+def _tiny_sd_folder(root: Path, scheduler_cls="PNDMScheduler") -> Path:
+    """A random SD-1.x-shaped diffusers folder: unet/ text_encoder/ tokenizer/ (CLIP BPE) scheduler/ vae/."""
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                         block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(root / "unet")
+    CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=77)).save_pretrained(root / "text_encoder")
+    chars = list(string.ascii_lowercase)
+    vocab = {w: i for i, w in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (root / "v.json").write_text(json.dumps(vocab)); (root / "m.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(root / "v.json", root / "m.txt", model_max_length=77).save_pretrained(root / "tokenizer")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  sample_size=16).save_pretrained(root / "vae")
+    getattr(diffusers, scheduler_cls)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      steps_offset=1).save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def test_sd_layout_folder_loads(tmp_path):
+    from diffusers import DDIMScheduler
+
+    pol = load_policy(str(_tiny_sd_folder(tmp_path)), dtype=torch.float32, device="cpu")
+    assert pol.vae is not None and not pol.is_toy and pol.latent_shape == (4, 8, 8)
+    assert isinstance(pol.scheduler, DDIMScheduler)
+    assert pol.scheduler.config.beta_schedule == "scaled_linear" and pol.scheduler.config.steps_offset == 1
+    assert pol.encode_prompts(["a cat", ""]).shape == (2, 77, 32)
+    lat = torch.randn(2, *pol.latent_shape)
+    img = pol.decode(lat)
+    assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
+    assert pol.encode_images(img).shape == (2, 4, 8, 8)
+
+
+def test_missing_and_bad_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*expected 'toy' or a local diffusers folder"):
+        load_policy(str(tmp_path / "nope"))
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file; expected a diffusers folder"):
+        load_policy(str(tmp_path / "file.bin"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a diffusers text-to-image folder: missing subfolder.*unet"):
+        load_policy(str(tmp_path / "empty"))
+
+
+def test_non_ddim_compatible_scheduler_is_refused(tmp_path):
+    root = _tiny_sd_folder(tmp_path)
+    cfg_path = root / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "_class_name": "FlowMatchEulerDiscreteScheduler"}))
+    with pytest.raises(ValueError, match="expected a DDPM-family scheduler that DDIMScheduler can replace"):
+        load_policy(str(root))
+    cfg_path.write_text(json.dumps({**cfg, "prediction_type": "flow"}))
+    with pytest.raises(ValueError, match="prediction_type"):
+        load_policy(str(root))
+
+
+def test_missing_vae_is_refused(tmp_path):
+    import shutil
+
+    root = _tiny_sd_folder(tmp_path)
+    shutil.rmtree(root / "vae")
+    with pytest.raises(ValueError, match="no vae/ subfolder"):
+        load_policy(str(root))
+
+
+def _unet_out(pol, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, *pol.latent_shape, generator=g)
+    with torch.no_grad():
+        return pol.unet(x, torch.tensor([500, 20]), pol.encode_prompts(["a red circle", "two blue squares"])).sample
+
+
+def test_lora_save_load_round_trip_and_disable(tmp_path):
+    pol = load_policy("toy")
+    base = _unet_out(pol)
+    pol.add_lora(rank=2, alpha=4, targets=("to_q", "to_v"))
+    trainable = pol.lora_parameters()
+    assert trainable and all("lora" in n for n, p in pol.unet.named_parameters() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in trainable)
+    assert torch.allclose(_unet_out(pol), base, atol=1e-6)        # B = 0: starts as the identity
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.05 * torch.randn_like(p))
+    tuned = _unet_out(pol)
+    assert (tuned - base).abs().max() > 1e-3
+    with pol.lora_disabled():
+        assert torch.allclose(_unet_out(pol), base, atol=1e-6)
+    assert torch.allclose(_unet_out(pol), tuned)
+    pol.save_lora(tmp_path / "lora")
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["lora.safetensors", "lora_config.json"]
+    fresh = load_policy("toy")
+    fresh.load_lora(tmp_path / "lora")
+    assert fresh.lora_config["r"] == 2 and fresh.lora_config["target_modules"] == ["to_q", "to_v"]
+    assert torch.allclose(_unet_out(fresh), tuned, atol=1e-6)
+
+
+def test_lora_errors(tmp_path):
+    pol = load_policy("toy")
+    with pytest.raises(RuntimeError, match="add_lora"):
+        pol.save_lora(tmp_path)
+    with pytest.raises(FileNotFoundError, match="expected a LoRA folder"):
+        pol.load_lora(tmp_path)
+    with pytest.raises(ValueError, match="could not attach LoRA"):
+        pol.add_lora(targets=("no_such_module",))

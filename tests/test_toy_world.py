@@ -1,0 +1,130 @@
+"""Toy world: prompt grammar, renderer and the exact reward (oracles: the renderer's own scene parameters,
+scipy.ndimage.label for connected components, hand-built images)."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from b2diffurl.toy import prompts as P
+from b2diffurl.toy.render import PALETTE, render, sample_layout
+from b2diffurl.toy.score import component_stats, connected_components, pixel_classes, toy_score
+
+
+def _all():
+    return P.train_prompts() + P.heldout_prompts()
+
+
+def test_splits_are_disjoint_and_cover_every_category():
+    train, held = set(P.train_prompts()), set(P.heldout_prompts())
+    assert not train & held
+    for cat in P.CATEGORIES:
+        assert P.train_prompts(cat) and P.heldout_prompts(cat)
+    assert len(held) / (len(train) + len(held)) == pytest.approx(0.2, abs=0.02)
+    assert P.get_prompts("heldout:single") == P.heldout_prompts("single")
+
+
+def test_parse_and_categories():
+    s = P.parse("a green triangle to the left of a yellow circle")
+    assert s.objects == (("green", "triangle"), ("yellow", "circle")) and s.relation == "to the left of"
+    assert P.parse("three red squares").objects == (("red", "square"),) * 3
+    assert [P.prompt_category(p) for p in ("a red circle", "two blue squares", "a red circle above a blue square")] \
+        == ["single", "count", "relation"]
+    assert set(P.OBJECT_WORDS) == {"circle", "square", "triangle", "circles", "squares", "triangles"}
+
+
+@pytest.mark.parametrize("bad", ["a purple circle", "two red circle", "a red circle near a blue square", "", "red"])
+def test_parse_rejects_with_expectation(bad):
+    with pytest.raises(ValueError, match="expected"):
+        P.parse(bad)
+
+
+def test_render_is_deterministic_and_in_range():
+    ps = random.Random(0).sample(_all(), 32)
+    a, b = render(ps, seed=5), render(ps, seed=5)
+    assert a.shape == (32, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, render(ps, seed=6))
+
+
+def test_layout_satisfies_the_prompt():
+    ps = P.get_prompts("all:relation")
+    lay = sample_layout(ps, seed=1)
+    for p, row in zip(ps, lay):
+        rel = P.parse(p).relation
+        (xa, ya), (xb, yb) = row[0, :2].tolist(), row[1, :2].tolist()
+        ok = {"to the left of": xa < xb, "to the right of": xa > xb, "above": ya < yb, "below": ya > yb}[rel]
+        assert ok, p
+
+
+def test_connected_components_match_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    ps = random.Random(1).sample(_all(), 64)
+    cls = pixel_classes(render(ps, seed=2))
+    lab = connected_components(cls, len(P.COLOURS))
+    for c, l in zip(cls, lab):
+        n_ref = sum(ndimage.label((c == k).numpy(), structure=[[1, 1, 1]] * 3)[1] for k in range(len(P.COLOURS)))
+        assert len(torch.unique(l[l > 0])) == n_ref
+
+
+def test_components_find_rendered_objects():
+    ps = random.Random(2).sample(_all(), 100)
+    lay = sample_layout(ps, seed=3)
+    obj = component_stats(render(ps, seed=3))
+    assert torch.equal(obj["valid"].sum(1), lay[..., 5].sum(1).long())
+    for i in range(len(ps)):
+        m = int(lay[i, :, 5].sum())
+        found = sorted(zip(obj["colour"][i][obj["valid"][i]].tolist(), obj["shape"][i][obj["valid"][i]].tolist()))
+        assert found == sorted(zip(lay[i, :m, 3].long().tolist(), lay[i, :m, 4].long().tolist())), ps[i]
+
+
+def test_reward_of_rendered_images_is_high_for_own_prompt_low_for_mismatched():
+    rng = random.Random(0)
+    ps = [rng.choice(_all()) for _ in range(400)]
+    imgs = render(ps, seed=7)
+    own = toy_score(imgs, ps)
+    assert own.shape == (400,) and own.dtype == torch.float32
+    assert own.min() >= 0.95
+    # mismatched: a prompt sharing no colour and no shape with the rendered one
+    def disjoint(p):
+        cs, ss = {c for c, _ in P.parse(p).objects}, {s for _, s in P.parse(p).objects}
+        pool = [q for q in _all() if not ({c for c, _ in P.parse(q).objects} & cs or {s for _, s in P.parse(q).objects} & ss)]
+        return rng.choice(pool)
+    mism = toy_score(imgs, [disjoint(p) for p in ps])
+    assert mism.max() <= 0.3
+
+
+def test_partial_credit_orders_as_expected():
+    img = render(["a red circle to the left of a blue square"], seed=0)
+    s = lambda p: toy_score(img, [p]).item()
+    exact = s("a red circle to the left of a blue square")
+    wrong_rel = s("a red circle to the right of a blue square")
+    wrong_shape = s("a red triangle to the left of a blue square")
+    wrong_colour = s("a green circle to the left of a blue square")
+    assert exact == pytest.approx(1.0)
+    assert 0.5 < wrong_rel < exact and 0.3 < wrong_shape < exact and 0.3 < wrong_colour < exact
+    two = render(["two red circles"], seed=0)
+    assert 0.5 < toy_score(two, ["three red circles"]).item() < toy_score(two, ["two red circles"]).item()
+    assert toy_score(torch.zeros(1, 3, 32, 32), ["a red circle"]).item() == 0.0
+
+
+def test_reward_is_robust_to_blur_and_noise():
+    rng = random.Random(3)
+    ps = [rng.choice(_all()) for _ in range(200)]
+    imgs = render(ps, seed=1)
+    k = torch.tensor([0.25, 0.5, 0.25])
+    blur = F.conv2d(F.pad(imgs, (1, 1, 1, 1), mode="replicate"), (k[:, None] * k).expand(3, 1, 3, 3).contiguous(), groups=3)
+    noisy = (blur + 0.04 * torch.randn(imgs.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert toy_score(noisy, ps).mean() >= 0.9
+
+
+def test_colour_classification_survives_dimming():
+    img = PALETTE[:, :, None, None].expand(-1, -1, 4, 4) * 0.6      # each palette colour at 60 % brightness
+    cls = pixel_classes(img)
+    assert torch.equal(cls[:, 0, 0], torch.arange(len(P.COLOURS)))
+
+
+def test_reward_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"expected images \[N,3,H,W\]"):
+        toy_score(torch.zeros(2, 3, 32, 32), ["a red circle"])
