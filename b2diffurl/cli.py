@@ -147,8 +147,9 @@ def _add_train_parser(sub) -> None:
     try:
         from b2diffurl.trainer import add_train_subparser
     except ImportError as exc:
+        reason = f"b2diffurl train is unavailable: b2diffurl.trainer failed to import ({exc})"
         p = sub.add_parser("train", help="RL fine-tuning (unavailable: b2diffurl.trainer failed to import)")
-        p.set_defaults(func=lambda a: sys.exit(f"b2diffurl train is unavailable: {exc}"))
+        p.set_defaults(func=lambda a: sys.exit(reason))
         return
     add_train_subparser(sub)
 

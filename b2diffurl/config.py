@@ -247,6 +247,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval.images_per_prompt": 2,
         "checkpoint_every": 4,
         "grid_every": 4,
+        "dfusion.samples_per_prompt": 8,
     },
 }
 

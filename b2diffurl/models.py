@@ -173,8 +173,8 @@ def _ddim_from(path: Path):
     cfg = _read_json(path / "scheduler" / "scheduler_config.json")
     name = cfg.get("_class_name", "?")
     cls = getattr(diffusers, name, None)
-    compatible = name == "DDIMScheduler" or (cls is not None and "DDIMScheduler" in
-                                              [c.__name__ for c in getattr(cls, "compatibles", [])])
+    compatible = name == "DDIMScheduler" or "DDIMScheduler" in [getattr(c, "__name__", c) for c in
+                                                                getattr(cls, "_compatibles", [])]
     pred = cfg.get("prediction_type", "epsilon")
     if not compatible or pred not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"{path} has scheduler {name} (prediction_type={pred!r}); expected a DDPM-family "

@@ -489,6 +489,8 @@ def add_train_subparser(subparsers) -> None:
     p.add_argument("--preset", choices=["auto", *C.PRESETS], help="value preset (config key: preset; default auto)")
     p.add_argument("--out", help="output directory (config key: out)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (run dir or checkpoint dir) exactly")
+    p.add_argument("--save-pairs", action="store_true", default=None, dest="save_pairs",
+                   help="D-Fusion: write reference | base | target | mask grids to <out>/pairs/ (dfusion.save_pairs)")
     p.set_defaults(func=train_main)
 
 
@@ -512,7 +514,7 @@ def config_from_args(args) -> tuple[C.RunConfig, str | None]:
             raise C.ConfigError(f"--config {args.config!r} does not exist")
         explicit.update(C._flatten(yaml.safe_load(Path(args.config).read_text()) or {}))
     for flag, key in (("algo", "algo"), ("model", "model.path"), ("reward", "reward"), ("preset", "preset"),
-                      ("out", "out")):
+                      ("out", "out"), ("save_pairs", "dfusion.save_pairs")):
         if getattr(args, flag, None) is not None:
             explicit[key] = getattr(args, flag)
     explicit.update(C.parse_set(args.overrides))

@@ -31,11 +31,11 @@ def row_noise(seed: int, num_steps: int, shape) -> torch.Tensor:
 
 class _State:
     def __init__(self):
-        self.mode = "plain"      # plain | ref | target
+        self.mode = "plain"  # plain | ref | target
         self.fuse = False
         self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cross: list[torch.Tensor] = []
-        self.mask: torch.Tensor | None = None      # [b, 16*16] binary (reference pass result)
+        self.mask: torch.Tensor | None = None  # [b, 16*16] binary (reference pass result)
         self.mask_side = 16
         self.latent_side = 16
 
@@ -51,14 +51,16 @@ class OfficialProcessor:
         h = attn.heads
         q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
         d = q.shape[-1] // h
-        split = lambda t: t.reshape(b, -1, h, d).permute(0, 2, 1, 3).reshape(b * h, -1, d)   # head_to_batch_dim
+        split = lambda t: (
+            t.reshape(b, -1, h, d).permute(0, 2, 1, 3).reshape(b * h, -1, d)
+        )  # head_to_batch_dim
         q, k, v = split(q), split(k), split(v)
         if not self.is_cross and self.fused and s.fuse and s.mode == "target":
             k_ref, v_ref = s.kv[self.name]
             side = int(math.isqrt(seq))
             m = (s.mask > 0.5).float().reshape(-1, 1, s.mask_side, s.mask_side)
-            m = F.interpolate(m, (side, side)).reshape(-1, seq)                 # nearest (default mode)
-            m = torch.cat([m, m])                                                # both CFG halves
+            m = F.interpolate(m, (side, side)).reshape(-1, seq)  # nearest (default mode)
+            m = torch.cat([m, m])  # both CFG halves
             m = m[:, None, :].repeat(1, h, 1).reshape(b * h, seq, 1)
             k = k_ref * m + k * (1 - m)
             v = v_ref * m + v * (1 - m)
@@ -66,7 +68,7 @@ class OfficialProcessor:
         out = probs @ v
         if not self.is_cross and self.fused and s.mode == "ref":
             s.kv[self.name] = (k, v)
-        if self.is_cross and s.mode == "ref" and seq == s.mask_side ** 2:
+        if self.is_cross and s.mode == "ref" and seq == s.mask_side**2:
             s.cross.append(probs)
         out = out.reshape(b, h, -1, d).permute(0, 2, 1, 3).reshape(b, -1, h * d)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -74,15 +76,35 @@ class OfficialProcessor:
 
 
 def _cross_blocks(unet):
-    out = [f"down_blocks.{i}." for i, blk in enumerate(unet.down_blocks) if getattr(blk, "has_cross_attention", 0)]
+    out = [
+        f"down_blocks.{i}."
+        for i, blk in enumerate(unet.down_blocks)
+        if getattr(blk, "has_cross_attention", 0)
+    ]
     if getattr(unet.mid_block, "has_cross_attention", 0):
         out.append("mid_block.")
-    out += [f"up_blocks.{i}." for i, blk in enumerate(unet.up_blocks) if getattr(blk, "has_cross_attention", 0)]
+    out += [
+        f"up_blocks.{i}." for i, blk in enumerate(unet.up_blocks) if getattr(blk, "has_cross_attention", 0)
+    ]
     return out
 
 
-def official_targets(unet, scheduler, encode, prompts, items, thresholds, *, n, seeds, rewards_fn, fused_blocks,
-                     window, guidance_scale, latent_shape):
+def official_targets(
+    unet,
+    scheduler,
+    encode,
+    prompts,
+    items,
+    thresholds,
+    *,
+    n,
+    seeds,
+    rewards_fn,
+    fused_blocks,
+    window,
+    guidance_scale,
+    latent_shape,
+):
     """Run Phase A (plain, per-sample noise) and the official three-pass fusion.
 
     ``items``: per prompt, the list of object-token columns (one column per item); ``thresholds``: per prompt, one
@@ -106,7 +128,9 @@ def official_targets(unet, scheduler, encode, prompts, items, thresholds, *, n, 
 
     def eps(x, t, cond):
         bsz = x.shape[0]
-        out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond.expand(bsz, -1, -1), cond])).sample
+        out = unet(
+            torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond.expand(bsz, -1, -1), cond])
+        ).sample
         u, c = out.chunk(2)
         return u + guidance_scale * (c - u)
 
@@ -117,7 +141,7 @@ def official_targets(unet, scheduler, encode, prompts, items, thresholds, *, n, 
         mean = scheduler.step(e, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
         prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         std = scheduler._get_variance(t, prev_t) ** 0.5
-        lp = -((x_prev - mean) ** 2) / (2 * std ** 2) - math.log(std) - math.log(math.sqrt(2 * math.pi))
+        lp = -((x_prev - mean) ** 2) / (2 * std**2) - math.log(std) - math.log(math.sqrt(2 * math.pi))
         return lp.mean(dim=tuple(range(1, x.dim())))
 
     try:
@@ -136,10 +160,10 @@ def official_targets(unet, scheduler, encode, prompts, items, thresholds, *, n, 
             # ---- pairing: top quarter twice, bottom half
             refs, bases = [], []
             for p in range(P):
-                sc = scores[p * n:(p + 1) * n].tolist()
+                sc = scores[p * n : (p + 1) * n].tolist()
                 order = sorted(range(n), key=lambda j: (-sc[j], j))
                 refs += [p * n + j for j in order[: n // 4] for _ in range(2)]
-                bases += [p * n + j for j in order[n // 2:]]
+                bases += [p * n + j for j in order[n // 2 :]]
             # ---- three passes per step
             xr, xb, xt = noise[refs, 0], noise[bases, 0], noise[bases, 0]
             zr, zb = noise[refs], noise[bases]
@@ -150,12 +174,17 @@ def official_targets(unet, scheduler, encode, prompts, items, thresholds, *, n, 
                 state.fuse = i in window
                 state.mode, state.cross, state.kv = "ref", [], {}
                 er = eps(xr, t, cref)
-                maps = torch.stack([c.chunk(2)[1] for c in state.cross]).mean(0)   # cond half, layers
+                maps = torch.stack([c.chunk(2)[1] for c in state.cross]).mean(0)  # cond half, layers
                 heads = maps.shape[0] // xr.shape[0]
                 maps = maps.reshape(xr.shape[0], heads, maps.shape[1], -1).mean(1)  # heads -> [b, HW, L]
-                state.mask = torch.stack([
-                    ((maps[j][:, items[p]] >= torch.tensor(thresholds[p])).float() > 0.5).any(dim=1).float()
-                    for j, p in enumerate(pp)])
+                state.mask = torch.stack(
+                    [
+                        ((maps[j][:, items[p]] >= torch.tensor(thresholds[p])).float() > 0.5)
+                        .any(dim=1)
+                        .float()
+                        for j, p in enumerate(pp)
+                    ]
+                )
                 state.mode = "plain"
                 eb = eps(xb, t, cbase)
                 state.mode = "target"
@@ -168,8 +197,16 @@ def official_targets(unet, scheduler, encode, prompts, items, thresholds, *, n, 
                 tl.append(xt)
     finally:
         unet.set_attn_processor(saved)
-    return {"phase_a": lat_a, "scores": scores, "targets": torch.stack(tl, 1), "target_logp": torch.stack(tlp, 1),
-            "refs": refs, "bases": bases, "base_final": xb, "ref_final": xr}
+    return {
+        "phase_a": lat_a,
+        "scores": scores,
+        "targets": torch.stack(tl, 1),
+        "target_logp": torch.stack(tlp, 1),
+        "refs": refs,
+        "bases": bases,
+        "base_final": xb,
+        "ref_final": xr,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- tiny policy
@@ -198,8 +235,13 @@ class TinyPolicy:
 
     def encode_prompts(self, prompts):
         tm = self._tm
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=tm.MAX_TOKENS, truncation=True,
-                             return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tm.MAX_TOKENS,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         with torch.no_grad():
             return self.text_encoder(ids)[0]
 
@@ -209,8 +251,9 @@ class TinyPolicy:
     def add_lora(self, rank=4, alpha=4, targets=("to_q", "to_k", "to_v", "to_out.0"), random_b: bool = False):
         from peft import LoraConfig
 
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                         init_lora_weights=not random_b))
+        self.unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=not random_b)
+        )
         self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
         for n_, p in self.unet.named_parameters():
             p.requires_grad_("lora_" in n_)

@@ -48,8 +48,9 @@ def policy():
 
 # ----------------------------------------------------------------------------------------------- pairing
 def test_pair_indices_hand_made():
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4],
-                           [1.0, 1.0, 0.0, 2.0, -1.0, 0.5, 0.5, 3.0]])
+    scores = torch.tensor(
+        [[0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4], [1.0, 1.0, 0.0, 2.0, -1.0, 0.5, 0.5, 3.0]]
+    )
     refs, bases = D.pair_indices(scores, 0.25, 0.5, 2)
     # row 0 best-first: 1, 6, 4, 2, 7, 3, 5, 0
     assert refs[0].tolist() == [1, 1, 6, 6] and bases[0].tolist() == [7, 3, 5, 0]
@@ -60,16 +61,21 @@ def test_pair_indices_hand_made():
     assert r16[0].tolist() == [15, 15, 14, 14, 13, 13, 12, 12] and b16[0].tolist() == list(range(7, -1, -1))
 
 
-@pytest.mark.parametrize("n,ref,base,reuse,msg", [
-    (6, 0.25, 0.5, 2, "does not split"),
-    (8, 0.25, 0.5, 3, "references × ref_reuse = bases"),
-    (8, 0.5, 0.75, 1, "references × ref_reuse = bases"),
-])
+@pytest.mark.parametrize(
+    "n,ref,base,reuse,msg",
+    [
+        (6, 0.25, 0.5, 2, "does not split"),
+        (8, 0.25, 0.5, 3, "references × ref_reuse = bases"),
+        (8, 0.5, 0.75, 1, "references × ref_reuse = bases"),
+    ],
+)
 def test_pairing_errors(n, ref, base, reuse, msg):
     with pytest.raises(ValueError, match=msg):
         D.pairing_sizes(n, ref, base, reuse)
     with pytest.raises(ValueError, match=msg):
-        D.DFusionConfig(samples_per_prompt=n, ref_fraction=ref, base_fraction=base, ref_reuse=reuse).validate()
+        D.DFusionConfig(
+            samples_per_prompt=n, ref_fraction=ref, base_fraction=base, ref_reuse=reuse
+        ).validate()
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -80,7 +86,7 @@ class _SubwordTokenizer:
         self.vocab: dict[str, int] = {}
 
     def _pieces(self, text):
-        return [w[i:i + 4] for w in text.lower().split() for i in range(0, len(w), 4)]
+        return [w[i : i + 4] for w in text.lower().split() for i in range(0, len(w), 4)]
 
     def __call__(self, text, add_special_tokens=True):
         ids = [self.vocab.setdefault(p, len(self.vocab) + 3) for p in self._pieces(text)]
@@ -98,7 +104,7 @@ def test_object_tokens_by_tokenizer_multi_token():
 
 def test_object_tokens_toy_tokenizer(policy):
     cols = D.object_token_columns(policy.tokenizer, PROMPTS[0], ["square", "triangle"], required=True)
-    assert cols == [[3], [10]]                     # word index + 1 (BOS)
+    assert cols == [[3], [10]]  # word index + 1 (BOS)
     cfg = D.DFusionConfig(object_words=("circle",))
     with pytest.raises(ValueError, match="'circle' is not in prompt"):
         D.item_selection(policy.tokenizer, PROMPTS, cfg, 16)
@@ -107,11 +113,17 @@ def test_object_tokens_toy_tokenizer(policy):
 # ----------------------------------------------------------------------------------------------- masks
 def test_object_mask_hand_made():
     # 2 rows, 2×2 grid (4 tokens), sequence of 4 text tokens; item 0 = column 1, item 1 = columns 2+3 (summed)
-    probs = torch.tensor([[[0.0, 0.50, 0.10, 0.00],
-                           [0.0, 0.01, 0.10, 0.15],
-                           [0.0, 0.02, 0.01, 0.01],
-                           [0.0, 0.30, 0.00, 0.00]],
-                          [[0.0, 0.0, 0.0, 0.0]] * 4])
+    probs = torch.tensor(
+        [
+            [
+                [0.0, 0.50, 0.10, 0.00],
+                [0.0, 0.01, 0.10, 0.15],
+                [0.0, 0.02, 0.01, 0.01],
+                [0.0, 0.30, 0.00, 0.00],
+            ],
+            [[0.0, 0.0, 0.0, 0.0]] * 4,
+        ]
+    )
     probs[1, 2, 3] = 0.9
     sel = torch.zeros(2, 4, 2)
     sel[:, 1, 0] = 1
@@ -123,7 +135,9 @@ def test_object_mask_hand_made():
     # mean rule: item means row0 = (0.5+0.01+0.02+0.3)/4 = 0.2075 -> {0, 3}; item1 sums (0.1,0.25,0.02,0) mean 0.0925 -> {0,1}
     assert D.object_mask(probs, sel, thr, "mean")[0].tolist() == [1, 1, 0, 1]
     # nearest resize (F.interpolate semantics: src = floor(dst · in / out)) against numpy
-    g = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float32).reshape(1, 16)
+    g = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float32).reshape(
+        1, 16
+    )
     src = g.reshape(4, 4).numpy()
     for out in (2, 3, 8):
         idx = np.floor(np.arange(out) * 4 / out).astype(int)
@@ -134,7 +148,7 @@ def test_object_mask_hand_made():
 def test_row_noise_replays():
     seeds = [D.sample_seed(7, 3, j) for j in range(3)]
     a = D.RowNoise(seeds, T, (2, 4, 4), "cpu")
-    b = D.RowNoise(seeds[::-1], T, (2, 4, 4), "cpu")                # another batch order
+    b = D.RowNoise(seeds[::-1], T, (2, 4, 4), "cpu")  # another batch order
     assert torch.equal(a.noise, b.noise.flip(0))
     assert torch.equal(a.noise[1], row_noise(seeds[1], T, (2, 4, 4)))
     assert len(set(D.sample_seed(7, e, j) for e in range(4) for j in range(100))) == 400
@@ -143,8 +157,9 @@ def test_row_noise_replays():
 # ----------------------------------------------------------------------------------------------- fusion
 def _run(policy, cfg, seed=3, arena=None, **kw):
     arena = arena or _arena(policy)
-    stage = D.generate_pairs(_sampler(policy), PROMPTS, cfg, reward_fn=toy_reward, arena=arena, run_seed=seed,
-                             epoch=1, **kw)
+    stage = D.generate_pairs(
+        _sampler(policy), PROMPTS, cfg, reward_fn=toy_reward, arena=arena, run_seed=seed, epoch=1, **kw
+    )
     return stage, arena
 
 
@@ -156,21 +171,23 @@ def test_zero_mask_target_equals_base(policy):
     assert stage.masks.sum() == 0
     tgt, base = _traj(arena, stage.target_ids), _traj(arena, stage.base_ids)
     torch.testing.assert_close(tgt, base, rtol=0, atol=2e-5)
-    torch.testing.assert_close(arena.logprobs(stage.target_ids), arena.logprobs(stage.base_ids), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        arena.logprobs(stage.target_ids), arena.logprobs(stage.base_ids), rtol=0, atol=1e-4
+    )
 
 
 def test_fusion_changes_target_from_first_fused_step(policy):
-    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0, fusion_steps=(2, -1))   # m ≡ 1
+    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0, fusion_steps=(2, -1))  # m ≡ 1
     stage, arena = _run(policy, cfg)
     assert stage.masks[:, 2:].all() and not stage.masks[:, :2].any()
     tgt, base = _traj(arena, stage.target_ids), _traj(arena, stage.base_ids)
-    diff = (tgt - base).flatten(2).abs().amax(2).amax(0)             # per latent index
-    assert diff[:3].max() == 0                                       # latents 0, 1, 2 precede fused step 2
+    diff = (tgt - base).flatten(2).abs().amax(2).amax(0)  # per latent index
+    assert diff[:3].max() == 0  # latents 0, 1, 2 precede fused step 2
     assert (diff[3:] > 1e-3).all()
 
 
 def test_one_call_fusion_equals_official_three_call_procedure(policy):
-    thr = 0.0625                                   # ~ half the tokens on for this random toy model
+    thr = 0.0625  # ~ half the tokens on for this random toy model
     cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=thr)
     calls = []
     hook = policy.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
@@ -183,23 +200,41 @@ def test_one_call_fusion_equals_official_three_call_procedure(policy):
     cov = float(stage.masks[:, 2:].float().mean())
     assert 0.05 < cov < 0.95, cov
     items = [[3, 10]]
-    ref = official_targets(policy.unet, policy.scheduler, policy.encode_prompts, PROMPTS, items, [[thr, thr]], n=4,
-                           seeds=[D.sample_seed(11, 1, j) for j in range(4)],
-                           rewards_fn=lambda lat, ps: toy_reward(policy.decode(lat), ps), fused_blocks=(2, 3, 4),
-                           window=range(2, T), guidance_scale=5.0, latent_shape=policy.latent_shape)
+    ref = official_targets(
+        policy.unet,
+        policy.scheduler,
+        policy.encode_prompts,
+        PROMPTS,
+        items,
+        [[thr, thr]],
+        n=4,
+        seeds=[D.sample_seed(11, 1, j) for j in range(4)],
+        rewards_fn=lambda lat, ps: toy_reward(policy.decode(lat), ps),
+        fused_blocks=(2, 3, 4),
+        window=range(2, T),
+        guidance_scale=5.0,
+        latent_shape=policy.latent_shape,
+    )
     assert stage.ref_ids.tolist() == ref["refs"] and stage.base_ids.tolist() == ref["bases"]
     tgt, base = _traj(arena, stage.target_ids), _traj(arena, stage.base_ids)
+    torch.testing.assert_close(
+        base[:, -1], ref["base_final"], rtol=0, atol=1e-4
+    )  # the base pass only replays
     err = (tgt - ref["targets"]).abs().max()
     effect = (ref["targets"][:, -1] - ref["base_final"]).abs().max()
     assert err < 1e-4 and effect > 100 * err, (err, effect)
-    torch.testing.assert_close(arena.logprobs(stage.target_ids)[:, 2:], ref["target_logp"][:, 2:], rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        arena.logprobs(stage.target_ids)[:, 2:], ref["target_logp"][:, 2:], rtol=0, atol=1e-4
+    )
     torch.testing.assert_close(stage.target_rewards, toy_reward(policy.decode(tgt[:, -1]), PROMPTS * 2))
 
 
 def test_preference_by_reward_ties_excluded(policy):
     stage, arena = _run(policy, D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625))
     rt, rb = stage.target_rewards, stage.base_rewards
-    want_pref = [int(t if a > b else s) for t, s, a, b in zip(stage.target_ids, stage.base_ids, rt, rb) if a != b]
+    want_pref = [
+        int(t if a > b else s) for t, s, a, b in zip(stage.target_ids, stage.base_ids, rt, rb) if a != b
+    ]
     assert stage.preferred.tolist() == want_pref
     # all-zero mask: target == base up to rounding, rewards tie or differ by rounding only
     rewards = arena.rewards(stage.target_ids)
@@ -212,7 +247,7 @@ def test_save_pairs_png(policy, tmp_path):
     from PIL import Image
 
     img = Image.open(stage.metrics["pairs_png"])
-    assert img.size == (4 * 32, 2 * 32)
+    assert img.size == (4 * 96, 2 * 96)  # 32-px toy tiles enlarged 3× (nearest)
 
 
 def test_config_errors(policy):
@@ -226,3 +261,28 @@ def test_config_errors(policy):
         _run(policy, D.DFusionConfig(samples_per_prompt=4, mask_grid=32))
     with pytest.raises(ValueError, match="does not split"):
         _run(policy, D.DFusionConfig(samples_per_prompt=6))
+
+
+def test_prompt_chunks_equal_one_batch(policy):
+    # two prompts in one call vs one prompt per call: same seeds (global sample index), same pairs and targets
+    prompts = PROMPTS + ["two red circles"]
+    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625)
+    out = []
+    for per_call in (None, 1):
+        arena = _arena(policy)
+        st = D.generate_pairs(
+            _sampler(policy),
+            prompts,
+            cfg,
+            reward_fn=toy_reward,
+            arena=arena,
+            run_seed=2,
+            prompts_per_call=per_call,
+        )
+        out.append((st, _traj(arena, st.target_ids), arena.prompt_ids(st.target_ids)))
+    (a, ta, pa), (b, tb, pb) = out
+    rows = lambda st: [st.sample_ids.tolist().index(i) for i in st.base_ids.tolist()]  # arena ids differ
+    assert rows(a) == rows(b) and pa.tolist() == pb.tolist() == [0, 0, 1, 1]
+    torch.testing.assert_close(a.sample_rewards, b.sample_rewards, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ta, tb, rtol=0, atol=2e-5)
+    assert torch.equal(a.masks, b.masks)

@@ -316,3 +316,23 @@ def test_integration_errors(unet):
                 pass
         with pytest.raises(ValueError, match=r"\[0, 1\]"):
             ctx.set_mask(torch.full((1, 2, 2), 2.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_one_call_triton_matches_reference(unet, dtype):
+    u = UNet2DConditionModel.from_config(unet.config).to("cuda", dtype)
+    u.load_state_dict(unet.state_dict())
+    x, e = streams(2, 4, 1, seed=17)
+    x, e = x.to("cuda", dtype), e.to("cuda", dtype)
+    mask = torch.rand(2, 4, 4, device="cuda") > 0.5
+    outs = {}
+    with torch.no_grad():
+        for backend in ("reference", "triton"):
+            ctx = InjectionContext(InjectionConfig(layers=(2, 3, 4), steps=(0,), mask_mode="given", backend=backend))
+            ctx.set_mask(mask)
+            with attach(u, ctx):
+                ctx.layout, ctx.step = StreamLayout.cfg(2, 4, 1), 0
+                outs[backend] = u(x, T_STEP.cuda(), e).sample.float()
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=tol, rtol=tol)

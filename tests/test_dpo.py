@@ -21,7 +21,7 @@ PROMPTS = ["a blue square to the left of a green triangle"]
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
-    torch.set_num_threads(1)        # shared 2-core machine: avoid OpenMP spin-wait slowdowns
+    torch.set_num_threads(1)  # shared 2-core machine: avoid OpenMP spin-wait slowdowns
     yield
     torch.set_num_threads(n)
 
@@ -42,8 +42,14 @@ def staged():
     policy.add_lora(random_b=True)
     sampler = _sampler(policy)
     arena = TrajectoryArena(policy.latent_shape, num_steps=T, max_trees=16, branches=1, backend="python")
-    stage = D.generate_pairs(sampler, PROMPTS, D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625),
-                             reward_fn=toy_reward, arena=arena, run_seed=5)
+    stage = D.generate_pairs(
+        sampler,
+        PROMPTS,
+        D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625),
+        reward_fn=toy_reward,
+        arena=arena,
+        run_seed=5,
+    )
     return policy, base_unet, sampler, arena, stage
 
 
@@ -63,11 +69,11 @@ def test_d3po_loss_hand_computation():
 
     want = torch.tensor([hand(*v) for v in zip(lw.tolist(), ll.tolist(), rw.tolist(), rl.tolist())])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    assert got[3].item() == pytest.approx(math.log(2), abs=1e-7)           # tie: no preference
+    assert got[3].item() == pytest.approx(math.log(2), abs=1e-7)  # tie: no preference
     got.sum().backward()
     # row 2: ℓθ−ℓref = +0.3 (w) and −0.2 (l) are both outside [log 0.9, log 1.1]: the clamp cuts the gradient
     assert lw.grad[2] == 0 and ll.grad[2] == 0
-    assert lw.grad[0] < 0 < ll.grad[0]                                       # pushes w up, l down
+    assert lw.grad[0] < 0 < ll.grad[0]  # pushes w up, l down
 
 
 def test_sum_reduction_is_mean_times_numel(staged):
@@ -76,10 +82,28 @@ def test_sum_reduction_is_mean_times_numel(staged):
     b = arena.gather(ids, steps)
     cond = stage.cond[arena.prompt_ids(ids).long()]
     with torch.no_grad():
-        m = dpo.step_logprob(policy.unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond,
-                             guidance_scale=5.0, reduction="mean")
-        s = dpo.step_logprob(policy.unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond,
-                             guidance_scale=5.0, reduction="sum")
+        m = dpo.step_logprob(
+            policy.unet,
+            sampler.table,
+            b.x_t,
+            b.x_prev,
+            b.step,
+            cond,
+            sampler.uncond,
+            guidance_scale=5.0,
+            reduction="mean",
+        )
+        s = dpo.step_logprob(
+            policy.unet,
+            sampler.table,
+            b.x_t,
+            b.x_prev,
+            b.step,
+            cond,
+            sampler.uncond,
+            guidance_scale=5.0,
+            reduction="sum",
+        )
     torch.testing.assert_close(s, m * b.x_t[0].numel())
 
 
@@ -88,17 +112,20 @@ def test_lora_disabled_reference_equals_base_model(staged):
     policy, base_unet, sampler, arena, stage = staged
     ids = torch.cat([stage.target_ids[:2], stage.base_ids[:1]])
     steps = [0, 2, 4]
-    ref = dpo.reference_logprobs(policy, sampler.table, arena, ids, steps, stage.cond, sampler.uncond,
-                                 guidance_scale=5.0, batch_size=4)
+    ref = dpo.reference_logprobs(
+        policy, sampler.table, arena, ids, steps, stage.cond, sampler.uncond, guidance_scale=5.0, batch_size=4
+    )
     b = arena.gather(ids.repeat_interleave(3), torch.tensor(steps).repeat(3))
     cond = stage.cond[b.prompt_id.long()]
     with torch.no_grad():
-        want = dpo.step_logprob(base_unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond,
-                                guidance_scale=5.0).reshape(3, 3)
-        lora_on = dpo.step_logprob(policy.unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond,
-                                   guidance_scale=5.0).reshape(3, 3)
+        want = dpo.step_logprob(
+            base_unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond, guidance_scale=5.0
+        ).reshape(3, 3)
+        lora_on = dpo.step_logprob(
+            policy.unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond, guidance_scale=5.0
+        ).reshape(3, 3)
     torch.testing.assert_close(ref, want, rtol=0, atol=1e-5)
-    assert (lora_on - want).abs().max() > 1e-3                 # the adapter is really on outside the context
+    assert (lora_on - want).abs().max() > 1e-3  # the adapter is really on outside the context
 
 
 # ----------------------------------------------------------------------------------------------- gradients
@@ -107,9 +134,10 @@ def _pair_grad(policy, sampler, arena, stage, step):
     ids = torch.stack([stage.target_ids[0], stage.base_ids[0]])
     b = arena.gather(ids, torch.tensor([step, step]))
     cond = stage.cond[arena.prompt_ids(ids).long()]
-    logp = dpo.step_logprob(policy.unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond,
-                            guidance_scale=5.0)
-    ref = logp.detach() - 0.01                                 # inside the clamp: gradients flow
+    logp = dpo.step_logprob(
+        policy.unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond, guidance_scale=5.0
+    )
+    ref = logp.detach() - 0.01  # inside the clamp: gradients flow
     dpo.d3po_loss(logp[:1], logp[1:], ref[:1], ref[1:]).sum().backward()
     return max(p.grad.abs().max().item() for p in policy.unet.parameters() if p.grad is not None)
 
@@ -129,9 +157,22 @@ def test_train_dpo_changes_weights(staged):
     params = [p for p in policy.unet.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    m = dpo.train_dpo(policy, sampler.table, arena, stage.preferred, stage.dispreferred, stage.fused_steps,
-                      stage.cond, sampler.uncond, dpo.DPOConfig(logprob_reduction="sum"), guidance_scale=5.0,
-                      inner_epochs=1, pairs_per_batch=2, optimizer=opt, generator=torch.Generator().manual_seed(0))
+    m = dpo.train_dpo(
+        policy,
+        sampler.table,
+        arena,
+        stage.preferred,
+        stage.dispreferred,
+        stage.fused_steps,
+        stage.cond,
+        sampler.uncond,
+        dpo.DPOConfig(logprob_reduction="sum"),
+        guidance_scale=5.0,
+        inner_epochs=1,
+        pairs_per_batch=2,
+        optimizer=opt,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert m["optimizer_steps"] == math.ceil(stage.num_pairs / 2) and math.isfinite(m["loss"])
     assert max((p.detach() - q).abs().max().item() for p, q in zip(params, before)) > 0
 
@@ -141,15 +182,36 @@ def _trainer(tmp_path, stages, resume=None):
     from b2diffurl import config as C
     from b2diffurl.trainer import Trainer
 
-    cfg = C.load_config(overrides=[
-        "algo=dfusion", f"stages={stages}", f"sample.num_steps={T}", "sample.prompts_per_stage=1",
-        "sample.batch_size=1", "dfusion.samples_per_prompt=4", "dfusion.mask_threshold=0.0625",
-        "dfusion.save_pairs=true", "eval.prompts=none", f"out={tmp_path}", "progress=false", "checkpoint_every=1",
-        "train.inner_epochs=1", "train.micro_batch_size=2", "grid_every=0", "dpo.logprob_reduction=sum",
-        "train.lr=1e-3"])
+    cfg = C.load_config(
+        overrides=[
+            "algo=dfusion",
+            f"stages={stages}",
+            f"sample.num_steps={T}",
+            "sample.prompts_per_stage=1",
+            "sample.batch_size=1",
+            "dfusion.samples_per_prompt=4",
+            "dfusion.mask_threshold=0.0625",
+            "dfusion.save_pairs=true",
+            "eval.prompts=none",
+            f"out={tmp_path}",
+            "progress=false",
+            "checkpoint_every=1",
+            "train.inner_epochs=1",
+            "train.micro_batch_size=2",
+            "grid_every=0",
+            "dpo.logprob_reduction=sum",
+            "train.lr=1e-3",
+        ]
+    )
     policy = TinyPolicy(num_steps=T)
-    return Trainer(cfg, policy=policy, reward_fn=toy_reward, train_prompts=PROMPTS + ["two red circles"],
-                   heldout_prompts=[], resume=resume)
+    return Trainer(
+        cfg,
+        policy=policy,
+        reward_fn=toy_reward,
+        train_prompts=PROMPTS + ["two red circles"],
+        heldout_prompts=[],
+        resume=resume,
+    )
 
 
 def test_train_algo_dfusion_changes_weights_and_resumes_exactly(tmp_path):

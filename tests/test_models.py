@@ -57,11 +57,13 @@ def _tiny_sd_folder(root: Path, scheduler_cls="PNDMScheduler") -> Path:
                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(root / "unet")
     CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=77)).save_pretrained(root / "text_encoder")
+                                 num_attention_heads=2, max_position_embeddings=77,
+                                 bos_token_id=52, eos_token_id=53, pad_token_id=53)).save_pretrained(root / "text_encoder")
     chars = list(string.ascii_lowercase)
     vocab = {w: i for i, w in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (root / "v.json").write_text(json.dumps(vocab)); (root / "m.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(root / "v.json", root / "m.txt", model_max_length=77).save_pretrained(root / "tokenizer")
+    (root / "v.json").write_text(json.dumps(vocab))
+    (root / "m.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(root / "v.json"), str(root / "m.txt"), model_max_length=77).save_pretrained(root / "tokenizer")
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                   sample_size=16).save_pretrained(root / "vae")

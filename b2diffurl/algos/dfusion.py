@@ -32,7 +32,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,9 @@ from b2diffurl.config import dfusion_pairing_sizes as pairing_sizes
 # --------------------------------------------------------------------------------------------------- pairing
 
 
-def pair_indices(scores: torch.Tensor, ref_fraction: float = 0.25, base_fraction: float = 0.5,
-                 reuse: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_indices(
+    scores: torch.Tensor, ref_fraction: float = 0.25, base_fraction: float = 0.5, reuse: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair references with bases per prompt.
 
     ``scores`` [P, n] (row = prompt). Returns ``(ref_idx, base_idx)``, both [P, n_base] LongTensors of sample
@@ -56,7 +57,7 @@ def pair_indices(scores: torch.Tensor, ref_fraction: float = 0.25, base_fraction
     n_ref, n_base = pairing_sizes(n, ref_fraction, base_fraction, reuse)
     order = torch.argsort(scores, dim=1, descending=True, stable=True)
     refs = order[:, :n_ref].repeat_interleave(reuse, dim=1)
-    bases = order[:, n - n_base:]
+    bases = order[:, n - n_base :]
     return refs, bases
 
 
@@ -86,13 +87,19 @@ def object_token_columns(tokenizer, prompt: str, words: Sequence[str], *, requir
         wid = _token_ids(tokenizer, word, special=False)
         if not wid:
             raise ValueError(f"object word {word!r} tokenises to nothing")
-        cols = [i + j for i in range(len(prompt_ids) - len(wid) + 1)
-                if prompt_ids[i:i + len(wid)] == wid for j in range(len(wid))]
+        cols = [
+            i + j
+            for i in range(len(prompt_ids) - len(wid) + 1)
+            if prompt_ids[i : i + len(wid)] == wid
+            for j in range(len(wid))
+        ]
         if cols:
             items.append(cols)
         elif required:
-            raise ValueError(f"object word {word!r} is not in prompt {prompt!r} (its tokens {wid} do not occur in "
-                             f"the prompt's {prompt_ids}); set dfusion.object_words to words every prompt contains")
+            raise ValueError(
+                f"object word {word!r} is not in prompt {prompt!r} (its tokens {wid} do not occur in "
+                f"the prompt's {prompt_ids}); set dfusion.object_words to words every prompt contains"
+            )
     return items
 
 
@@ -102,8 +109,9 @@ def default_object_words() -> tuple[str, ...]:
     return tuple(OBJECT_WORDS)
 
 
-def item_selection(tokenizer, prompts: Sequence[str], cfg: DFusionConfig, seq_len: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def item_selection(
+    tokenizer, prompts: Sequence[str], cfg: DFusionConfig, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per prompt: selection matrix S [P, L, I] (1 at each item's token columns) and thresholds [P, I]
     (+inf on padded items, so they never switch a token on)."""
     words = tuple(cfg.object_words) or default_object_words()
@@ -120,8 +128,10 @@ def item_selection(tokenizer, prompts: Sequence[str], cfg: DFusionConfig, seq_le
     for pi, (present, cols) in enumerate(per_prompt):
         for ii, (w, c) in enumerate(zip(present, cols)):
             if max(c) >= seq_len:
-                raise ValueError(f"object word {w!r} of prompt {prompt_preview(prompts[pi])} sits at token "
-                                 f"{max(c)} beyond the encoder's {seq_len} tokens")
+                raise ValueError(
+                    f"object word {w!r} of prompt {prompt_preview(prompts[pi])} sits at token "
+                    f"{max(c)} beyond the encoder's {seq_len} tokens"
+                )
             sel[pi, c, ii] = 1.0
             thr[pi, ii] = cfg.item_thresholds.get(w, cfg.mask_threshold)
     return sel, thr
@@ -134,8 +144,9 @@ def prompt_preview(p: str) -> str:
 # --------------------------------------------------------------------------------------------------- masks
 
 
-def object_mask(probs: torch.Tensor, selection: torch.Tensor, thresholds: torch.Tensor,
-                rule: str = "threshold") -> torch.Tensor:
+def object_mask(
+    probs: torch.Tensor, selection: torch.Tensor, thresholds: torch.Tensor, rule: str = "threshold"
+) -> torch.Tensor:
     """Binary object mask from cross-attention probabilities.
 
     ``probs`` [B, HW, L]: conditional-half cross-attention probabilities already averaged over the mask layers and
@@ -143,7 +154,7 @@ def object_mask(probs: torch.Tensor, selection: torch.Tensor, thresholds: torch.
     item's token columns (one column for a single-token word); it is binarised (``>= threshold``, or ``>=`` its
     spatial mean with ``rule='mean'``), then the union over items is taken. Returns [B, HW] float {0, 1}.
     """
-    a = torch.bmm(probs.float(), selection.to(probs.device, torch.float32))          # [B, HW, I]
+    a = torch.bmm(probs.float(), selection.to(probs.device, torch.float32))  # [B, HW, I]
     thr = thresholds.to(probs.device, torch.float32)
     if rule == "mean":
         thr = torch.where(torch.isinf(thr), thr, a.mean(dim=1))
@@ -175,13 +186,15 @@ class RowNoise:
     [T+1, C, H, W] standard normal tensor: slot 0 is x_T, slot i+1 the noise of DDIM step i. Drawing on CPU makes
     the stream independent of device and batch composition, so a row replays bit-identically from its seed."""
 
-    def __init__(self, seeds: Sequence[int], num_steps: int, latent_shape: Sequence[int], device, dtype=torch.float32):
+    def __init__(
+        self, seeds: Sequence[int], num_steps: int, latent_shape: Sequence[int], device, dtype=torch.float32
+    ):
         self.seeds = [int(s) for s in seeds]
         draws = []
         for s in self.seeds:
             g = torch.Generator(device="cpu").manual_seed(s)
             draws.append(torch.randn((num_steps + 1, *latent_shape), generator=g, dtype=torch.float32))
-        self.noise = torch.stack(draws).to(device=device, dtype=dtype)     # [N, T+1, C, H, W]
+        self.noise = torch.stack(draws).to(device=device, dtype=dtype)  # [N, T+1, C, H, W]
 
     def x_T(self) -> torch.Tensor:
         return self.noise[:, 0]
@@ -209,8 +222,10 @@ def fusion_block_indices(unet, spec: str) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"fusion_layers must be 'auto' or 'a-b' (e.g. '3-6'), got {spec!r}") from None
     if not 0 <= a <= b < len(blocks):
-        raise ValueError(f"fusion_layers={spec!r} out of range: this UNet has {len(blocks)} blocks with "
-                         f"cross-attention (indices 0..{len(blocks) - 1}: {blocks}); e.g. use 'auto'")
+        raise ValueError(
+            f"fusion_layers={spec!r} out of range: this UNet has {len(blocks)} blocks with "
+            f"cross-attention (indices 0..{len(blocks) - 1}: {blocks}); e.g. use 'auto'"
+        )
     return tuple(range(a, b + 1))
 
 
@@ -219,8 +234,10 @@ def fused_step_range(cfg: DFusionConfig, num_steps: int) -> list[int]:
     a = a + num_steps if a < 0 else a
     b = b + num_steps if b < 0 else b
     if not 0 <= a <= b < num_steps:
-        raise ValueError(f"fusion_steps={tuple(cfg.fusion_steps)} is outside the {num_steps} DDIM steps "
-                         f"(valid indices 0..{num_steps - 1}, negatives count from the end)")
+        raise ValueError(
+            f"fusion_steps={tuple(cfg.fusion_steps)} is outside the {num_steps} DDIM steps "
+            f"(valid indices 0..{num_steps - 1}, negatives count from the end)"
+        )
     return list(range(a, b + 1))
 
 
@@ -231,22 +248,22 @@ def fused_step_range(cfg: DFusionConfig, num_steps: int) -> list[int]:
 class DFusionStage:
     """What one stage of pair generation produced. Trajectory ids point into the arena."""
 
-    prompts: list[str]                 # unique prompts of the stage (arena prompt id = index here)
-    sample_ids: torch.Tensor           # [P·n] Phase-A trajectory ids (prompt-major)
-    sample_rewards: torch.Tensor       # [P·n]
-    ref_ids: torch.Tensor              # [P·nb] reference trajectory id of each pair
-    base_ids: torch.Tensor             # [P·nb]
-    target_ids: torch.Tensor           # [P·nb]
-    base_rewards: torch.Tensor         # [P·nb]
-    target_rewards: torch.Tensor       # [P·nb]
-    pair_prompt: torch.Tensor          # [P·nb] prompt index of each pair
-    masks: torch.Tensor                # [P·nb, T, grid²] bool: the mask used at each step (zeros outside window)
+    prompts: list[str]  # unique prompts of the stage (arena prompt id = index here)
+    sample_ids: torch.Tensor  # [P·n] Phase-A trajectory ids (prompt-major)
+    sample_rewards: torch.Tensor  # [P·n]
+    ref_ids: torch.Tensor  # [P·nb] reference trajectory id of each pair
+    base_ids: torch.Tensor  # [P·nb]
+    target_ids: torch.Tensor  # [P·nb]
+    base_rewards: torch.Tensor  # [P·nb]
+    target_rewards: torch.Tensor  # [P·nb]
+    pair_prompt: torch.Tensor  # [P·nb] prompt index of each pair
+    masks: torch.Tensor  # [P·nb, T, grid²] bool: the mask used at each step (zeros outside window)
     fused_steps: list[int]
-    preferred: torch.Tensor            # [K] ids of the preferred member of each decisive pair
-    dispreferred: torch.Tensor         # [K]
+    preferred: torch.Tensor  # [K] ids of the preferred member of each decisive pair
+    dispreferred: torch.Tensor  # [K]
     metrics: dict
     images: torch.Tensor | None = None  # a few (reference, base, target) images for grids
-    cond: torch.Tensor | None = None    # [P, L, D] prompt embeddings (arena prompt id indexes them)
+    cond: torch.Tensor | None = None  # [P, L, D] prompt embeddings (arena prompt id indexes them)
 
     @property
     def num_pairs(self) -> int:
@@ -256,14 +273,30 @@ class DFusionStage:
 def _injection_config(layers, steps, cfg: DFusionConfig, backend: str, mode: str):
     from b2kernels.integrations.diffusers import InjectionConfig
 
-    return InjectionConfig(layers=tuple(layers), steps=tuple(steps), components=("k", "v"), mask_mode=mode,
-                           mask_grid=cfg.mask_grid, threshold=cfg.mask_threshold,
-                           backend="auto" if backend is None else backend)
+    return InjectionConfig(
+        layers=tuple(layers),
+        steps=tuple(steps),
+        components=("k", "v"),
+        mask_mode=mode,
+        mask_grid=cfg.mask_grid,
+        threshold=cfg.mask_threshold,
+        backend="auto" if backend is None else backend,
+    )
 
 
-def run_phase_a(sampler, row_cond: torch.Tensor, noise: RowNoise, *, token_cols: torch.Tensor | None,
-                selection: torch.Tensor | None, thresholds: torch.Tensor | None, cfg: DFusionConfig,
-                arena=None, ids=None, progress: Callable | None = None):
+def run_phase_a(
+    sampler,
+    row_cond: torch.Tensor,
+    noise: RowNoise,
+    *,
+    token_cols: torch.Tensor | None,
+    selection: torch.Tensor | None,
+    thresholds: torch.Tensor | None,
+    cfg: DFusionConfig,
+    arena=None,
+    ids=None,
+    progress: Callable | None = None,
+):
     """Sample Phase-A trajectories of N rows (``row_cond`` [N, L, D]) with the per-row noise, capturing each
     row's object mask per step. Returns (latents [N, T+1, C, H, W], logps [N, T], masks [N, T, grid²] bool).
     ``token_cols`` [N, J]: token columns to capture; ``selection`` [N, J, I] sums them into items."""
@@ -277,8 +310,10 @@ def run_phase_a(sampler, row_cond: torch.Tensor, noise: RowNoise, *, token_cols:
     lat, logps, masks = [x], [], []
     if arena is not None:
         arena.write_latents(ids, 0, x)
-    ctx = InjectionContext(config=_injection_config((), (), cfg, sampler.backend, "captured"),
-                           layout=StreamLayout.cfg(num_ref=n, cfg=sampler.use_cfg))
+    ctx = InjectionContext(
+        config=_injection_config((), (), cfg, sampler.backend, "captured"),
+        layout=StreamLayout.cfg(num_ref=n, cfg=sampler.use_cfg),
+    )
     capture = token_cols is not None
     if capture:
         ctx.set_objects(token_cols)
@@ -289,13 +324,22 @@ def run_phase_a(sampler, row_cond: torch.Tensor, noise: RowNoise, *, token_cols:
             eps, eps_u = sampler.model_output(x, i, embeds)
             if capture:
                 if ctx.cross_maps is None:
-                    raise ValueError(f"mask_grid={cfg.mask_grid}: no cross-attention layer of this UNet runs at a "
-                                     f"{cfg.mask_grid}x{cfg.mask_grid} token grid; set dfusion.mask_grid")
+                    raise ValueError(
+                        f"mask_grid={cfg.mask_grid}: no cross-attention layer of this UNet runs at a "
+                        f"{cfg.mask_grid}x{cfg.mask_grid} token grid; set dfusion.mask_grid"
+                    )
                 masks.append(object_mask(ctx.cross_maps, selection, thresholds, cfg.mask_rule).bool())
-            x, logp = ddim_step_sample(sampler.table, i, x, eps, noise.step(i).to(x.dtype), eta=sampler.eta,
-                                       model_output_uncond=eps_u,
-                                       guidance_scale=sampler.guidance_scale if sampler.use_cfg else None,
-                                       backend=sampler.backend)
+            x, logp = ddim_step_sample(
+                sampler.table,
+                i,
+                x,
+                eps,
+                noise.step(i).to(x.dtype),
+                eta=sampler.eta,
+                model_output_uncond=eps_u,
+                guidance_scale=sampler.guidance_scale if sampler.use_cfg else None,
+                backend=sampler.backend,
+            )
             lat.append(x)
             logps.append(logp)
             if arena is not None:
@@ -310,10 +354,20 @@ def run_phase_a(sampler, row_cond: torch.Tensor, noise: RowNoise, *, token_cols:
     return torch.stack(lat, 1), logps, (torch.stack(masks, 1) if masks else None)
 
 
-def run_fusion(sampler, ref_latents: torch.Tensor, ref_cond: torch.Tensor, ref_of_target: torch.Tensor,
-               target_cond: torch.Tensor, start_latent: torch.Tensor, noise: RowNoise, ref_masks: torch.Tensor,
-               fused_steps: Sequence[int], layers: Sequence[int], cfg: DFusionConfig,
-               progress: Callable | None = None):
+def run_fusion(
+    sampler,
+    ref_latents: torch.Tensor,
+    ref_cond: torch.Tensor,
+    ref_of_target: torch.Tensor,
+    target_cond: torch.Tensor,
+    start_latent: torch.Tensor,
+    noise: RowNoise,
+    ref_masks: torch.Tensor,
+    fused_steps: Sequence[int],
+    layers: Sequence[int],
+    cfg: DFusionConfig,
+    progress: Callable | None = None,
+):
     """Fused denoising of the targets, one batched CFG UNet call per step.
 
     ``ref_latents`` [R, T+1, ...]: the distinct references' stored trajectories (a reference replays its
@@ -331,7 +385,9 @@ def run_fusion(sampler, ref_latents: torch.Tensor, ref_cond: torch.Tensor, ref_o
     r, nt = ref_latents.shape[0], start_latent.shape[0]
     gh = gw = cfg.mask_grid
     ctx = InjectionContext(config=_injection_config(layers, fused_steps, cfg, sampler.backend, "given"))
-    fused_layout = StreamLayout.cfg(num_ref=r, num_target=nt, pairing=ref_of_target.tolist(), cfg=sampler.use_cfg)
+    fused_layout = StreamLayout.cfg(
+        num_ref=r, num_target=nt, pairing=ref_of_target.tolist(), cfg=sampler.use_cfg
+    )
     plain_layout = StreamLayout.cfg(num_plain=nt, cfg=sampler.use_cfg)
     fused_embeds = sampler.embeds_for(torch.cat([ref_cond, target_cond]))
     plain_embeds = sampler.embeds_for(target_cond)
@@ -348,10 +404,17 @@ def run_fusion(sampler, ref_latents: torch.Tensor, ref_cond: torch.Tensor, ref_o
             else:
                 ctx.layout = plain_layout
                 eps, eps_u = sampler.model_output(x, i, plain_embeds)
-            x, logp = ddim_step_sample(sampler.table, i, x, eps, noise.step(i).to(x.dtype), eta=sampler.eta,
-                                       model_output_uncond=eps_u,
-                                       guidance_scale=sampler.guidance_scale if sampler.use_cfg else None,
-                                       backend=sampler.backend)
+            x, logp = ddim_step_sample(
+                sampler.table,
+                i,
+                x,
+                eps,
+                noise.step(i).to(x.dtype),
+                eta=sampler.eta,
+                model_output_uncond=eps_u,
+                guidance_scale=sampler.guidance_scale if sampler.use_cfg else None,
+                backend=sampler.backend,
+            )
             lat.append(x)
             logps.append(logp)
             if progress is not None:
@@ -367,13 +430,27 @@ def _capture_tokens(selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     tok = torch.stack([torch.cat([c, c[:1].repeat(j - len(c))]) for c in cols])
     sub = torch.zeros(selection.shape[0], j, selection.shape[2])
     for p, c in enumerate(cols):
-        sub[p, :len(c)] = selection[p, c]
+        sub[p, : len(c)] = selection[p, c]
     return tok, sub
 
 
 @torch.no_grad()
-def _generate_chunk(sampler, prompts, cond, selection, thresholds, p0, cfg, *, reward_fn, arena, run_seed, epoch,
-                    decode_batch, progress) -> dict:
+def _generate_chunk(
+    sampler,
+    prompts,
+    cond,
+    selection,
+    thresholds,
+    p0,
+    cfg,
+    *,
+    reward_fn,
+    arena,
+    run_seed,
+    epoch,
+    decode_batch,
+    progress,
+) -> dict:
     """Phase A + pairing + fusion + scoring for prompts p0 … p0+len(prompts)−1 of the stage."""
     policy, T, device = sampler.policy, sampler.num_steps, sampler.device
     shape = tuple(policy.latent_shape)
@@ -388,19 +465,31 @@ def _generate_chunk(sampler, prompts, cond, selection, thresholds, p0, cfg, *, r
     row_prompt = torch.arange(P).repeat_interleave(n)
     seeds = [sample_seed(run_seed, epoch, p0 * n + j) for j in range(P * n)]
     ids_a = arena.add_trees((row_prompt + p0).tolist(), T)
-    lat_a, logp_a, masks_a = run_phase_a(sampler, cond[row_prompt.to(device)], RowNoise(seeds, T, shape, device),
-                                         token_cols=tok[row_prompt], selection=sub[row_prompt],
-                                         thresholds=thresholds[row_prompt], cfg=cfg, arena=arena, ids=ids_a,
-                                         progress=progress)
-    rewards_a = _score(policy, reward_fn, lat_a[:, -1], [prompts[i] for i in row_prompt.tolist()], decode_batch)
+    lat_a, logp_a, masks_a = run_phase_a(
+        sampler,
+        cond[row_prompt.to(device)],
+        RowNoise(seeds, T, shape, device),
+        token_cols=tok[row_prompt],
+        selection=sub[row_prompt],
+        thresholds=thresholds[row_prompt],
+        cfg=cfg,
+        arena=arena,
+        ids=ids_a,
+        progress=progress,
+    )
+    rewards_a = _score(
+        policy, reward_fn, lat_a[:, -1], [prompts[i] for i in row_prompt.tolist()], decode_batch
+    )
     rewards_a = rewards_a.float().cpu()
     arena.set_rewards(ids_a, rewards_a)
 
     # ---- pairing (indices local to each prompt -> rows of this chunk)
-    ref_local, base_local = pair_indices(rewards_a.reshape(P, n), cfg.ref_fraction, cfg.base_fraction, cfg.ref_reuse)
+    ref_local, base_local = pair_indices(
+        rewards_a.reshape(P, n), cfg.ref_fraction, cfg.base_fraction, cfg.ref_reuse
+    )
     offs = (torch.arange(P) * n)[:, None]
     ref_rows, base_rows = (ref_local + offs).reshape(-1), (base_local + offs).reshape(-1)
-    uniq_refs = (ref_local[:, ::cfg.ref_reuse] + offs).reshape(-1)          # each reference once
+    uniq_refs = (ref_local[:, :: cfg.ref_reuse] + offs).reshape(-1)  # each reference once
     ref_of_target = torch.arange(uniq_refs.numel()).repeat_interleave(cfg.ref_reuse)
     pair_prompt = torch.arange(P).repeat_interleave(n_base)
 
@@ -409,35 +498,64 @@ def _generate_chunk(sampler, prompts, cond, selection, thresholds, p0, cfg, *, r
     step_on = torch.zeros(T, dtype=torch.bool, device=masks_a.device)
     step_on[fused_steps] = True
     ref_masks = masks_a[uniq_refs.to(masks_a.device)] & step_on[None, :, None]
-    lat_f, logp_f = run_fusion(sampler, lat_a[uniq_refs], cond[row_prompt[uniq_refs].to(device)],
-                               ref_of_target, cond[pair_prompt.to(device)], lat_a[base_rows, s0],
-                               RowNoise([seeds[j] for j in base_rows.tolist()], T, shape, device), ref_masks,
-                               fused_steps, layers, cfg, progress=progress)
+    lat_f, logp_f = run_fusion(
+        sampler,
+        lat_a[uniq_refs],
+        cond[row_prompt[uniq_refs].to(device)],
+        ref_of_target,
+        cond[pair_prompt.to(device)],
+        lat_a[base_rows, s0],
+        RowNoise([seeds[j] for j in base_rows.tolist()], T, shape, device),
+        ref_masks,
+        fused_steps,
+        layers,
+        cfg,
+        progress=progress,
+    )
 
     ids_t = arena.add_trees((pair_prompt + p0).tolist(), T)
-    for i in range(s0 + 1):                       # identical to the base up to the first fused step
+    for i in range(s0 + 1):  # identical to the base up to the first fused step
         arena.write_latents(ids_t, i, lat_a[base_rows, i])
     for k, i in enumerate(range(s0, T)):
         arena.write_latents(ids_t, i + 1, lat_f[:, k + 1])
     logp_t = torch.cat([logp_a[base_rows, :s0], logp_f], 1).float().cpu()
     for i in range(T):
         arena.write_logprobs(ids_t, i, logp_t[:, i])
-    rewards_t = _score(policy, reward_fn, lat_f[:, -1], [prompts[i] for i in pair_prompt.tolist()], decode_batch)
+    rewards_t = _score(
+        policy, reward_fn, lat_f[:, -1], [prompts[i] for i in pair_prompt.tolist()], decode_batch
+    )
     rewards_t = rewards_t.float().cpu()
     arena.set_rewards(ids_t, rewards_t)
     return {
-        "sample_ids": ids_a.cpu(), "sample_rewards": rewards_a, "ref_ids": ids_a[ref_rows].cpu(),
-        "base_ids": ids_a[base_rows].cpu(), "target_ids": ids_t.cpu(), "base_rewards": rewards_a[base_rows],
-        "target_rewards": rewards_t, "ref_rewards": rewards_a[ref_rows], "pair_prompt": pair_prompt + p0,
+        "sample_ids": ids_a.cpu(),
+        "sample_rewards": rewards_a,
+        "ref_ids": ids_a[ref_rows].cpu(),
+        "base_ids": ids_a[base_rows].cpu(),
+        "target_ids": ids_t.cpu(),
+        "base_rewards": rewards_a[base_rows],
+        "target_rewards": rewards_t,
+        "ref_rewards": rewards_a[ref_rows],
+        "pair_prompt": pair_prompt + p0,
         "masks": ref_masks[ref_of_target.to(ref_masks.device)].cpu(),
         "final": (lat_a[ref_rows, -1], lat_a[base_rows, -1], lat_f[:, -1]),
     }
 
 
 @torch.no_grad()
-def generate_pairs(sampler, prompts: Sequence[str], cfg: DFusionConfig, *, reward_fn, arena,
-                   run_seed: int = 0, epoch: int = 0, prompts_per_call: int | None = None, decode_batch: int = 64,
-                   save_dir: str | None = None, progress: Callable | None = None) -> DFusionStage:
+def generate_pairs(
+    sampler,
+    prompts: Sequence[str],
+    cfg: DFusionConfig,
+    *,
+    reward_fn,
+    arena,
+    run_seed: int = 0,
+    epoch: int = 0,
+    prompts_per_call: int | None = None,
+    decode_batch: int = 64,
+    save_dir: str | None = None,
+    progress: Callable | None = None,
+) -> DFusionStage:
     """One D-Fusion stage on ``sampler.policy``: Phase A for ``prompts`` (each ``cfg.samples_per_prompt``
     times), pairing, fusion, scoring, ``prompts_per_call`` prompts per batched UNet call (default: all).
     Every trajectory (Phase A and targets) goes into ``arena`` (branches=1, prompt id = index into ``prompts``;
@@ -448,14 +566,28 @@ def generate_pairs(sampler, prompts: Sequence[str], cfg: DFusionConfig, *, rewar
     prompts = list(prompts)
     T = sampler.num_steps
     fused_steps = fused_step_range(cfg, T)
-    fusion_block_indices(policy.unet, cfg.fusion_layers)            # fail on a bad layer range before sampling
+    fusion_block_indices(policy.unet, cfg.fusion_layers)  # fail on a bad layer range before sampling
     cond = policy.encode_prompts(prompts).to(sampler.device, sampler.dtype)
     selection, thresholds = item_selection(policy.tokenizer, prompts, cfg, cond.shape[1])
     step = prompts_per_call or len(prompts)
-    parts = [_generate_chunk(sampler, prompts[a:a + step], cond[a:a + step], selection[a:a + step],
-                             thresholds[a:a + step], a, cfg, reward_fn=reward_fn, arena=arena, run_seed=run_seed,
-                             epoch=epoch, decode_batch=decode_batch, progress=progress)
-             for a in range(0, len(prompts), step)]
+    parts = [
+        _generate_chunk(
+            sampler,
+            prompts[a : a + step],
+            cond[a : a + step],
+            selection[a : a + step],
+            thresholds[a : a + step],
+            a,
+            cfg,
+            reward_fn=reward_fn,
+            arena=arena,
+            run_seed=run_seed,
+            epoch=epoch,
+            decode_batch=decode_batch,
+            progress=progress,
+        )
+        for a in range(0, len(prompts), step)
+    ]
     arena.synchronize()
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "final"}
     rb, rt = cat["base_rewards"], cat["target_rewards"]
@@ -478,19 +610,40 @@ def generate_pairs(sampler, prompts: Sequence[str], cfg: DFusionConfig, *, rewar
     }
     ref_f, base_f, tgt_f = parts[0]["final"]
     k = min(8, tgt_f.shape[0])
-    images = torch.stack([policy.decode(x[:k]).float().clamp(0, 1).cpu() for x in (ref_f, base_f, tgt_f)],
-                         1).flatten(0, 1)
-    stage = DFusionStage(prompts=prompts, sample_ids=cat["sample_ids"], sample_rewards=cat["sample_rewards"],
-                         ref_ids=cat["ref_ids"], base_ids=cat["base_ids"], target_ids=cat["target_ids"],
-                         base_rewards=rb, target_rewards=rt, pair_prompt=cat["pair_prompt"], masks=cat["masks"],
-                         fused_steps=fused_steps, preferred=preferred, dispreferred=dispreferred, metrics=metrics,
-                         images=images, cond=cond)
+    images = torch.stack(
+        [policy.decode(x[:k]).float().clamp(0, 1).cpu() for x in (ref_f, base_f, tgt_f)], 1
+    ).flatten(0, 1)
+    stage = DFusionStage(
+        prompts=prompts,
+        sample_ids=cat["sample_ids"],
+        sample_rewards=cat["sample_rewards"],
+        ref_ids=cat["ref_ids"],
+        base_ids=cat["base_ids"],
+        target_ids=cat["target_ids"],
+        base_rewards=rb,
+        target_rewards=rt,
+        pair_prompt=cat["pair_prompt"],
+        masks=cat["masks"],
+        fused_steps=fused_steps,
+        preferred=preferred,
+        dispreferred=dispreferred,
+        metrics=metrics,
+        images=images,
+        cond=cond,
+    )
     if save_dir:
         import os
 
         path = os.path.join(save_dir, f"pairs-stage{epoch:05d}.png")
-        save_pair_grid(path, policy, ref_f, base_f, tgt_f, parts[0]["masks"][:, fused_steps[len(fused_steps) // 2]],
-                       cfg.mask_grid)
+        save_pair_grid(
+            path,
+            policy,
+            ref_f,
+            base_f,
+            tgt_f,
+            parts[0]["masks"][:, fused_steps[len(fused_steps) // 2]],
+            cfg.mask_grid,
+        )
         stage.metrics["pairs_png"] = path
     return stage
 
@@ -498,12 +651,14 @@ def generate_pairs(sampler, prompts: Sequence[str], cfg: DFusionConfig, *, rewar
 def _score(policy, reward_fn, latents, prompts, batch):
     out = []
     for i in range(0, latents.shape[0], batch):
-        images = policy.decode(latents[i:i + batch])
-        out.append(reward_fn(images, prompts[i:i + batch]).float())
+        images = policy.decode(latents[i : i + batch])
+        out.append(reward_fn(images, prompts[i : i + batch]).float())
     return torch.cat(out)
 
 
-def save_pair_grid(path: str, policy, ref_lat, base_lat, tgt_lat, masks, grid: int, max_rows: int = 16) -> str:
+def save_pair_grid(
+    path: str, policy, ref_lat, base_lat, tgt_lat, masks, grid: int, max_rows: int = 16
+) -> str:
     """PNG grid, one row per pair: reference | base | target | mask (nearest-upsampled to the image size)."""
     import os
 
@@ -514,7 +669,11 @@ def save_pair_grid(path: str, policy, ref_lat, base_lat, tgt_lat, masks, grid: i
     imgs = [policy.decode(x[:k]).float().clamp(0, 1).cpu() for x in (ref_lat, base_lat, tgt_lat)]
     h, w = imgs[0].shape[-2:]
     m = resize_mask(masks[:k].float().cpu(), (grid, grid), (h, w)).reshape(k, 1, h, w).expand(k, 3, h, w)
-    tiles = torch.stack(imgs + [m], 1)                                             # [k, 4, 3, h, w]
+    tiles = torch.stack(imgs + [m], 1)  # [k, 4, 3, h, w]
+    up = max(1, 96 // h)  # small toy images: enlarge
+    if up > 1:
+        tiles = tiles.repeat_interleave(up, dim=3).repeat_interleave(up, dim=4)
+        h, w = h * up, w * up
     canvas = tiles.permute(0, 3, 1, 4, 2).reshape(k * h, 4 * w, 3)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     Image.fromarray((canvas.numpy() * 255).round().astype(np.uint8)).save(path)
@@ -548,10 +707,17 @@ class DFusionAlgorithm:
         fused_step_range(self.dcfg, self.T)
         fusion_block_indices(ctx.policy.unet, self.dcfg.fusion_layers)
         if self.dcfg.objective == "dpo" and getattr(ctx.policy, "lora_config", "n/a") is None:
-            raise ValueError("dfusion with objective='dpo' needs π_ref = the UNet with LoRA disabled: set "
-                             "model.lora=on (or auto)")
-        self.arena = TrajectoryArena(tuple(ctx.policy.latent_shape), num_steps=self.T, max_trees=P * (n + nb),
-                                     branches=1, dtype=ctx.sampler.dtype)
+            raise ValueError(
+                "dfusion with objective='dpo' needs π_ref = the UNet with LoRA disabled: set "
+                "model.lora=on (or auto)"
+            )
+        self.arena = TrajectoryArena(
+            tuple(ctx.policy.latent_shape),
+            num_steps=self.T,
+            max_trees=P * (n + nb),
+            branches=1,
+            dtype=ctx.sampler.dtype,
+        )
 
     def sample_stage(self, stage: int):
         from b2diffurl.algos.common import StageData
@@ -561,16 +727,34 @@ class DFusionAlgorithm:
         prompts = ctx.draw_prompts(ctx.cfg.sample.prompts_per_stage)
         self.arena.reset()
         save_dir = os.path.join(ctx.cfg.out, "pairs") if self.dcfg.save_pairs else None
-        st = generate_pairs(ctx.sampler, prompts, self.dcfg, reward_fn=ctx.reward_fn, arena=self.arena,
-                            run_seed=ctx.cfg.seed, epoch=stage, prompts_per_call=self.prompts_per_call,
-                            save_dir=save_dir)
+        st = generate_pairs(
+            ctx.sampler,
+            prompts,
+            self.dcfg,
+            reward_fn=ctx.reward_fn,
+            arena=self.arena,
+            run_seed=ctx.cfg.seed,
+            epoch=stage,
+            prompts_per_call=self.prompts_per_call,
+            save_dir=save_dir,
+        )
         dt = time.perf_counter() - t0
-        m = dict(st.metrics, sample_time_s=dt, sample_images_per_s=st.metrics["images"] / max(dt, 1e-9),
-                 n_selected=st.num_pairs)
+        m = dict(
+            st.metrics,
+            sample_time_s=dt,
+            sample_images_per_s=st.metrics["images"] / max(dt, 1e-9),
+            n_selected=st.num_pairs,
+        )
         k = st.images.shape[0] // 3
-        captions = [f"{role} {float(r):.2f}" for i in range(k)
-                    for role, r in (("ref", st.sample_rewards[st.sample_ids == st.ref_ids[i]][0]),
-                                    ("base", st.base_rewards[i]), ("target", st.target_rewards[i]))]
+        captions = [
+            f"{role} {float(r):.2f}"
+            for i in range(k)
+            for role, r in (
+                ("ref", st.sample_rewards[st.sample_ids == st.ref_ids[i]][0]),
+                ("base", st.base_rewards[i]),
+                ("target", st.target_rewards[i]),
+            )
+        ]
         return StageData(metrics=m, images=st.images, captions=captions, payload=st)
 
     def train_stage(self, stage: int, data) -> dict:
@@ -581,12 +765,23 @@ class DFusionAlgorithm:
             return self._train_ppo(st)
         from b2diffurl.algos.dpo import train_dpo
 
-        return train_dpo(ctx.policy, s.table, self.arena, st.preferred, st.dispreferred, st.fused_steps, st.cond,
-                         s.uncond if s.use_cfg else None, self.pcfg,
-                         guidance_scale=s.guidance_scale if (s.use_cfg and ctx.cfg.train.cfg) else 1.0,
-                         eta=s.eta, inner_epochs=ctx.cfg.train.inner_epochs,
-                         pairs_per_batch=ctx.cfg.train.micro_batch_size, optimizer_step=ctx.optimizer_step,
-                         generator=ctx.cpu_gen)
+        return train_dpo(
+            ctx.policy,
+            s.table,
+            self.arena,
+            st.preferred,
+            st.dispreferred,
+            st.fused_steps,
+            st.cond,
+            s.uncond if s.use_cfg else None,
+            self.pcfg,
+            guidance_scale=s.guidance_scale if (s.use_cfg and ctx.cfg.train.cfg) else 1.0,
+            eta=s.eta,
+            inner_epochs=ctx.cfg.train.inner_epochs,
+            pairs_per_batch=ctx.cfg.train.micro_batch_size,
+            optimizer_step=ctx.optimizer_step,
+            generator=ctx.cpu_gen,
+        )
 
     def _train_ppo(self, st: DFusionStage) -> dict:
         """D-Fusion pairs into DDPO: targets and bases, advantage = per-prompt z-score of their rewards; the

@@ -26,8 +26,15 @@ import torch.nn.functional as F
 from b2diffurl.config import DPOConfig  # noqa: F401  (re-exported; the config lives torch-free)
 
 
-def d3po_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, *,
-              beta: float = 0.1, eps: float = 0.1) -> torch.Tensor:
+def d3po_loss(
+    logp_w: torch.Tensor,
+    logp_l: torch.Tensor,
+    ref_w: torch.Tensor,
+    ref_l: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    eps: float = 0.1,
+) -> torch.Tensor:
     """Per-element D3PO loss −log σ(β(log r_w − log r_l)), r = clamp(exp(ℓθ − ℓref), 1−ε, 1+ε)."""
     lo, hi = math.log1p(-eps), math.log1p(eps)
     log_rw = torch.clamp(logp_w - ref_w, lo, hi)
@@ -35,23 +42,41 @@ def d3po_loss(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, r
     return -F.logsigmoid(beta * (log_rw - log_rl))
 
 
-def step_logprob(unet, table, x_t: torch.Tensor, x_prev: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor,
-                 uncond: torch.Tensor, *, guidance_scale: float, eta: float = 1.0,
-                 reduction: str = "mean") -> torch.Tensor:
+def step_logprob(
+    unet,
+    table,
+    x_t: torch.Tensor,
+    x_prev: torch.Tensor,
+    steps: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    guidance_scale: float,
+    eta: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """log π(x_prev | x_t, c) per row [N] with CFG (one UNet call on 2N rows); rows may sit at different steps.
     ``cond`` [N, L, D] per row, ``uncond`` [1, L, D]. ``reduction='sum'`` multiplies the element mean by C·H·W."""
     import b2kernels
 
     n = x_t.shape[0]
     t = table.timesteps.to(x_t.device)[steps.to(x_t.device)]
-    if uncond is None or guidance_scale is None or guidance_scale == 1.0:      # no CFG
+    if uncond is None or guidance_scale is None or guidance_scale == 1.0:  # no CFG
         ec, eu, guidance_scale = unet(x_t, t, encoder_hidden_states=cond).sample, None, None
     else:
         enc = torch.cat([uncond.expand(n, -1, -1), cond])
         out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=enc).sample
         eu, ec = out[:n], out[n:]
-    logp = b2kernels.ddim_step_logprob(table, steps.to(x_t.device), x_t, ec, x_prev, eta=eta,
-                                       model_output_uncond=eu, guidance_scale=guidance_scale)
+    logp = b2kernels.ddim_step_logprob(
+        table,
+        steps.to(x_t.device),
+        x_t,
+        ec,
+        x_prev,
+        eta=eta,
+        model_output_uncond=eu,
+        guidance_scale=guidance_scale,
+    )
     if reduction == "sum":
         logp = logp * x_t[0].numel()
     return logp
@@ -62,9 +87,20 @@ def _row_cond(arena, ids, cond):
 
 
 @torch.no_grad()
-def reference_logprobs(policy, table, arena, ids: torch.Tensor, steps: Sequence[int], cond: torch.Tensor,
-                       uncond: torch.Tensor, *, guidance_scale: float, eta: float = 1.0, reduction: str = "mean",
-                       batch_size: int = 32) -> torch.Tensor:
+def reference_logprobs(
+    policy,
+    table,
+    arena,
+    ids: torch.Tensor,
+    steps: Sequence[int],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    *,
+    guidance_scale: float,
+    eta: float = 1.0,
+    reduction: str = "mean",
+    batch_size: int = 32,
+) -> torch.Tensor:
     """ℓ^ref [len(ids), len(steps)] under π_ref = ``policy`` with LoRA disabled (no copy), computed once per stage.
     ``cond`` [P, L, D] indexed by the arena's prompt ids."""
     device = cond.device
@@ -75,11 +111,20 @@ def reference_logprobs(policy, table, arena, ids: torch.Tensor, steps: Sequence[
     out = torch.empty(all_ids.numel(), dtype=torch.float32, device=device)
     with policy.lora_disabled():
         for a in range(0, all_ids.numel(), batch_size):
-            bi, bs = all_ids[a:a + batch_size], all_steps[a:a + batch_size]
+            bi, bs = all_ids[a : a + batch_size], all_steps[a : a + batch_size]
             b = arena.gather(bi, bs, device=device)
-            out[a:a + len(bi)] = step_logprob(policy.unet, table, b.x_t, b.x_prev, b.step, _row_cond(arena, bi, cond),
-                                              uncond, guidance_scale=guidance_scale, eta=eta,
-                                              reduction=reduction).float()
+            out[a : a + len(bi)] = step_logprob(
+                policy.unet,
+                table,
+                b.x_t,
+                b.x_prev,
+                b.step,
+                _row_cond(arena, bi, cond),
+                uncond,
+                guidance_scale=guidance_scale,
+                eta=eta,
+                reduction=reduction,
+            ).float()
     return out.reshape(len(ids), len(steps_t))
 
 
@@ -93,12 +138,28 @@ def _default_optimizer_step(optimizer, params, max_grad_norm):
     return step
 
 
-def train_dpo(policy, table, arena, preferred: torch.Tensor, dispreferred: torch.Tensor,
-              train_steps: Sequence[int], cond: torch.Tensor, uncond: torch.Tensor, cfg: DPOConfig, *,
-              guidance_scale: float, eta: float = 1.0, inner_epochs: int = 2, pairs_per_batch: int = 1,
-              optimizer=None, max_grad_norm: float = 1.0, optimizer_step: Callable | None = None,
-              generator: torch.Generator | None = None, ref_logp: tuple[torch.Tensor, torch.Tensor] | None = None,
-              progress: Callable | None = None) -> dict:
+def train_dpo(
+    policy,
+    table,
+    arena,
+    preferred: torch.Tensor,
+    dispreferred: torch.Tensor,
+    train_steps: Sequence[int],
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    cfg: DPOConfig,
+    *,
+    guidance_scale: float,
+    eta: float = 1.0,
+    inner_epochs: int = 2,
+    pairs_per_batch: int = 1,
+    optimizer=None,
+    max_grad_norm: float = 1.0,
+    optimizer_step: Callable | None = None,
+    generator: torch.Generator | None = None,
+    ref_logp: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: Callable | None = None,
+) -> dict:
     """D3PO update on the pairs (preferred[k], dispreferred[k]) over ``train_steps``. Returns metrics.
 
     Per batch of ``pairs_per_batch`` pairs: each pair draws a random order of ``train_steps`` (shared by both
@@ -119,9 +180,22 @@ def train_dpo(policy, table, arena, preferred: torch.Tensor, dispreferred: torch
         optimizer_step = _default_optimizer_step(optimizer, params, max_grad_norm)
     t0 = time.perf_counter()
     if ref_logp is None:
-        ref_logp = tuple(reference_logprobs(policy, table, arena, ids, steps.tolist(), cond, uncond,
-                                            guidance_scale=guidance_scale, eta=eta, reduction=cfg.logprob_reduction,
-                                            batch_size=cfg.ref_batch_size) for ids in (preferred, dispreferred))
+        ref_logp = tuple(
+            reference_logprobs(
+                policy,
+                table,
+                arena,
+                ids,
+                steps.tolist(),
+                cond,
+                uncond,
+                guidance_scale=guidance_scale,
+                eta=eta,
+                reduction=cfg.logprob_reduction,
+                batch_size=cfg.ref_batch_size,
+            )
+            for ids in (preferred, dispreferred)
+        )
     ref_w, ref_l = ref_logp
     T = table.num_steps
     lo, hi = math.log1p(-cfg.clip_eps), math.log1p(cfg.clip_eps)
@@ -131,17 +205,29 @@ def train_dpo(policy, table, arena, preferred: torch.Tensor, dispreferred: torch
     for _ in range(inner_epochs):
         order = torch.randperm(k_pairs, generator=generator)
         for a in range(0, k_pairs, pairs_per_batch):
-            pb = order[a:a + pairs_per_batch]
+            pb = order[a : a + pairs_per_batch]
             b = pb.numel()
-            pos = torch.stack([torch.randperm(steps.numel(), generator=generator) for _ in range(b)])   # [b, K]
+            pos = torch.stack(
+                [torch.randperm(steps.numel(), generator=generator) for _ in range(b)]
+            )  # [b, K]
             ids = torch.cat([preferred[pb], dispreferred[pb]])
             row_cond = _row_cond(arena, ids, cond)
             for k in range(steps.numel()):
                 col = pos[:, k]
                 st = steps[col]
                 batch = arena.gather(ids, torch.cat([st, st]), device=device)
-                logp = step_logprob(policy.unet, table, batch.x_t, batch.x_prev, batch.step, row_cond, uncond,
-                                    guidance_scale=guidance_scale, eta=eta, reduction=cfg.logprob_reduction)
+                logp = step_logprob(
+                    policy.unet,
+                    table,
+                    batch.x_t,
+                    batch.x_prev,
+                    batch.step,
+                    row_cond,
+                    uncond,
+                    guidance_scale=guidance_scale,
+                    eta=eta,
+                    reduction=cfg.logprob_reduction,
+                )
                 lw, ll = logp[:b], logp[b:]
                 rw, rl = ref_w[pb, col].to(device), ref_l[pb, col].to(device)
                 loss = d3po_loss(lw, ll, rw, rl, beta=cfg.beta, eps=cfg.clip_eps)
@@ -155,8 +241,13 @@ def train_dpo(policy, table, arena, preferred: torch.Tensor, dispreferred: torch
             if progress is not None:
                 progress(1)
     policy.unet.train(was_training)
-    metrics.update(loss=float(torch.cat(losses).mean()), dpo_clipfrac=float(torch.cat(clipped).mean()),
-                   dpo_acc=float(torch.cat(correct).mean()), grad_norm=float(torch.stack(norms).float().mean()),
-                   optimizer_steps=len(norms), trained_steps=int(steps.numel()),
-                   train_time_s=time.perf_counter() - t0)
+    metrics.update(
+        loss=float(torch.cat(losses).mean()),
+        dpo_clipfrac=float(torch.cat(clipped).mean()),
+        dpo_acc=float(torch.cat(correct).mean()),
+        grad_norm=float(torch.stack(norms).float().mean()),
+        optimizer_steps=len(norms),
+        trained_steps=int(steps.numel()),
+        train_time_s=time.perf_counter() - t0,
+    )
     return metrics

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import os
 import random
 import shutil
 import time
@@ -127,8 +125,11 @@ def plot_losses(losses: list[float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(losses, alpha=0.3, lw=0.5, label="loss")
     ax.plot(smooth, lw=1.5, label=f"mean of last {k}")
-    ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_ylabel("ε-MSE"); ax.legend()
-    fig.tight_layout(); fig.savefig(path, dpi=120); plt.close(fig)
+    ax.set(yscale="log", xlabel="step", ylabel="ε-MSE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -146,6 +147,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     ap.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out and exit")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue from the weights of this checkpoint folder (fresh optimizer; --channels ignored)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,8 +162,15 @@ def main(argv=None) -> None:
         unet, te, tokenizer, ddim = load_toy_components(args.out, device=dev)
         print(json.dumps(evaluate(unet, te, tokenizer, ddim, args.out), indent=2))
         return
-    unet = M.build_unet(tuple(int(c) for c in args.channels.split(","))).to(dev)
-    te = M.build_text_encoder().to(dev)
+    if args.init_from is not None:
+        from b2diffurl.toy.checkpoint_io import load_toy_components
+        unet, te, _, _ = load_toy_components(args.init_from, device=dev)
+        unet.train()
+        te.train()
+        args.channels = ",".join(str(c) for c in unet.config.block_out_channels)
+    else:
+        unet = M.build_unet(tuple(int(c) for c in args.channels.split(","))).to(dev)
+        te = M.build_text_encoder().to(dev)
     params = list(unet.parameters()) + list(te.parameters())
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
@@ -185,7 +195,8 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); sched.step()
+        opt.step()
+        sched.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
@@ -203,7 +214,8 @@ def main(argv=None) -> None:
             print(f"\nsaved step {step + 1} to {args.out} ({(time.time() - t0) / 60:.1f} min)", flush=True)
         if last:
             break
-    ema_unet.eval(); ema_te.eval()
+    ema_unet.eval()
+    ema_te.eval()
     report = evaluate(ema_unet, ema_te, tokenizer, ddim, args.out)
     print(json.dumps(report, indent=2), flush=True)
     print(f"done: {step + 1} steps in {(time.time() - t0) / 60:.1f} min", flush=True)

@@ -66,15 +66,15 @@ def component_stats(images: torch.Tensor, min_area: float | None = None) -> dict
     ys, xs = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float32),
                             torch.arange(w, device=dev, dtype=torch.float32), indexing="ij")
     xs, ys = xs.reshape(1, -1).expand(n, -1), ys.reshape(1, -1).expand(n, -1)
-    z = torch.zeros(n, h * w + 1, device=dev)
-    area = z.scatter_add(1, lab, torch.ones_like(xs))
-    sx, sy = z.scatter_add(1, lab, xs), z.scatter_add(1, lab, ys)
-    big = float(h + w)
-    x0 = (z + big).scatter_reduce(1, lab, xs, "amin"); x1 = (z - 1).scatter_reduce(1, lab, xs, "amax")
-    y0 = (z + big).scatter_reduce(1, lab, ys, "amin"); y1 = (z - 1).scatter_reduce(1, lab, ys, "amax")
-    u0 = (z + 2 * big).scatter_reduce(1, lab, xs + ys, "amin"); u1 = (z - 1).scatter_reduce(1, lab, xs + ys, "amax")
-    v0 = (z + 2 * big).scatter_reduce(1, lab, xs - ys, "amin"); v1 = (z - big).scatter_reduce(1, lab, xs - ys, "amax")
-    colour = (z - 1).scatter_reduce(1, lab, cls.view(n, -1).float(), "amax").long()
+    def per_component(values: torch.Tensor, how: str) -> torch.Tensor:   # [N, HW] -> [N, HW + 1]
+        init = {"sum": 0.0, "amin": 1e9, "amax": -1e9}[how]
+        out = torch.full((n, h * w + 1), init, device=dev)
+        return out.scatter_add(1, lab, values) if how == "sum" else out.scatter_reduce(1, lab, values, how)
+
+    area, sx, sy = per_component(torch.ones_like(xs), "sum"), per_component(xs, "sum"), per_component(ys, "sum")
+    x0, x1, y0, y1 = (per_component(v, how) for v in (xs, ys) for how in ("amin", "amax"))
+    u0, u1, v0, v1 = (per_component(v, how) for v in (xs + ys, xs - ys) for how in ("amin", "amax"))
+    colour = per_component(cls.view(n, -1).float(), "amax").long()
     area[:, 0] = 0                                                                 # background
     min_area = 8.0 * h * w / 1024 if min_area is None else min_area
     top_area, idx = area.topk(MAX_COMPONENTS, dim=1)

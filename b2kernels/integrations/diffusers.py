@@ -310,12 +310,16 @@ class InjectionContext:
         self._thresholds = self.config.threshold if thresholds is None else thresholds
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        """Explicit mask per reference stream: [R, h, w] (any grid; resized nearest per layer) bool/float in [0,1]."""
+        """Explicit mask per reference stream: [R, h, w] (any grid; resized nearest per layer) bool/float in [0,1].
+        Pass bool masks in loops: a float mask is range-checked (a device sync)."""
         if mask.dim() != 3:
             raise ValueError(f"set_mask: expected [R, h, w], got {list(mask.shape)}")
-        KVMask(mask.reshape(mask.shape[0], -1)).validate()
+        if mask.dtype == torch.bool:  # binary by type: no device sync (the per-step hot path)
+            self._mask_binary = True
+        else:  # float: range check + binary test read back scalars (syncs)
+            KVMask(mask.reshape(mask.shape[0], -1)).validate()
+            self._mask_binary = bool(((mask == 0) | (mask == 1)).all())
         self.mask = mask.to(torch.float32)
-        self._mask_binary = bool(((self.mask == 0) | (self.mask == 1)).all())  # one sync, at set time
         self._row_mask_cache.clear()
 
     def clear(self) -> None:
