@@ -37,19 +37,37 @@ SHAPES = [
 
 
 def add_args(p):
-    p.add_argument("--batch", type=int, default=None, help="attention batch (default 16 = CFG 2 × 8 images on GPU, 1 on CPU)")
-    p.add_argument("--dtypes", default=None, help="comma list (default bfloat16,float16 on GPU, float32 on CPU)")
-    p.add_argument("--shapes", default=None, help="comma list of indices into SHAPES (default all; --quick: 2 and 5)")
-    p.add_argument("--fraction", type=float, default=0.3, help="fraction of key tokens injected (binary mask)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="attention batch (default 16 = CFG 2 × 8 images on GPU, 1 on CPU)",
+    )
+    p.add_argument(
+        "--dtypes", default=None, help="comma list (default bfloat16,float16 on GPU, float32 on CPU)"
+    )
+    p.add_argument(
+        "--shapes", default=None, help="comma list of indices into SHAPES (default all; --quick: 2 and 5)"
+    )
+    p.add_argument(
+        "--fraction", type=float, default=0.3, help="fraction of key tokens injected (binary mask)"
+    )
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--no-official", action="store_true", help="skip the official-style path (N² scores in memory)")
+    p.add_argument(
+        "--no-official", action="store_true", help="skip the official-style path (N² scores in memory)"
+    )
 
 
 def _sdpa_backend(name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "math": SDPBackend.MATH}[name])
+    return sdpa_kernel(
+        {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[name]
+    )
 
 
 def _blend(x, xr, m4):
@@ -63,42 +81,59 @@ def _methods(q, k, v, kr, vr, mask, *, cuda, official):
     m4 = mask.to(q.dtype)[:, None, :, None]
     out = {}
     if cuda:
-        out["kv_inject_triton"] = lambda: kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=mask,
-                                                              validate=False, backend="triton")
+        out["kv_inject_triton"] = lambda: kv_inject_attention(
+            q, k, v, k_ref=kr, v_ref=vr, mask=mask, validate=False, backend="triton"
+        )
         # references = the first half of the batch, read in place (ref_index), targets = second half
         ridx = torch.cat([torch.arange(B // 2), torch.arange(B // 2)]).to(device=q.device, dtype=torch.int32)
-        out["kv_inject_triton_ridx"] = lambda: kv_inject_attention(q, k, v, k_ref=k, v_ref=v, mask=mask,
-                                                                   ref_index=ridx, validate=False, backend="triton")
+        out["kv_inject_triton_ridx"] = lambda: kv_inject_attention(
+            q, k, v, k_ref=k, v_ref=v, mask=mask, ref_index=ridx, validate=False, backend="triton"
+        )
     for be in (("flash", "efficient") if cuda else ("math",)) + (("math",) if cuda and N <= 1024 else ()):
+
         def f(be=be):
             with _sdpa_backend(be):
                 return F.scaled_dot_product_attention(q, _blend(k, kr, m4), _blend(v, vr, m4))
+
         out[f"blend+sdpa_{be}"] = f
     if not cuda:
-        out["blend+sdpa_default"] = lambda: F.scaled_dot_product_attention(q, _blend(k, kr, m4), _blend(v, vr, m4))
+        out["blend+sdpa_default"] = lambda: F.scaled_dot_product_attention(
+            q, _blend(k, kr, m4), _blend(v, vr, m4)
+        )
     with contextlib.suppress(ImportError):
         import xformers.ops as xops
 
         if cuda:
+
             def fx():
                 t = lambda x: x.transpose(1, 2)
                 return xops.memory_efficient_attention(t(q), t(_blend(k, kr, m4)), t(_blend(v, vr, m4)))
+
             out["blend+xformers"] = fx
     if official:
+
         def off():
             # per-head batch layout and a per-head mask copy, like the official processor
             hb = lambda x: x.reshape(B * H, N, D)
             mm = mask.to(q.dtype)[:, None, :].expand(B, H, N).reshape(B * H, N, 1)
             k2 = hb(kr) * mm + hb(k) * (1 - mm)
             v2 = hb(vr) * mm + hb(v) * (1 - mm)
-            scores = torch.baddbmm(torch.empty(B * H, N, N, dtype=q.dtype, device=q.device), hb(q),
-                                   k2.transpose(-1, -2), beta=0, alpha=D**-0.5)
+            scores = torch.baddbmm(
+                torch.empty(B * H, N, N, dtype=q.dtype, device=q.device),
+                hb(q),
+                k2.transpose(-1, -2),
+                beta=0,
+                alpha=D**-0.5,
+            )
             return torch.bmm(scores.softmax(dim=-1), v2).view(B, H, N, D)
+
         out["official_style"] = off
     for be in ("flash", "efficient") if cuda else ():
+
         def g(be=be):
             with _sdpa_backend(be):
                 return F.scaled_dot_product_attention(q, k, v)
+
         out[f"sdpa_{be}"] = g
     if not cuda:
         out["sdpa_default"] = lambda: F.scaled_dot_product_attention(q, k, v)
@@ -109,14 +144,22 @@ def run(args) -> list[dict]:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     batch = args.batch or (16 if cuda else 1)
-    dtypes = [getattr(torch, d) for d in (args.dtypes or ("bfloat16,float16" if cuda else "float32")).split(",")]
-    idx = [int(i) for i in args.shapes.split(",")] if args.shapes else ([2, 5] if args.quick else range(len(SHAPES)))
+    dtypes = [
+        getattr(torch, d) for d in (args.dtypes or ("bfloat16,float16" if cuda else "float32")).split(",")
+    ]
+    idx = (
+        [int(i) for i in args.shapes.split(",")]
+        if args.shapes
+        else ([2, 5] if args.quick else range(len(SHAPES)))
+    )
     rows = []
     for i in idx:
         model, D, H, N = SHAPES[i]
         for dtype in dtypes:
             g = torch.Generator(device=device).manual_seed(0)
-            q, k, v, kr, vr = (torch.randn(batch, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(5))
+            q, k, v, kr, vr = (
+                torch.randn(batch, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(5)
+            )
             mask = torch.rand(batch, N, device=device, generator=g) < args.fraction
             flops = 4.0 * batch * H * N * N * D
             official = not args.no_official and (cuda or N <= 1024)
@@ -126,12 +169,34 @@ def run(args) -> list[dict]:
                     torch.cuda.reset_peak_memory_stats()
                 try:
                     ms = time_fn(fn, warmup=3, iters=args.iters, device=device)
-                except (RuntimeError, torch.OutOfMemoryError) as exc:  # e.g. no flash kernel for this dtype/dim
-                    rows.append({"model": model, "D": D, "H": H, "N": N, "B": batch, "dtype": str(dtype)[6:],
-                                 "method": name, "error": str(exc).splitlines()[0][:80]})
+                except (
+                    RuntimeError,
+                    torch.OutOfMemoryError,
+                ) as exc:  # e.g. no flash kernel for this dtype/dim
+                    rows.append(
+                        {
+                            "model": model,
+                            "D": D,
+                            "H": H,
+                            "N": N,
+                            "B": batch,
+                            "dtype": str(dtype)[6:],
+                            "method": name,
+                            "error": str(exc).splitlines()[0][:80],
+                        }
+                    )
                     continue
-                row = {"model": model, "D": D, "H": H, "N": N, "B": batch, "dtype": str(dtype)[6:], "method": name,
-                       "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
+                row = {
+                    "model": model,
+                    "D": D,
+                    "H": H,
+                    "N": N,
+                    "B": batch,
+                    "dtype": str(dtype)[6:],
+                    "method": name,
+                    "ms": ms,
+                    "tflops": flops / (ms * 1e-3) / 1e12,
+                }
                 if cuda:
                     row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
                 rows.append(row)
@@ -143,7 +208,11 @@ def summary(rows: list[dict]) -> dict:
     out = []
     keys = dict.fromkeys((r["model"], r["D"], r["H"], r["N"], r["dtype"]) for r in rows)
     for key in keys:
-        sel = {r["method"]: r for r in rows if (r["model"], r["D"], r["H"], r["N"], r["dtype"]) == key and "ms" in r}
+        sel = {
+            r["method"]: r
+            for r in rows
+            if (r["model"], r["D"], r["H"], r["N"], r["dtype"]) == key and "ms" in r
+        }
         ours = sel.get("kv_inject_triton")
         if not ours:
             continue

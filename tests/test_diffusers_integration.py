@@ -37,10 +37,16 @@ L, C_TXT = 7, 16  # text tokens, text width
 def unet():
     torch.manual_seed(0)
     u = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=C_TXT, attention_head_dim=4, norm_num_groups=8,
+        cross_attention_dim=C_TXT,
+        attention_head_dim=4,
+        norm_num_groups=8,
     ).eval()
     return u
 
@@ -65,13 +71,25 @@ T_STEP = torch.tensor(400)
 
 
 def test_blocks_and_grids(unet):
-    assert cross_attention_blocks(unet) == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    assert cross_attention_blocks(unet) == [
+        "down_blocks.0",
+        "down_blocks.1",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.1",
+    ]
     assert token_grid(256, (16, 16)) == (16, 16) and token_grid(64, (16, 16)) == (8, 8)
-    assert token_grid(35, (5, 7)) == (5, 7) and token_grid(12, (5, 7)) == (3, 4) and token_grid(4, (5, 7)) == (2, 2)
+    assert (
+        token_grid(35, (5, 7)) == (5, 7)
+        and token_grid(12, (5, 7)) == (3, 4)
+        and token_grid(4, (5, 7)) == (2, 2)
+    )
     with pytest.raises(ValueError, match="cannot place 7 tokens"):
         token_grid(7, (5, 7))
     m = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    assert torch.equal(resize_mask(m, (4, 4)), m.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(1, 16))
+    assert torch.equal(
+        resize_mask(m, (4, 4)), m.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(1, 16)
+    )
     big = torch.arange(16.0).reshape(1, 4, 4)
     assert torch.equal(resize_mask(big, (2, 2)), big[:, ::2, ::2].reshape(1, 4))
 
@@ -125,8 +143,10 @@ def _hook_modules(unet, names):
     rec, handles = {}, []
     mods = dict(unet.named_modules())
     for n in names:
+
         def hook(mod, args, kwargs, out, n=n):
             rec[n] = (args[0] if args else kwargs["hidden_states"], kwargs.get("encoder_hidden_states"), out)
+
         handles.append(mods[n].register_forward_hook(hook, with_kwargs=True))
     return rec, handles, mods
 
@@ -142,7 +162,9 @@ def test_fused_self_attention_matches_hand_written_oracle(unet, components):
     to_out(softmax(Q'K'ᵀ/√d)V') computed here in float64 from the module's own input."""
     R, T, P = 2, 3, 1
     x, e = streams(R, T, P, seed=3)
-    cfg = InjectionConfig(layers=(2, 4), steps=(0,), components=components, mask_mode="given", backend="reference")
+    cfg = InjectionConfig(
+        layers=(2, 4), steps=(0,), components=components, mask_mode="given", backend="reference"
+    )
     ctx = InjectionContext(cfg)
     ref_mask = torch.zeros(R, 4, 4)
     ref_mask[0, :2, 1:] = 1.0
@@ -150,8 +172,11 @@ def test_fused_self_attention_matches_hand_written_oracle(unet, components):
     ref_mask[1, 0, 0] = 1.0
     ctx.set_mask(ref_mask)
     layout = StreamLayout.cfg(R, T, P, pairing=[1, 0, 1])
-    names = [n[: -len(".processor")] for n in unet.attn_processors if ".attn1." in n
-             and (n.startswith("mid_block") or n.startswith("up_blocks.1"))]
+    names = [
+        n[: -len(".processor")]
+        for n in unet.attn_processors
+        if ".attn1." in n and (n.startswith("mid_block") or n.startswith("up_blocks.1"))
+    ]
     assert len(names) == 3
     rec, handles, mods = _hook_modules(unet, names)
     try:
@@ -172,10 +197,18 @@ def test_fused_self_attention_matches_hand_written_oracle(unet, components):
         m = torch.zeros(layout.batch, N, dtype=torch.float64)
         src = torch.arange(layout.batch)
         for i in layout.rows("target"):
-            m[i] = ref_mask[layout.ref_id[i]].repeat_interleave(f, 0).repeat_interleave(f, 1).reshape(-1).double()
+            m[i] = (
+                ref_mask[layout.ref_id[i]]
+                .repeat_interleave(f, 0)
+                .repeat_interleave(f, 1)
+                .reshape(-1)
+                .double()
+            )
             src[i] = layout.ref_row(layout.ref_id[i], layout.cond[i])
         m4 = m[:, None, :, None]
-        q2, k2, v2 = (m4 * t[src] + (1 - m4) * t if c in components else t for t, c in ((q, "q"), (k, "k"), (v, "v")))
+        q2, k2, v2 = (
+            m4 * t[src] + (1 - m4) * t if c in components else t for t, c in ((q, "q"), (k, "k"), (v, "v"))
+        )
         o = torch.softmax(q2 @ k2.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v2
         o = o.transpose(1, 2).reshape(h_in.shape[0], N, -1)
         with torch.no_grad():
@@ -213,7 +246,9 @@ def test_cross_attention_maps_and_mask_match_diffusers_scores(unet):
             qb = attn.head_to_batch_dim(attn.to_q(h_in))
             kb = attn.head_to_batch_dim(attn.to_k(enc))
             probs = attn.get_attention_scores(qb, kb).view(h_in.shape[0], attn.heads, 64, L)
-        per_layer.append(torch.stack([probs[row][:, :, tokens[r]].mean(0) for r, row in enumerate(cond_refs)]))
+        per_layer.append(
+            torch.stack([probs[row][:, :, tokens[r]].mean(0) for r, row in enumerate(cond_refs)])
+        )
     assert len(per_layer) == 4
     want = torch.stack(per_layer).mean(0)  # [R, 64, I]
     torch.testing.assert_close(ctx.cross_maps, want, atol=1e-6, rtol=1e-5)
@@ -282,7 +317,9 @@ def test_triton_backend_inside_the_unet_matches_reference(unet):
     outs = {}
     with torch.no_grad():
         for backend in ("reference", "triton"):
-            ctx = InjectionContext(InjectionConfig(layers=(2,), steps=(0,), mask_mode="given", backend=backend))
+            ctx = InjectionContext(
+                InjectionConfig(layers=(2,), steps=(0,), mask_mode="given", backend=backend)
+            )
             ctx.set_mask(mask)
             with attach(unet, ctx):
                 ctx.layout, ctx.step = StreamLayout.cfg(1, 1), 0
@@ -329,7 +366,9 @@ def test_gpu_one_call_triton_matches_reference(unet, dtype):
     outs = {}
     with torch.no_grad():
         for backend in ("reference", "triton"):
-            ctx = InjectionContext(InjectionConfig(layers=(2, 3, 4), steps=(0,), mask_mode="given", backend=backend))
+            ctx = InjectionContext(
+                InjectionConfig(layers=(2, 3, 4), steps=(0,), mask_mode="given", backend=backend)
+            )
             ctx.set_mask(mask)
             with attach(u, ctx):
                 ctx.layout, ctx.step = StreamLayout.cfg(2, 4, 1), 0

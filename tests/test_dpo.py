@@ -178,7 +178,7 @@ def test_train_dpo_changes_weights(staged):
 
 
 # ----------------------------------------------------------------------------------------------- trainer
-def _trainer(tmp_path, stages, resume=None):
+def _trainer(tmp_path, stages, resume=None, extra=()):
     from b2diffurl import config as C
     from b2diffurl.trainer import Trainer
 
@@ -201,6 +201,7 @@ def _trainer(tmp_path, stages, resume=None):
             "grid_every=0",
             "dpo.logprob_reduction=sum",
             "train.lr=1e-3",
+            *extra,
         ]
     )
     policy = TinyPolicy(num_steps=T)
@@ -229,3 +230,14 @@ def test_train_algo_dfusion_changes_weights_and_resumes_exactly(tmp_path):
     tr2.run()
     for p, q in zip(tr.params, tr2.params):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+
+def test_dfusion_pairs_feed_ppo(tmp_path):
+    # objective=ppo: the same pairs (targets + bases, per-prompt z-scored rewards) train with DDPO's PPO-clip;
+    # the targets' old log-probs are re-evaluated under the plain policy, so the first pass has ratio 1
+    tr = _trainer(tmp_path, 1, extra=("dfusion.objective=ppo", "dfusion.save_pairs=false"))
+    before = [p.detach().clone() for p in tr.params]
+    tr.run()
+    assert max((p.detach() - q).abs().max().item() for p, q in zip(tr.params, before)) > 0
+    rec = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"stage"' in x][-1]
+    assert rec["train_samples"] == 4 and rec["ratio_dev_max"] < 1e-5

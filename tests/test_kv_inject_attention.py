@@ -31,8 +31,8 @@ def oracle(q, k, v, kr, vr, m, qr=None, scale=None):
     """float64 oracle; kr/vr/qr already expanded to B rows, m dense [B, N]."""
     q, k, v, kr, vr = (t.double() for t in (q, k, v, kr, vr))
     m4 = m.double()[:, None, :, None]
-    k2 = (m4 * kr + (1 - m4) * k)
-    v2 = (m4 * vr + (1 - m4) * v)
+    k2 = m4 * kr + (1 - m4) * k
+    v2 = m4 * vr + (1 - m4) * v
     if qr is not None:
         q = m4 * qr.double() + (1 - m4) * q
     # the kernel rounds the blend to the input dtype before the dots, like the reference
@@ -89,7 +89,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "D,N,B,H,dtype,mask,q_ref,ref_batch", CASES,
+    "D,N,B,H,dtype,mask,q_ref,ref_batch",
+    CASES,
     ids=[f"D{c[0]}-N{c[1]}-B{c[2]}-{str(c[4])[6:]}-{c[5]}-q{int(c[6])}-rb{c[7] or c[2]}" for c in CASES],
 )
 def test_kernel_matches_oracle(D, N, B, H, dtype, mask, q_ref, ref_batch, monkeypatch):
@@ -133,14 +134,18 @@ def test_fully_injected_rows_and_unread_sources():
     kr_poison[~on] = float("inf")
     vr_poison[~on] = float("nan")
     for mm in (m, m.bool()):  # fp32 blend path and the exact binary (add) path
-        out = kv_inject_attention(q, k_poison, v_poison, k_ref=kr_poison, v_ref=vr_poison, mask=mm, backend="triton")
+        out = kv_inject_attention(
+            q, k_poison, v_poison, k_ref=kr_poison, v_ref=vr_poison, mask=mm, backend="triton"
+        )
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=0)
     torch.testing.assert_close(out[0], F.scaled_dot_product_attention(q, kr, vr)[0], atol=2e-6, rtol=0)
     # huge logits: the online softmax must not overflow to NaN
     big = kv_inject_attention(q * 300, k, v, k_ref=kr, v_ref=vr, mask=m, backend="triton")
     big_torch = kv_inject_attention(q * 300, k, v, k_ref=kr, v_ref=vr, mask=m, backend="reference")
-    check_close(big, oracle(q * 300, k, v, kr, vr, m), big_torch, torch.float32)  # logits ~1e3: ill-conditioned
+    check_close(
+        big, oracle(q * 300, k, v, kr, vr, m), big_torch, torch.float32
+    )  # logits ~1e3: ill-conditioned
 
 
 def test_ref_index_cfg_mask_and_strided_inputs():
@@ -173,7 +178,9 @@ def test_cross_shapes_nq_ne_nk_and_scale():
 def test_kvmask_type():
     m = KVMask(torch.tensor([[0.0, 1.0, 0.5]]))
     assert (m.batch, m.num_tokens) == (1, 3)
-    assert m.materialize(4).shape == (4, 3) and torch.equal(m.materialize(4)[3], torch.tensor([0.0, 1.0, 0.5]))
+    assert m.materialize(4).shape == (4, 3) and torch.equal(
+        m.materialize(4)[3], torch.tensor([0.0, 1.0, 0.5])
+    )
     assert torch.equal(KVMask.full(3, 1.0).values, torch.ones(1, 3))
     with pytest.raises(ValueError, match="does not divide"):
         KVMask(torch.zeros(2, 3)).materialize(3)
@@ -222,7 +229,8 @@ def test_reference_backend_has_gradients():
     q.requires_grad_()
     kr.requires_grad_()
     ok = torch.autograd.gradcheck(
-        lambda q_, kr_: kv_inject_attention(q_, k, v, k_ref=kr_, v_ref=vr, mask=m, backend="reference"), (q, kr)
+        lambda q_, kr_: kv_inject_attention(q_, k, v, k_ref=kr_, v_ref=vr, mask=m, backend="reference"),
+        (q, kr),
     )
     assert ok
 
@@ -230,8 +238,11 @@ def test_reference_backend_has_gradients():
 def test_custom_op_fake_and_schema():
     q, k, v, kr, vr, _, m = make(1, 1, 8, 16, torch.float32)
     op = torch.ops.b2kernels.kv_inject_attention_fwd.default
-    torch.library.opcheck(op, (q, k, v, kr, vr, m.float(), None, None, 0.25, False),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        op,
+        (q, k, v, kr, vr, m.float(), None, None, 0.25, False),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     assert b2kernels.kv_inject_attention is kv_inject_attention
 
 
@@ -243,7 +254,9 @@ def test_custom_op_fake_and_schema():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_sd_shapes(D, N, dtype):
     B, H = 4, 8
-    q, k, v, kr, vr, _, m = (t.cuda() if t is not None else None for t in make(B, H, N, D, dtype, ref_batch=1))
+    q, k, v, kr, vr, _, m = (
+        t.cuda() if t is not None else None for t in make(B, H, N, D, dtype, ref_batch=1)
+    )
     m = m > 0.5
     out = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m)
     ref = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, backend="reference")
@@ -256,7 +269,67 @@ def test_gpu_torch_compile_captures_op():
     q, k, v, kr, vr, _, m = (t.cuda() if t is not None else None for t in make(2, 8, 256, 64, torch.float16))
     # not fullgraph: the backend resolution reads the environment / importlib (a graph break at most); the
     # custom op itself is what must be capturable.
-    f = torch.compile(lambda *a: kv_inject_attention(*a[:3], k_ref=a[3], v_ref=a[4], mask=a[5], validate=False))
-    torch.testing.assert_close(f(q, k, v, kr, vr, m), kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m),
-                               atol=0, rtol=0)
+    f = torch.compile(
+        lambda *a: kv_inject_attention(*a[:3], k_ref=a[3], v_ref=a[4], mask=a[5], validate=False)
+    )
+    torch.testing.assert_close(
+        f(q, k, v, kr, vr, m), kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m), atol=0, rtol=0
+    )
     assert math.isfinite(f(q, k, v, kr, vr, m).float().sum().item())
+
+
+_SM90_SCRIPT = r"""
+import sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as exc:
+    print("SKIP: triton compiler API not available:", exc); sys.exit(0)
+from b2kernels.ops.kv_inject_attention import triton as kt
+D, binary, q_ref = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+jf = kt._kv_inject_fwd_kernel.fn
+names = jf.arg_names
+d0, d1 = kt.split_head_dim(D)
+const = dict(HEAD_DIM=D, HAS_QREF=q_ref, HAS_RIDX=True, BINARY=binary, IEEE=False, BLOCK_M=128, BLOCK_N=32,
+             BLOCK_D0=d0, BLOCK_D1=max(d1, 16), HAS_D1=d1 > 0)
+ptrs = {"Q", "K", "V", "QR", "KR", "VR", "O"}
+sig = {n: "*fp16" if n in ptrs else "*fp32" if n == "M" else "*i32" if n == "RIDX" else "fp32" if n == "qk_scale"
+       else "constexpr" if n in const else "i32" for n in names}
+src = ASTSource(jf, sig, {(names.index(k),): v for k, v in const.items()})
+compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+print("WGMMA" if "wgmma" in compiled.asm["ptx"] else "NO-WGMMA")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "D,binary,q_ref",
+    [(40, True, False), (80, False, True), (160, True, False)],
+    ids=["D40-bool", "D80-soft-qref", "D160-bool"],
+)
+def test_kernel_compiles_for_sm90_without_a_gpu(D, binary, q_ref):
+    """The interpreter never runs Triton's compiler: compile the real kernel for an H100 target (TTIR → PTX →
+    cubin with the bundled ptxas) so compiler-only errors show up on CPU-only machines too. Runs in a fresh
+    process because TRITON_INTERPRET=1 (set for this session) turns every @triton.jit into an interpreter stub."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", _SM90_SCRIPT, str(D), str(int(binary)), str(int(q_ref))],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
+    if r.stdout.startswith("SKIP:"):
+        pytest.skip(r.stdout.strip())
+    if r.returncode != 0 and "ptxas" in r.stderr.lower() and "not found" in r.stderr.lower():
+        pytest.skip("no ptxas available")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "WGMMA"  # Hopper tensor-core MMA, not a scalar fallback

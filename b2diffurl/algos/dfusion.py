@@ -727,6 +727,9 @@ class DFusionAlgorithm:
         prompts = ctx.draw_prompts(ctx.cfg.sample.prompts_per_stage)
         self.arena.reset()
         save_dir = os.path.join(ctx.cfg.out, "pairs") if self.dcfg.save_pairs else None
+        T = self.T
+        calls = -(-len(prompts) // self.prompts_per_call) * (2 * T - fused_step_range(self.dcfg, T)[0])
+        bar = ctx.progress and ctx.progress(range(calls), desc=f"stage {stage}: D-Fusion UNet steps", leave=False)
         st = generate_pairs(
             ctx.sampler,
             prompts,
@@ -737,7 +740,10 @@ class DFusionAlgorithm:
             epoch=stage,
             prompts_per_call=self.prompts_per_call,
             save_dir=save_dir,
+            progress=getattr(bar, "update", None),
         )
+        if hasattr(bar, "close"):
+            bar.close()
         dt = time.perf_counter() - t0
         m = dict(
             st.metrics,

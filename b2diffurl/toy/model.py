@@ -59,12 +59,15 @@ def build_unet(block_out_channels=(64, 96, 128)):
         attention_head_dim=4, norm_num_groups=16)
 
 
-def build_schedulers():
+def build_schedulers(prediction_type: str = "v_prediction"):
     """(DDPMScheduler for training, DDIMScheduler for sampling) with the same cosine ᾱ schedule; SD-style
-    DDIM settings (leading spacing, steps_offset 1, set_alpha_to_one False, no clipping)."""
+    DDIM settings (leading spacing, steps_offset 1, set_alpha_to_one False, no clipping).
+
+    v-prediction (as SD 2.x): with ε-prediction the first DDIM step (t = 951, ᾱ ≈ 0.006) divides the ε
+    error by √ᾱ, and the measured x̂₀ error (RMS 1.5) derailed sampling from pure noise; v keeps x̂₀ bounded."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    common = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+    common = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
                   clip_sample=False)
     ddim = DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     return DDPMScheduler(**common), ddim

@@ -1,8 +1,8 @@
 """Pretrain the toy text-to-image model: ``python -m b2diffurl.toy.pretrain [--steps N] [--out DIR]``.
 
 Data are rendered on the fly (:mod:`b2diffurl.toy.render`) from the train split, half single objects,
-a quarter counts, a quarter relations, 10 % empty prompts for classifier-free guidance. DDPM ε-loss on
-a cosine schedule, AdamW with warm-up then constant LR, an EMA of the weights is what gets saved.
+a quarter counts, a quarter relations, 10 % empty prompts for classifier-free guidance. DDPM v-prediction loss
+(or ε with --prediction epsilon) on a cosine schedule, AdamW with warm-up then constant LR, an EMA of the weights is what gets saved.
 The checkpoint (diffusers folder layout, safetensors) is rewritten every ``--save-every`` steps, so a
 usable model exists even if the run is stopped early; at the end a loss curve, a sample grid and a
 quality report (mean toy reward per prompt category, 20 DDIM steps, η = 1, CFG 5) are written next to it.
@@ -147,6 +147,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     ap.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out and exit")
+    ap.add_argument("--prediction", default="v_prediction", choices=["v_prediction", "epsilon"])
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue from the weights of this checkpoint folder (fresh optimizer; --channels ignored)")
     args = ap.parse_args(argv)
@@ -156,14 +157,17 @@ def main(argv=None) -> None:
     rng = random.Random(args.seed)
     dev = torch.device(args.device)
     tokenizer = M.build_tokenizer()
-    ddpm, ddim = M.build_schedulers()
+    ddpm, ddim = M.build_schedulers(args.prediction)
     if args.eval_only:
         from b2diffurl.toy.checkpoint_io import load_toy_components
         unet, te, tokenizer, ddim = load_toy_components(args.out, device=dev)
         print(json.dumps(evaluate(unet, te, tokenizer, ddim, args.out), indent=2))
         return
+    init_info = None
     if args.init_from is not None:
         from b2diffurl.toy.checkpoint_io import load_toy_components
+        index = json.loads((args.init_from / "model_index.json").read_text()).get("b2diffurl_toy", {})
+        init_info = {k: index.get(k) for k in ("train_steps", "prediction_type", "init_from", "wall_minutes")}
         unet, te, _, _ = load_toy_components(args.init_from, device=dev)
         unet.train()
         te.train()
@@ -191,7 +195,8 @@ def main(argv=None) -> None:
         noise = torch.randn_like(x0)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, encode(tokenizer, te, prompts)).sample, noise)
+        target = noise if args.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = F.mse_loss(unet(xt, t, encode(tokenizer, te, prompts)).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -205,7 +210,7 @@ def main(argv=None) -> None:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", s_per_step=f"{(time.time() - t0) / (step + 1):.2f}")
         last = step + 1 == args.steps or (args.max_minutes and time.time() - t0 > 60 * args.max_minutes)
         if (step + 1) % args.save_every == 0 or last:
-            meta = {"train_steps": step + 1, "batch": args.batch, "lr": args.lr, "ema": args.ema, "seed": args.seed,
+            meta = {"train_steps": step + 1, "prediction_type": args.prediction, "init_from": init_info, "batch": args.batch, "lr": args.lr, "ema": args.ema, "seed": args.seed,
                     "channels": args.channels, "wall_minutes": round((time.time() - t0) / 60, 1),
                     "final_loss_mean100": sum(losses[-100:]) / len(losses[-100:])}
             save_checkpoint(args.out, ema_unet, ema_te, tokenizer, ddim, meta)

@@ -91,9 +91,13 @@ class InjectionConfig:
         object.__setattr__(self, "components", tuple(self.components))
         bad = [c for c in self.components if c not in _COMPONENTS]
         if bad or not self.components:
-            raise ValueError(f"InjectionConfig.components must be a non-empty subset of {_COMPONENTS}, got {self.components}")
+            raise ValueError(
+                f"InjectionConfig.components must be a non-empty subset of {_COMPONENTS}, got {self.components}"
+            )
         if self.mask_mode not in _MASK_MODES:
-            raise ValueError(f"InjectionConfig.mask_mode must be one of {_MASK_MODES}, got {self.mask_mode!r}")
+            raise ValueError(
+                f"InjectionConfig.mask_mode must be one of {_MASK_MODES}, got {self.mask_mode!r}"
+            )
         g = self.mask_grid
         grid = (g, g) if isinstance(g, int) else tuple(g)
         if len(grid) != 2 or min(grid) < 1:
@@ -150,7 +154,9 @@ class StreamLayout:
         """
         if pairing is None:
             if num_target and not num_ref:
-                raise ValueError("StreamLayout.cfg: a target-only layout needs an explicit pairing (stored ref ids)")
+                raise ValueError(
+                    "StreamLayout.cfg: a target-only layout needs an explicit pairing (stored ref ids)"
+                )
             pairing = [j * num_ref // num_target for j in range(num_target)] if num_target else []
         pairing = [int(p) for p in pairing]
         if len(pairing) != num_target:
@@ -189,7 +195,11 @@ class StreamLayout:
 
     def cond_ref_rows(self) -> list[int]:
         """Conditional reference rows ordered by ref_id (rows whose cross-attention builds the masks)."""
-        rows = [(rid, i) for i, (r, rid, c) in enumerate(zip(self.role, self.ref_id, self.cond)) if r == "ref" and c]
+        rows = [
+            (rid, i)
+            for i, (r, rid, c) in enumerate(zip(self.role, self.ref_id, self.cond))
+            if r == "ref" and c
+        ]
         return [i for _, i in sorted(rows)]
 
 
@@ -287,7 +297,9 @@ class InjectionContext:
     # Filled by the processors / call hooks:
     mask: torch.Tensor | None = None  # [R, h, w] binary per reference stream
     cross_maps: torch.Tensor | None = None  # [R, h·w, I] last call's averaged object-token maps
-    stored: dict[str, _Stored] = field(default_factory=dict)  # layer name → reference K/V of the last ref-only call
+    stored: dict[str, _Stored] = field(
+        default_factory=dict
+    )  # layer name → reference K/V of the last ref-only call
     _tokens: torch.Tensor | None = None
     _mask_binary: bool = True
     _thresholds: object = None
@@ -305,7 +317,9 @@ class InjectionContext:
         (default ``config.threshold``). Enables cross-attention capture on the conditional reference rows."""
         t = torch.as_tensor(token_indices, dtype=torch.long)
         if t.dim() not in (1, 2) or t.numel() == 0:
-            raise ValueError(f"set_objects: token_indices must be [I] or [R, I] and non-empty, got {list(t.shape)}")
+            raise ValueError(
+                f"set_objects: token_indices must be [I] or [R, I] and non-empty, got {list(t.shape)}"
+            )
         self._tokens = t
         self._thresholds = self.config.threshold if thresholds is None else thresholds
 
@@ -343,7 +357,9 @@ class InjectionContext:
 
     def _check_layout(self, batch: int) -> StreamLayout:
         if self.layout is None:
-            raise RuntimeError("InjectionContext.layout is not set: assign a StreamLayout before the UNet call")
+            raise RuntimeError(
+                "InjectionContext.layout is not set: assign a StreamLayout before the UNet call"
+            )
         if self.layout.batch != batch:
             raise ValueError(
                 f"StreamLayout describes {self.layout.batch} rows but the UNet batch has {batch}; "
@@ -399,7 +415,9 @@ class InjectionContext:
                 raise RuntimeError(f"K/V injection needs an object mask but none is available: {how}")
             ids = [layout.ref_id[i] for i in tgt]
             if max(ids) >= self.mask.shape[0]:
-                raise ValueError(f"target rows use ref_id up to {max(ids)} but the mask has {self.mask.shape[0]} streams")
+                raise ValueError(
+                    f"target rows use ref_id up to {max(ids)} but the mask has {self.mask.shape[0]} streams"
+                )
             per_ref = resize_mask(self.mask.to(device), self._grid(num_tokens))
             tgt_t, ids_t = self._index_tensors(layout, device)
             out[tgt_t] = per_ref[ids_t]
@@ -413,7 +431,10 @@ class InjectionContext:
         hit = self._index_cache.get(key)
         if hit is None:
             tgt = layout.rows("target")
-            hit = (torch.tensor(tgt, device=device), torch.tensor([layout.ref_id[i] for i in tgt], device=device))
+            hit = (
+                torch.tensor(tgt, device=device),
+                torch.tensor([layout.ref_id[i] for i in tgt], device=device),
+            )
             self._index_cache[key] = hit
         return hit
 
@@ -451,7 +472,9 @@ class KVInjectionAttnProcessor:
         self.ctx = ctx
         self.name = name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -516,7 +539,10 @@ class KVInjectionAttnProcessor:
         if not layout.has_targets:
             if layout.has_refs:
                 ctx.stored[self.name] = _Stored(
-                    layout, query if "q" in comps else None, key if "k" in comps else None, value if "v" in comps else None
+                    layout,
+                    query if "q" in comps else None,
+                    key if "k" in comps else None,
+                    value if "v" in comps else None,
                 )
             return None
         if attention_mask is not None:
@@ -535,8 +561,16 @@ class KVInjectionAttnProcessor:
         mask = ctx.row_mask(layout, key.shape[2], query.device)
         if "k" in comps and "v" in comps:  # D-Fusion's case: the fused kernel
             return kv_inject_attention(
-                query, key, value, k_ref=k_src, v_ref=v_src, mask=mask, q_ref=q_src if "q" in comps else None,
-                ref_index=ridx, backend=ctx.config.backend, validate=False,
+                query,
+                key,
+                value,
+                k_ref=k_src,
+                v_ref=v_src,
+                mask=mask,
+                q_ref=q_src if "q" in comps else None,
+                ref_index=ridx,
+                backend=ctx.config.backend,
+                validate=False,
             )
         # Other subsets (q only, k only, ...): rare, materialised with the reference blend.
         B = query.shape[0]
@@ -565,8 +599,12 @@ class KVInjectionAttnProcessor:
             cols = probs[..., tok]  # [R, H, N, I]
         else:
             if tok.shape[0] != len(rows):
-                raise ValueError(f"set_objects: {tok.shape[0]} rows of token indices for {len(rows)} reference streams")
-            cols = torch.gather(probs, 3, tok[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1))
+                raise ValueError(
+                    f"set_objects: {tok.shape[0]} rows of token indices for {len(rows)} reference streams"
+                )
+            cols = torch.gather(
+                probs, 3, tok[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
+            )
         ctx._maps_this_call.append(cols.mean(dim=1))  # [R, N, I]
 
 

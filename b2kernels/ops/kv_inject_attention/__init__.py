@@ -87,7 +87,9 @@ def triton_reasons_for(q: torch.Tensor, *, needs_grad: bool) -> list[str]:
     """Why the Triton kernel can't serve this call (beyond device/installation reasons)."""
     reasons = []
     if q.dtype not in _TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} unsupported by the Triton kernel (supported: float16, bfloat16, float32)")
+        reasons.append(
+            f"dtype {q.dtype} unsupported by the Triton kernel (supported: float16, bfloat16, float32)"
+        )
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
         reasons.append(
             f"head dim {q.shape[-1]} unsupported by the Triton kernel (supported: 1..{_TRITON_MAX_HEAD_DIM}, "
@@ -102,7 +104,9 @@ def _check(name, t, ndim=4):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"kv_inject_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
-        raise ValueError(f"kv_inject_attention: expected {name} of shape [B, H, N, D] (4-D), got {list(t.shape)}")
+        raise ValueError(
+            f"kv_inject_attention: expected {name} of shape [B, H, N, D] (4-D), got {list(t.shape)}"
+        )
 
 
 def _validate(q, k, v, k_ref, v_ref, mask, q_ref, ref_index):
@@ -114,18 +118,26 @@ def _validate(q, k, v, k_ref, v_ref, mask, q_ref, ref_index):
     NK = k.shape[2]
     if not q.dtype.is_floating_point:
         raise TypeError(f"kv_inject_attention: q must be floating point, got {q.dtype}")
-    named = [("k", k), ("v", v), ("k_ref", k_ref), ("v_ref", v_ref)] + ([("q_ref", q_ref)] if q_ref is not None else [])
+    named = [("k", k), ("v", v), ("k_ref", k_ref), ("v_ref", v_ref)] + (
+        [("q_ref", q_ref)] if q_ref is not None else []
+    )
     for name, t in named:
         if t.dtype != q.dtype:
-            raise TypeError(f"kv_inject_attention: {name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype")
+            raise TypeError(
+                f"kv_inject_attention: {name} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype"
+            )
         if t.device != q.device:
-            raise ValueError(f"kv_inject_attention: {name} is on {t.device} but q is on {q.device}; move them to one device")
+            raise ValueError(
+                f"kv_inject_attention: {name} is on {t.device} but q is on {q.device}; move them to one device"
+            )
     if k.shape != (B, H, NK, D) or v.shape != (B, H, NK, D):
         raise ValueError(
             f"kv_inject_attention: expected k and v of shape [{B}, {H}, Nk, {D}] (batch, heads and head dim of q), "
             f"got k {list(k.shape)} and v {list(v.shape)}"
         )
-    for name, t, n in [("k_ref", k_ref, NK), ("v_ref", v_ref, NK)] + ([("q_ref", q_ref, NQ)] if q_ref is not None else []):
+    for name, t, n in [("k_ref", k_ref, NK), ("v_ref", v_ref, NK)] + (
+        [("q_ref", q_ref, NQ)] if q_ref is not None else []
+    ):
         br = t.shape[0]
         ok_batch = (br >= 1) if ref_index is not None else (br == 1 or br == B)
         if t.shape[1:] != (H, n, D) or not ok_batch:
@@ -134,7 +146,9 @@ def _validate(q, k, v, k_ref, v_ref, mask, q_ref, ref_index):
                 f"kv_inject_attention: expected {name} of shape [Br, {H}, {n}, {D}] with {want}, got {list(t.shape)}"
             )
     if k_ref.shape[0] != v_ref.shape[0]:
-        raise ValueError(f"kv_inject_attention: k_ref and v_ref batches differ ({k_ref.shape[0]} vs {v_ref.shape[0]})")
+        raise ValueError(
+            f"kv_inject_attention: k_ref and v_ref batches differ ({k_ref.shape[0]} vs {v_ref.shape[0]})"
+        )
     if q_ref is not None and NQ != NK:
         raise ValueError(
             f"kv_inject_attention: q_ref needs self-attention shapes (one per-token mask for queries and keys), "
@@ -148,13 +162,19 @@ def _validate(q, k, v, k_ref, v_ref, mask, q_ref, ref_index):
     if mask.values.device != q.device:
         raise ValueError(f"kv_inject_attention: mask is on {mask.values.device} but q is on {q.device}")
     if ref_index is not None:
-        if ref_index.dim() != 1 or ref_index.shape[0] != B or ref_index.dtype not in (torch.int32, torch.int64):
+        if (
+            ref_index.dim() != 1
+            or ref_index.shape[0] != B
+            or ref_index.dtype not in (torch.int32, torch.int64)
+        ):
             raise ValueError(
                 f"kv_inject_attention: ref_index must be an int32/int64 tensor of shape [{B}], "
                 f"got {ref_index.dtype} {list(ref_index.shape)}"
             )
         if ref_index.device != q.device:
-            raise ValueError(f"kv_inject_attention: ref_index is on {ref_index.device} but q is on {q.device}")
+            raise ValueError(
+                f"kv_inject_attention: ref_index is on {ref_index.device} but q is on {q.device}"
+            )
 
 
 # --- torch.library custom op: lets torch.compile / CUDA graphs capture the Triton kernel --------------------
@@ -231,7 +251,14 @@ def kv_inject_attention(
     choice = resolve(_OP, backend, q.device, triton_reasons_for(q, needs_grad=needs_grad))
     if choice == "reference":
         return kv_inject_attention_reference(
-            q, k, v, k_ref=k_ref, v_ref=v_ref, mask=mask.materialize(q.shape[0]), q_ref=q_ref, scale=scale,
+            q,
+            k,
+            v,
+            k_ref=k_ref,
+            v_ref=v_ref,
+            mask=mask.materialize(q.shape[0]),
+            q_ref=q_ref,
+            scale=scale,
             ref_index=ref_index,
         )
     ridx = ref_index.to(torch.int32) if ref_index is not None else None

@@ -72,8 +72,12 @@ def _blend_tile(own, ref, rows64, s_own, s_ref, offs_d, d_ok, ok, use_own, use_r
         ptrs = tl.where(use_ref[:, None], ref + rows64[:, None] * s_ref, own + rows64[:, None] * s_own)
         return tl.load(ptrs + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
     else:
-        a = tl.load(own + rows64[:, None] * s_own + offs_d[None, :], mask=use_own[:, None] & d_ok[None, :], other=0.0)
-        r = tl.load(ref + rows64[:, None] * s_ref + offs_d[None, :], mask=use_ref[:, None] & d_ok[None, :], other=0.0)
+        a = tl.load(
+            own + rows64[:, None] * s_own + offs_d[None, :], mask=use_own[:, None] & d_ok[None, :], other=0.0
+        )
+        r = tl.load(
+            ref + rows64[:, None] * s_ref + offs_d[None, :], mask=use_ref[:, None] & d_ok[None, :], other=0.0
+        )
         return (m2 * r.to(tl.float32) + (1.0 - m2) * a.to(tl.float32)).to(a.dtype)
 
 
@@ -85,6 +89,8 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b)
 
 
+# Stride triplets are grouped per tensor (batch, head, token; the last dim is unit-stride).
+# fmt: off
 @triton.autotune(
     configs=_configs(),
     key=["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "HAS_QREF"],
@@ -115,6 +121,7 @@ def _kv_inject_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # fmt: on
     # Head dim split into two power-of-two chunks [0, D0) + [D0, D0+D1) (HAS_D1 = False: one chunk), so 40/80/160
     # cost 48/80/160 lanes instead of 64/128/256. HEAD_DIM is constexpr: the d-masks fold to constants and
     # the loads stay vectorised.
@@ -145,11 +152,19 @@ def _kv_inject_fwd_kernel(
         mq = tl.load(M + mrow * smb + offs_m * smn, mask=m_ok, other=0.0)
         q_own = m_ok & (mq < 1.0)
         q_ref = m_ok & (mq > 0.0)
-        q0 = _blend_tile(q_base, qr_base, rows64, sqn, sqrn, offs_d0, d0_ok, m_ok, q_own, q_ref, mq[:, None], BINARY)
-        q1 = _blend_tile(q_base, qr_base, rows64, sqn, sqrn, offs_d1, d1_ok, m_ok, q_own, q_ref, mq[:, None], BINARY)
+        q0 = _blend_tile(
+            q_base, qr_base, rows64, sqn, sqrn, offs_d0, d0_ok, m_ok, q_own, q_ref, mq[:, None], BINARY
+        )
+        q1 = _blend_tile(
+            q_base, qr_base, rows64, sqn, sqrn, offs_d1, d1_ok, m_ok, q_own, q_ref, mq[:, None], BINARY
+        )
     else:
-        q0 = tl.load(q_base + rows64[:, None] * sqn + offs_d0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
-        q1 = tl.load(q_base + rows64[:, None] * sqn + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+        q0 = tl.load(
+            q_base + rows64[:, None] * sqn + offs_d0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0
+        )
+        q1 = tl.load(
+            q_base + rows64[:, None] * sqn + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0
+        )
 
     # Finite start for the running max: a row whose scores were all -inf would give 0, not NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -172,10 +187,14 @@ def _kv_inject_fwd_kernel(
         use_own = n_ok & (mk < 1.0)
         mk2 = mk[:, None]
 
-        k0 = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d0, d0_ok, n_ok, use_own, use_ref, mk2, BINARY)
+        k0 = _blend_tile(
+            k_base, kr_base, cols64, skn, skrn, offs_d0, d0_ok, n_ok, use_own, use_ref, mk2, BINARY
+        )
         s = _dot(q0, tl.trans(k0), IEEE)
         if HAS_D1:
-            k1 = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d1, d1_ok, n_ok, use_own, use_ref, mk2, BINARY)
+            k1 = _blend_tile(
+                k_base, kr_base, cols64, skn, skrn, offs_d1, d1_ok, n_ok, use_own, use_ref, mk2, BINARY
+            )
             s += _dot(q1, tl.trans(k1), IEEE)
         s = s * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -186,20 +205,32 @@ def _kv_inject_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(V.dtype.element_ty)
 
-        v0 = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d0, d0_ok, n_ok, use_own, use_ref, mk2, BINARY)
+        v0 = _blend_tile(
+            v_base, vr_base, cols64, svn, svrn, offs_d0, d0_ok, n_ok, use_own, use_ref, mk2, BINARY
+        )
         acc0 = acc0 * alpha[:, None] + _dot(p, v0, IEEE)
         if HAS_D1:
-            v1 = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d1, d1_ok, n_ok, use_own, use_ref, mk2, BINARY)
+            v1 = _blend_tile(
+                v_base, vr_base, cols64, svn, svrn, offs_d1, d1_ok, n_ok, use_own, use_ref, mk2, BINARY
+            )
             acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o_base = O + b64 * sob + h64 * soh
     out0 = acc0 / l_safe[:, None]
-    tl.store(o_base + rows64[:, None] * son + offs_d0[None, :], out0.to(O.dtype.element_ty), mask=m_ok[:, None] & d0_ok[None, :])
+    tl.store(
+        o_base + rows64[:, None] * son + offs_d0[None, :],
+        out0.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d0_ok[None, :],
+    )
     if HAS_D1:
         out1 = acc1 / l_safe[:, None]
-        tl.store(o_base + rows64[:, None] * son + offs_d1[None, :], out1.to(O.dtype.element_ty), mask=m_ok[:, None] & d1_ok[None, :])
+        tl.store(
+            o_base + rows64[:, None] * son + offs_d1[None, :],
+            out1.to(O.dtype.element_ty),
+            mask=m_ok[:, None] & d1_ok[None, :],
+        )
 
 
 def split_head_dim(d: int) -> tuple[int, int]:
@@ -255,6 +286,7 @@ def kv_inject_attention_triton(
     ridx = ref_index if ref_index is not None else mask  # dummy pointer when unused
     d0, d1 = split_head_dim(D)
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
+    # fmt: off
     _kv_inject_fwd_kernel[grid](
         q, k, v, qr, k_ref, v_ref, mask, ridx, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -279,4 +311,5 @@ def kv_inject_attention_triton(
         # (numpy has no bf16), so interpreted bf16 runs its dots in fp32 on bf16-rounded operands.
         IEEE=q.dtype == torch.float32 or (triton_interpret() and q.dtype == torch.bfloat16),
     )
+    # fmt: on
     return out
