@@ -6,7 +6,8 @@ Two presets fill every field the user did not set explicitly (in YAML or with ``
 
 * ``official`` — the values of the official B²-DiffuRL run script (SD 1.4, T = 20, η = 1, CFG 5, 100 stages,
   256 prompts × 5 branches per stage, k 14 → 20, H = 8, thresholds ±0.5, 2 inner epochs, AdamW 1e-4 wd 1e-4,
-  clip 1.0, micro-batch 2 × 64 accumulated micro-steps, LoRA rank 4). These are the dataclass defaults.
+  clip 1.0, micro-batch 2 × 64 accumulated micro-steps, LoRA rank 4). These are the dataclass defaults; the
+  preset only switches the reward to ``clip`` and turns off the toy held-out evaluation.
 * ``toy`` — small CPU-friendly values so ``b2diffurl train`` with no arguments runs B² on the embedded toy world
   in minutes on 2 CPU cores (fewer stages and prompts, bigger micro-batches, full fine-tune of the tiny UNet).
 
@@ -190,7 +191,7 @@ class DPOConfig:
 class EvalConfig:
     prompts: str = _f("toy", "held-out prompts: 'toy' (toy held-out set), a .txt (one per line) or .json list, or "
                              "'none'")
-    num_prompts: int = _f(32, "held-out prompts evaluated (first N)")
+    num_prompts: int = _f(32, "held-out prompts evaluated (N evenly spaced over the held-out list)")
     images_per_prompt: int = _f(2, "images per held-out prompt")
     every: int = _f(0, "evaluate every N stages (0 = only before and after training)")
     seed: int = _f(1234, "fixed sampling seed for evaluation (same noise before and after)")
@@ -243,7 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.grad_accum_steps": 8,
         "train.lr": 3e-4,
         "train.weight_decay": 0.0,
-        "eval.num_prompts": 16,
+        "eval.num_prompts": 32,
         "eval.images_per_prompt": 2,
         "checkpoint_every": 4,
         "grid_every": 4,
@@ -428,8 +429,6 @@ def validate(cfg: RunConfig) -> None:
                         "branched); lower b2.k_right or raise sample.num_steps")
         if b2.history < 0:
             errs.append("b2.history must be >= 0")
-        if b2.neg_threshold > b2.pos_threshold:
-            errs.append("b2.neg_threshold must be <= b2.pos_threshold")
     if cfg.stages < 1:
         errs.append(f"stages must be >= 1, got {cfg.stages}")
     if t.inner_epochs < 1 or t.micro_batch_size < 1 or t.grad_accum_steps < 1:

@@ -372,7 +372,9 @@ class Trainer:
             return None
         from b2diffurl.sampling import sample
 
-        prompts = [p for p in self.heldout_prompts[:e.num_prompts] for _ in range(e.images_per_prompt)]
+        n = min(e.num_prompts, len(self.heldout_prompts))  # evenly spaced: the set may be sorted by category
+        chosen = [self.heldout_prompts[(i * len(self.heldout_prompts)) // n] for i in range(n)]
+        prompts = [p for p in chosen for _ in range(e.images_per_prompt)]
         t0 = time.perf_counter()
         res = sample(self.policy, prompts, seed=e.seed, batch_size=self.cfg.sample.batch_size * self.cfg.sample.branches,
                      sampler=self.sampler)

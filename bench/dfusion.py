@@ -211,8 +211,12 @@ def _throughput_rows(args, device) -> list[dict]:
     warm = 0 if device.type == "cpu" else 2
     ms_engine = time_fn(engine, warmup=warm, iters=iters, device=device)
     ms_official = time_fn(official, warmup=warm, iters=iters, device=device)
-    ms_a_cap = time_fn(lambda: phase_a(True), warmup=warm, iters=iters, device=device)
-    ms_a = time_fn(lambda: phase_a(False), warmup=warm, iters=iters, device=device)
+    # interleaved (ABAB…) so that load drift on a shared machine hits both alike; medians
+    a_cap, a_plain = [], []
+    for _ in range(max(iters, 2)):
+        a_cap.append(time_fn(lambda: phase_a(True), warmup=warm, iters=1, device=device))
+        a_plain.append(time_fn(lambda: phase_a(False), warmup=warm, iters=1, device=device))
+    ms_a_cap, ms_a = sorted(a_cap)[len(a_cap) // 2], sorted(a_plain)[len(a_plain) // 2]
     # capture overhead per target: one Phase-A image per target and a half (n = 16: 8 bases + 4 refs + 4 others)
     overhead_ms = max(ms_a_cap - ms_a, 0.0) / rows_a * nt * 2
     common = dict(

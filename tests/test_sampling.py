@@ -25,7 +25,6 @@ def _oracle_tree(policy, cond, uncond, *, split, branches, gen, guidance, eta=1.
     P, B = cond.shape[0], branches
     shape = policy.latent_shape
     x = torch.randn((P, *shape), generator=gen)
-    traj = [[x[p:p + 1]] for p in range(P)]  # per prompt: list of prefix latents
     noises = []
     for i in range(T):
         rows = P if i < split else P * B
@@ -53,7 +52,6 @@ def _oracle_tree(policy, cond, uncond, *, split, branches, gen, guidance, eta=1.
                 out_lp[r, i] = lp
                 xi = xn
                 out_lat[r, i + 1] = xi[0]
-    del traj
     return out_lat, out_lp
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import torch
 from tiny_policy import TinyPolicy, brightness_reward
 
 from b2diffurl import config as C
-from b2diffurl.trainer import Trainer, add_train_subparser, is_timing_key
+from b2diffurl.trainer import Trainer, is_timing_key
 
 T = 4
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "three yellow circles"]
@@ -151,10 +150,9 @@ def test_preset_and_precedence(tmp_path):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="b2diffurl")
-    add_train_subparser(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from b2diffurl.cli import main
+
+    return main(argv)
 
 
 def test_cli_help_lists_every_field(capsys):
@@ -185,7 +183,12 @@ def test_cli_smoke_one_stage(tmp_path, monkeypatch, capsys):
                "--set", "sample.prompts_per_stage=2", "--set", "sample.branches=2", "--set", "eval.prompts=none",
                "--set", "progress=false", "--set", "model.lora=off"])
     assert rc == 0
-    summary = json.loads(capsys.readouterr().out[capsys.readouterr().out.find("{"):] or "{}") if False else None
-    del summary
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["status"] == "finished" and summary["stages_done"] == 1
     assert stage_metrics(tmp_path)[0]["stage"] == 0
     assert (tmp_path / "checkpoints" / "LATEST").is_file() and (tmp_path / "config.yaml").is_file()
+    # `train --resume DIR --set stages=2` continues the same run (its saved config) for one more stage
+    assert _cli(["train", "--resume", str(tmp_path), "--set", "stages=2"]) == 0
+    assert [r["stage"] for r in stage_metrics(tmp_path)] == [0, 1]
+    assert stage_metrics(tmp_path)[1]["split_step"] == T  # still DDPO: the algo came from the saved config

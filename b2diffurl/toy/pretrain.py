@@ -116,16 +116,25 @@ def evaluate(unet, text_encoder, tokenizer, ddim, out: Path | None, *, n_per_pro
     return report
 
 
-def plot_losses(losses: list[float], path: Path) -> None:
+def plot_losses(losses: list[float], path: Path, prior: list[float] | None = None, label: str = "v-MSE") -> None:
+    """Loss curve PNG; ``prior`` = the losses of the run this one was initialised from (drawn first)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    k = 50
-    smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(losses, alpha=0.3, lw=0.5, label="loss")
-    ax.plot(smooth, lw=1.5, label=f"mean of last {k}")
-    ax.set(yscale="log", xlabel="step", ylabel="ε-MSE")
+
+    def smooth(v, k=50):
+        return [sum(v[max(0, i - k):i + 1]) / len(v[max(0, i - k):i + 1]) for i in range(len(v))]
+
+    prior = prior or []
+    fig, ax = plt.subplots(figsize=(5.5, 3))
+    if prior:
+        ax.plot(prior, alpha=0.25, lw=0.5, color="gray")
+        ax.plot(smooth(prior), lw=1.5, color="gray", label="phase 1: ε-MSE")
+        ax.axvline(len(prior), color="k", lw=0.5, ls="--")
+    xs = range(len(prior), len(prior) + len(losses))
+    ax.plot(xs, losses, alpha=0.3, lw=0.5, color="C0")
+    ax.plot(xs, smooth(losses), lw=1.5, color="C1", label=f"{'phase 2: ' if prior else ''}{label} (mean of 50)")
+    ax.set(yscale="log", xlabel="step (batch 64)", ylabel="loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -163,11 +172,13 @@ def main(argv=None) -> None:
         unet, te, tokenizer, ddim = load_toy_components(args.out, device=dev)
         print(json.dumps(evaluate(unet, te, tokenizer, ddim, args.out), indent=2))
         return
-    init_info = None
+    init_info, prior_losses = None, None
     if args.init_from is not None:
         from b2diffurl.toy.checkpoint_io import load_toy_components
         index = json.loads((args.init_from / "model_index.json").read_text()).get("b2diffurl_toy", {})
         init_info = {k: index.get(k) for k in ("train_steps", "prediction_type", "init_from", "wall_minutes")}
+        if (args.init_from / "losses.json").is_file():
+            prior_losses = json.loads((args.init_from / "losses.json").read_text())
         unet, te, _, _ = load_toy_components(args.init_from, device=dev)
         unet.train()
         te.train()
@@ -215,7 +226,8 @@ def main(argv=None) -> None:
                     "final_loss_mean100": sum(losses[-100:]) / len(losses[-100:])}
             save_checkpoint(args.out, ema_unet, ema_te, tokenizer, ddim, meta)
             (args.out / "losses.json").write_text(json.dumps([round(v, 5) for v in losses]))
-            plot_losses(losses, args.out / "loss_curve.png")
+            plot_losses(losses, args.out / "loss_curve.png", prior_losses,
+                        "v-MSE" if args.prediction == "v_prediction" else "ε-MSE")
             print(f"\nsaved step {step + 1} to {args.out} ({(time.time() - t0) / 60:.1f} min)", flush=True)
         if last:
             break
