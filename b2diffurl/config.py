@@ -242,7 +242,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "b2.k_right": 20,
         "train.micro_batch_size": 16,
         "train.grad_accum_steps": 8,
-        "train.lr": 3e-4,
+        "train.lr": 5e-5,
         "train.weight_decay": 0.0,
         "eval.num_prompts": 32,
         "eval.images_per_prompt": 2,

@@ -47,7 +47,7 @@ class SampleResult:
 class _GraphedStep:
     """A CUDA-graph capture of ``step_fn`` for one static shape. Inputs are copied into static buffers."""
 
-    def __init__(self, step_fn, x, step_idx, embeds, noise):
+    def __init__(self, step_fn, x, step_idx, embeds, noise, pool=None):
         self.static = [t.clone() for t in (x, step_idx, embeds, noise)]
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
@@ -56,7 +56,7 @@ class _GraphedStep:
                 step_fn(*self.static)
         torch.cuda.current_stream(x.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):  # one memory pool shared by the prefix/branch graphs
             self.out = step_fn(*self.static)
 
     def __call__(self, x, step_idx, embeds, noise):
@@ -88,6 +88,7 @@ class TreeSampler:
         with torch.no_grad():
             self.uncond = policy.encode_prompts([""]).to(self.dtype) if self.use_cfg else None
         self.graphs: dict | None = None
+        self._graph_pool = None
         self.graph_reason: str | None = None
         if cuda_graphs:
             if self.device.type != "cuda":
@@ -136,7 +137,9 @@ class TreeSampler:
         step_idx = torch.full((x.shape[0],), int(i), dtype=torch.long, device=x.device)
         if g is None:
             try:
-                g = self.graphs[key] = _GraphedStep(self._step, x, step_idx, embeds, noise)
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                g = self.graphs[key] = _GraphedStep(self._step, x, step_idx, embeds, noise, self._graph_pool)
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back, with the reason logged
                 self.graph_reason = f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly"
                 log.warning(self.graph_reason)

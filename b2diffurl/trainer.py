@@ -427,6 +427,10 @@ class Trainer:
                 rec = {"kind": "stage", "stage": stage, **data.metrics, **train_metrics,
                        "stage_time_s": time.perf_counter() - t0}
                 self._log(rec)
+                tol = 1e-5 if self.dtype == torch.float32 else 1e-3
+                if rec.get("ratio_dev_max", 0.0) > tol:
+                    log.warning("stage %d: max |ratio - 1| before the first update is %.2e > %.0e: sampling and "
+                                "training forwards disagree", stage, rec["ratio_dev_max"], tol)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", sel=rec.get("n_selected"),
                                     dev=f"{rec.get('ratio_dev_max', 0):.1e}")

@@ -87,6 +87,7 @@ def add_args(p):
     p.add_argument("--k", type=int, default=None, help="branched/trained steps")
     p.add_argument("--micro-batch", type=int, default=None, help="our training micro-batch (official: 2)")
     p.add_argument("--force-sd15", action="store_true", help="run sd15 on CPU too (very slow)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up stage of each implementation")
 
 
 def _policy(name, device):
@@ -163,17 +164,20 @@ def run(args) -> list[dict]:
         else:
             reward_fn, prompts = _dense_reward, [f"prompt number {i}" for i in range(P)]
         prompts = (prompts * P)[:P]
+        def one(impl, policy=policy, reward_fn=reward_fn, prompts=prompts):
+            with contextlib.suppress(Exception):
+                policy.unet.zero_grad(set_to_none=True)
+            return (_ours(policy, reward_fn, prompts, P, B, T, k, mb, device) if impl == "ours"
+                    else _official(policy, reward_fn, prompts, P, B, T, k, device))
+
+        if not args.no_warmup:  # one untimed stage each (lazy inits, kernel/primitive caches, autotuning)
+            for impl in ("ours", "official"):
+                one(impl)
         for impl in ("ours", "official"):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            with contextlib.suppress(Exception):
-                policy.unet.zero_grad(set_to_none=True)
-            if device.type == "cuda":  # warm-up stage (kernels, autotuning) before the timed one
-                (_ours(policy, reward_fn, prompts, P, B, T, k, mb, device) if impl == "ours"
-                 else _official(policy, reward_fn, prompts, P, B, T, k, device))
-            r = (_ours(policy, reward_fn, prompts, P, B, T, k, mb, device) if impl == "ours"
-                 else _official(policy, reward_fn, prompts, P, B, T, k, device))
+            r = one(impl)
             stage = r["sample_time_s"] + r["train_time_s"]
             row = {"model": name, "impl": impl, "P": P, "B": B, "T": T, "k": k, "images": P * B,
                    "stage_s": stage, "images_per_s": P * B / stage, **r}
@@ -181,7 +185,7 @@ def run(args) -> list[dict]:
                 row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
             rows.append(row)
             print({kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in row.items()}, flush=True)
-        del policy
+        del policy, one
     return rows
 
 

@@ -320,3 +320,28 @@ def test_triton_backend_pipeline_matches_reference(device):
         )
         out.append(torch.stack([arena.latents(st.target_ids, i) for i in range(steps + 1)], 1))
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-4)
+
+
+def test_auto_fusion_layers_on_sd_layout():
+    # SD 1.x/2.x block layout (tiny widths): 'auto' = official 3..6 = mid + three cross-attention up blocks,
+    # i.e. 10 self-attention modules with layers_per_block=2
+    from diffusers import UNet2DConditionModel
+
+    from b2kernels.integrations.diffusers import cross_attention_blocks
+
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=2,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    assert D.fusion_block_indices(unet, "auto") == D.fusion_block_indices(unet, "3-6") == (3, 4, 5, 6)
+    blocks = cross_attention_blocks(unet)
+    fused = [
+        n
+        for n in unet.attn_processors
+        if ".attn1." in n and n.startswith(tuple(blocks[i] for i in (3, 4, 5, 6)))
+    ]
+    assert len(fused) == 10
