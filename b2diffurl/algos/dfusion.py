@@ -685,9 +685,9 @@ def save_pair_grid(
 
 class DFusionAlgorithm:
     """``b2diffurl train --algo dfusion``: each stage draws ``sample.prompts_per_stage`` prompts, builds D-Fusion
-    pairs (:func:`generate_pairs`) and trains on them with D3PO (``dfusion.objective='dpo'``, π_ref = LoRA off,
-    ℓ^ref once per stage, fused steps only) or with DDPO-style PPO-clip (``'ppo'``: targets and bases, per-prompt
-    z-scored rewards). Sampling noise derives from (run seed, stage, sample index), so a resumed run replays it
+    pairs (:func:`generate_pairs`) and trains on them with D3PO (``dfusion.objective='dpo'``, π_ref = LoRA
+    off, ℓ^ref once per stage, steps from the first fused one on) or with DDPO-style PPO-clip (``'ppo'``:
+    targets and bases, per-prompt z-scored rewards). Sampling noise derives from (run seed, stage, sample index), so a resumed run replays it
     without generator state."""
 
     name = "dfusion"
@@ -729,7 +729,9 @@ class DFusionAlgorithm:
         save_dir = os.path.join(ctx.cfg.out, "pairs") if self.dcfg.save_pairs else None
         T = self.T
         calls = -(-len(prompts) // self.prompts_per_call) * (2 * T - fused_step_range(self.dcfg, T)[0])
-        bar = ctx.progress and ctx.progress(range(calls), desc=f"stage {stage}: D-Fusion UNet steps", leave=False)
+        bar = ctx.progress and ctx.progress(
+            range(calls), desc=f"stage {stage}: D-Fusion UNet steps", leave=False
+        )
         st = generate_pairs(
             ctx.sampler,
             prompts,
@@ -777,7 +779,9 @@ class DFusionAlgorithm:
             self.arena,
             st.preferred,
             st.dispreferred,
-            st.fused_steps,
+            # target == base before the first fused step (zero gradient: skipped); every later step can differ,
+            # including any after a window that ends early
+            list(range(st.fused_steps[0], self.T)),
             st.cond,
             s.uncond if s.use_cfg else None,
             self.pcfg,
