@@ -168,3 +168,19 @@ def test_ddpo_layout_no_branching_all_steps(tmp_path):
     assert tr.algo.arena.split_steps(sel_ids).tolist() == [T] * 9
     m = tr.algo.train_stage(0, data)
     assert m["micro_steps"] == 2 * math.ceil(9 / 2) * T and m["ratio_dev_max"] <= 1e-5
+
+
+def test_selected_advantages_belong_to_the_best_and_worst_branches(tmp_path):
+    """The advantage stored for a trajectory matches its own reward: positives are their group's best branch,
+    negatives its worst (catches any misalignment between reward rows, z-scores and arena ids)."""
+    tr = make_trainer(tmp_path, stages=1)
+    data = tr.algo.sample_stage(0)
+    sel_ids, _, _ = data.payload
+    arena = tr.algo.arena
+    rewards = arena.rewards(torch.arange(9)).view(3, 3)
+    adv = arena.advantages(sel_ids)
+    assert sel_ids.numel() > 0
+    for i, a in zip(sel_ids.tolist(), adv.tolist()):
+        group = rewards[i // 3]
+        assert a != 0
+        assert arena.rewards(torch.tensor([i]))[0] == (group.max() if a > 0 else group.min())

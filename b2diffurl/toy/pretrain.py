@@ -108,10 +108,11 @@ def evaluate(unet, text_encoder, tokenizer, ddim, out: Path | None, *, n_per_pro
             r = toy_score(imgs, ps)
             report[f"{split}/{cat}"] = {"mean": r.mean().item(), "std": r.std().item(), "n": len(ps)}
             if split == "train":
-                grid_rows.append(imgs[: 8 * n_per_prompt: n_per_prompt // 2 or 1][:8])
+                grid_rows.append(imgs[::n_per_prompt][:8])   # first sample of 8 prompts
     if out is not None:
         from torchvision.utils import save_image
-        save_image(torch.cat(grid_rows), out / "samples.png", nrow=8, padding=1)
+        grid = F.interpolate(torch.cat(grid_rows).cpu(), scale_factor=3, mode="nearest")   # rows: single, count, relation
+        save_image(grid, out / "samples.png", nrow=8, padding=2, pad_value=1.0)
         (out / "quality.json").write_text(json.dumps(report, indent=2))
     return report
 
