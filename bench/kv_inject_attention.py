@@ -167,25 +167,6 @@ def run(args) -> list[dict]:
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                try:
-                    ms = time_fn(fn, warmup=3, iters=args.iters, device=device)
-                except (
-                    RuntimeError,
-                    torch.OutOfMemoryError,
-                ) as exc:  # e.g. no flash kernel for this dtype/dim
-                    rows.append(
-                        {
-                            "model": model,
-                            "D": D,
-                            "H": H,
-                            "N": N,
-                            "B": batch,
-                            "dtype": str(dtype)[6:],
-                            "method": name,
-                            "error": str(exc).splitlines()[0][:80],
-                        }
-                    )
-                    continue
                 row = {
                     "model": model,
                     "D": D,
@@ -194,9 +175,13 @@ def run(args) -> list[dict]:
                     "B": batch,
                     "dtype": str(dtype)[6:],
                     "method": name,
-                    "ms": ms,
-                    "tflops": flops / (ms * 1e-3) / 1e12,
                 }
+                try:  # a method may fail, e.g. no flash kernel for this dtype/dim
+                    ms = time_fn(fn, warmup=3, iters=args.iters, device=device)
+                except (RuntimeError, torch.OutOfMemoryError) as exc:
+                    rows.append({**row, "error": str(exc).splitlines()[0][:80]})
+                    continue
+                row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
                 if cuda:
                     row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
                 rows.append(row)

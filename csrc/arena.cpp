@@ -190,6 +190,16 @@ class Arena {
       throw std::invalid_argument("latent index out of range: expected 0.." + std::to_string(T_) + " (T=" +
                                   std::to_string(T_) + "), got " + std::to_string(i));
   }
+  // Under the caller's lock (shared to read, unique to write): check the ids and the latent index, then call
+  // copy(k, pointer to latent `latent_idx` of trajectory ids[k]) for every k < m, rows split over the threads.
+  template <class F>
+  void each_latent(const i64* id, i64 m, i64 latent_idx, F&& copy) const {
+    check_ids(id, m);
+    check_latent_idx(latent_idx);
+    parallel_rows(m, threads_, nbytes_, [&](i64 b, i64 e) {
+      for (i64 k = b; k < e; ++k) copy(k, mem_ + slot(id[k], latent_idx) * nbytes_);
+    });
+  }
   void check_len(const char* name, i64 got, i64 m) const {
     if (got != m)
       throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(m) + " values, got " +
@@ -257,11 +267,7 @@ class Arena {
     // GIL released before the lock is taken and the lock dropped before the GIL comes back: no lock-order deadlock
     py::gil_scoped_release nogil;
     std::unique_lock lk(mu_);
-    check_ids(id, m);
-    check_latent_idx(latent_idx);
-    parallel_rows(m, threads_, nbytes_, [&](i64 b, i64 e) {
-      for (i64 k = b; k < e; ++k) std::memcpy(mem_ + slot(id[k], latent_idx) * nbytes_, in + k * nbytes_, nbytes_);
-    });
+    each_latent(id, m, latent_idx, [&](i64 k, uint8_t* latent) { std::memcpy(latent, in + k * nbytes_, nbytes_); });
   }
 
   void read_latents(IdArray ids, i64 latent_idx, py::buffer dst) const {
@@ -270,11 +276,7 @@ class Arena {
     const i64* id = ids.data();
     py::gil_scoped_release nogil;
     std::shared_lock lk(mu_);
-    check_ids(id, m);
-    check_latent_idx(latent_idx);
-    parallel_rows(m, threads_, nbytes_, [&](i64 b, i64 e) {
-      for (i64 k = b; k < e; ++k) std::memcpy(out + k * nbytes_, mem_ + slot(id[k], latent_idx) * nbytes_, nbytes_);
-    });
+    each_latent(id, m, latent_idx, [&](i64 k, uint8_t* latent) { std::memcpy(out + k * nbytes_, latent, nbytes_); });
   }
 
   // ---- scalars ----------------------------------------------------------------------------------------

@@ -20,14 +20,7 @@ from b2kernels.integrations.diffusers import (
     token_grid,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: torch's intra-op threads oversubscribe them and tiny ops get ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 L, C_TXT = 7, 16  # text tokens, text width

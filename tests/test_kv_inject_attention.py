@@ -14,14 +14,7 @@ import b2kernels
 from b2kernels import KVMask, kv_inject_attention
 from b2kernels.ops.kv_inject_attention import triton as kv_triton
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: torch's intra-op threads oversubscribe them and tiny ops get ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -222,6 +215,24 @@ def test_bad_inputs_raise_clear_errors():
     qg = q.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="no backward"):
         kv_inject_attention(qg, k, v, **kw, backend="triton")
+
+
+def test_reference_batches_and_indices_are_checked():
+    # q_ref with another batch than k_ref: the kernel picks one reference row for all three, so it read past
+    # q_ref's single row (|triton - reference| was 3.05 here before the check).
+    q, k, v, kr, vr, qr, m = make(2, 1, 8, 16, torch.float32, q_ref=True)
+    with pytest.raises(ValueError, match=r"q_ref and k_ref batches differ \(1 vs 2\)"):
+        kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, q_ref=qr[:1], backend="triton")
+    # ref_index outside [0, Br): the kernel would read out of bounds
+    for bad, held in (([0, 2], 2), ([-1, 0], -1)):
+        ridx = torch.tensor(bad, dtype=torch.int32)
+        with pytest.raises(IndexError, match=rf"ref_index holds {held}, out of range for the 2 rows"):
+            kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, ref_index=ridx, backend="triton")
+    # B·H beyond CUDA's grid-axis-1 limit: the Triton backend refuses instead of failing to launch
+    wide = torch.empty(65536, 1, 4, 16, device="meta")
+    reasons = b2kernels.ops.kv_inject_attention.triton_reasons_for(wide, needs_grad=False)
+    assert any("exceeds the Triton kernel's 65535 programs" in r for r in reasons)
+    assert b2kernels.ops.kv_inject_attention.triton_reasons_for(wide[:65535], needs_grad=False) == []
 
 
 def test_reference_backend_has_gradients():

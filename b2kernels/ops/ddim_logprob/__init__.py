@@ -265,10 +265,55 @@ def _triton_reasons(dtype, data: dict) -> list[str]:
     return reasons
 
 
-def _triton_args(table, step_idx):
+def _step(
+    op, table, step_idx, x_t, model_output, other, other_name, eta, uncond, guidance_scale, backend, sample
+):
+    """Validate, pick a backend and run one of the two ops; ``other`` is x_prev (log-prob) or noise (sample)."""
+    step_idx = _validate(
+        op,
+        table,
+        step_idx,
+        x_t,
+        model_output,
+        other,
+        other_name,
+        eta,
+        uncond,
+        guidance_scale,
+        density=not sample,
+    )
+    choice = resolve(op, backend, x_t.device, _triton_reasons(x_t.dtype, {"x_t": x_t, other_name: other}))
+    if choice == "reference":
+        ref = reference.ddim_step_sample if sample else reference.ddim_step_logprob
+        return ref(
+            table,
+            step_idx,
+            x_t,
+            model_output,
+            other,
+            eta=eta,
+            model_output_uncond=uncond,
+            guidance_scale=guidance_scale,
+        )
+    from b2kernels.ops.ddim_logprob import triton as tri
+
     if isinstance(step_idx, int):
-        return table.alpha_prod_t, table.alpha_prod_t_prev, None, step_idx
-    return table.alpha_prod_t, table.alpha_prod_t_prev, step_idx, 0
+        step, const = None, step_idx
+    else:
+        step, const = step_idx, 0
+    return (tri.ddim_sample_fwd if sample else tri.ddim_logprob_fwd)(
+        table.alpha_prod_t,
+        table.alpha_prod_t_prev,
+        step,
+        const,
+        x_t.contiguous(),
+        model_output.contiguous(),
+        uncond.contiguous() if uncond is not None else None,
+        other.contiguous(),
+        float(eta),
+        float(guidance_scale or 0.0),
+        _PRED_CODES[table.prediction_type],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -294,9 +339,8 @@ def ddim_step_logprob(
     is the conditional output and ε̂ = uncond + w·(cond − uncond) is formed inside the kernel.
     Returns [N] float32 (float64 on the reference for float64 inputs), differentiable w.r.t. the model outputs.
     """
-    op = "ddim_step_logprob"
-    step_idx = _validate(
-        op,
+    return _step(
+        "ddim_step_logprob",
         table,
         step_idx,
         x_t,
@@ -306,36 +350,8 @@ def ddim_step_logprob(
         eta,
         model_output_uncond,
         guidance_scale,
-        density=True,
-    )
-    choice = resolve(op, backend, x_t.device, _triton_reasons(x_t.dtype, {"x_t": x_t, "x_prev": x_prev}))
-    if choice == "reference":
-        return reference.ddim_step_logprob(
-            table,
-            step_idx,
-            x_t,
-            model_output,
-            x_prev,
-            eta=eta,
-            model_output_uncond=model_output_uncond,
-            guidance_scale=guidance_scale,
-        )
-    from b2kernels.ops.ddim_logprob import triton as tri
-
-    a_t, a_p, step, const = _triton_args(table, step_idx)
-    uncond = model_output_uncond.contiguous() if model_output_uncond is not None else None
-    return tri.ddim_logprob_fwd(
-        a_t,
-        a_p,
-        step,
-        const,
-        x_t.contiguous(),
-        model_output.contiguous(),
-        uncond,
-        x_prev.contiguous(),
-        float(eta),
-        float(guidance_scale or 0.0),
-        _PRED_CODES[table.prediction_type],
+        backend,
+        sample=False,
     )
 
 
@@ -359,9 +375,8 @@ def ddim_step_sample(
     x_prev reproduces it. At a step with σ=0 (the last one under ``set_alpha_to_one=True``) x_prev is the
     deterministic mean and logp is NaN (no density). Gradients flow to the model outputs through x_prev.
     """
-    op = "ddim_step_sample"
-    step_idx = _validate(
-        op,
+    return _step(
+        "ddim_step_sample",
         table,
         step_idx,
         x_t,
@@ -371,34 +386,6 @@ def ddim_step_sample(
         eta,
         model_output_uncond,
         guidance_scale,
-        density=False,
-    )
-    choice = resolve(op, backend, x_t.device, _triton_reasons(x_t.dtype, {"x_t": x_t, "noise": noise}))
-    if choice == "reference":
-        return reference.ddim_step_sample(
-            table,
-            step_idx,
-            x_t,
-            model_output,
-            noise,
-            eta=eta,
-            model_output_uncond=model_output_uncond,
-            guidance_scale=guidance_scale,
-        )
-    from b2kernels.ops.ddim_logprob import triton as tri
-
-    a_t, a_p, step, const = _triton_args(table, step_idx)
-    uncond = model_output_uncond.contiguous() if model_output_uncond is not None else None
-    return tri.ddim_sample_fwd(
-        a_t,
-        a_p,
-        step,
-        const,
-        x_t.contiguous(),
-        model_output.contiguous(),
-        uncond,
-        noise.contiguous(),
-        float(eta),
-        float(guidance_scale or 0.0),
-        _PRED_CODES[table.prediction_type],
+        backend,
+        sample=True,
     )

@@ -33,7 +33,6 @@ import triton.language as tl
 
 from b2kernels._dispatch import triton_interpret
 
-PRED_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # Tests set this to fill fresh outputs with NaN, so any element a kernel fails to write shows up.
 POISON_OUTPUTS = False
@@ -84,6 +83,17 @@ def _ddim_coeffs(
 
 
 @triton.jit
+def _step_mean(x_ptr, m_ptr, mu_ptr, offs, mask, A, B, w, CFG: tl.constexpr):
+    """μ = A·x_t + B·ε̂ (fp32) at ``offs``; ε̂ = uncond + w·(cond − uncond) under CFG, else the model output."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    eps = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CFG:
+        u = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = u + w * (eps - u)
+    return A * x + B * eps
+
+
+@triton.jit
 def _ddim_fwd_kernel(
     x_ptr,
     m_ptr,
@@ -121,12 +131,7 @@ def _ddim_fwd_kernel(
         col = first + i * BLOCK + tl.arange(0, BLOCK)
         mask = col < D
         offs = row_base + col
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if CFG:
-            u = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            eps = u + w * (eps - u)
-        mean = A * x + B * eps
+        mean = _step_mean(x_ptr, m_ptr, mu_ptr, offs, mask, A, B, w, CFG)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if SAMPLE:
             xo = (mean + sigma * y).to(xout_ptr.dtype.element_ty)
@@ -177,12 +182,7 @@ def _ddim_bwd_kernel(
     if SAMPLE:
         grad = B * y
     else:
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if CFG:
-            u = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            eps = u + w * (eps - u)
-        mean = A * x + B * eps
+        mean = _step_mean(x_ptr, m_ptr, mu_ptr, offs, mask, A, B, w, CFG)
         g = tl.load(g_ptr + row).to(tl.float32)
         grad = (y - mean) * tl.div_rn(g * B, sigma * sigma * D)
     if CFG:
@@ -216,10 +216,15 @@ def _n_split(n: int, n_chunks: int, device: torch.device) -> int:
     return max(1, min(n_chunks, triton.cdiv(8 * _num_sms(device), n)))
 
 
-def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
+def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(rows N, row length D, BLOCK, num_warps, BLOCK-chunks per row) shared by the forward and backward."""
     n, d = x.shape[0], math.prod(x.shape[1:])
     block, warps = _block(d)
-    n_chunks = triton.cdiv(d, block)
+    return n, d, block, warps, triton.cdiv(d, block)
+
+
+def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
+    n, d, block, warps, n_chunks = _geometry(x)
     per_prog = triton.cdiv(n_chunks, _n_split(n, n_chunks, x.device))
     n_split = triton.cdiv(n_chunks, per_prog)
     parts = _new(x, (n, n_split), torch.float32)
@@ -255,9 +260,7 @@ def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
 
 
 def _launch_bwd(a_t, a_p, step, step_const, x, m, mu, y, g, eta, w, pred, sample):
-    n, d = x.shape[0], math.prod(x.shape[1:])
-    block, warps = _block(d)
-    n_chunks = triton.cdiv(d, block)
+    n, d, block, warps, n_chunks = _geometry(x)
     dm = _new(m)
     dmu = _new(mu) if mu is not None else dm.new_empty(0)
     if n > 0 and d > 0:

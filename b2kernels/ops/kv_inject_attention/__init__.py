@@ -18,6 +18,7 @@ __all__ = ["KVMask", "kv_inject_attention", "kv_inject_attention_reference", "tr
 _OP = "kv_inject_attention"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 256
+_MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the Triton kernel puts its B·H programs
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ def triton_reasons_for(q: torch.Tensor, *, needs_grad: bool) -> list[str]:
             f"head dim {q.shape[-1]} unsupported by the Triton kernel (supported: 1..{_TRITON_MAX_HEAD_DIM}, "
             "tuned for 40, 64, 80, 128, 160)"
         )
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        reasons.append(
+            f"batch × heads = {q.shape[0]} × {q.shape[1]} exceeds the Triton kernel's {_MAX_GRID_Y} programs on "
+            "grid axis 1 (split the batch)"
+        )
     if needs_grad:
         reasons.append("the Triton kernel has no backward yet; inputs require grad (use backend='reference')")
     return reasons
@@ -149,6 +155,12 @@ def _validate(q, k, v, k_ref, v_ref, mask, q_ref, ref_index):
         raise ValueError(
             f"kv_inject_attention: k_ref and v_ref batches differ ({k_ref.shape[0]} vs {v_ref.shape[0]})"
         )
+    if q_ref is not None and q_ref.shape[0] != k_ref.shape[0]:
+        # one Br for all references: the kernel picks the reference row of q_ref, k_ref and v_ref alike
+        raise ValueError(
+            f"kv_inject_attention: q_ref and k_ref batches differ ({q_ref.shape[0]} vs {k_ref.shape[0]}); "
+            "pass them with the same Br"
+        )
     if q_ref is not None and NQ != NK:
         raise ValueError(
             f"kv_inject_attention: q_ref needs self-attention shapes (one per-token mask for queries and keys), "
@@ -175,6 +187,18 @@ def _validate(q, k, v, k_ref, v_ref, mask, q_ref, ref_index):
             raise ValueError(
                 f"kv_inject_attention: ref_index is on {ref_index.device} but q is on {q.device}"
             )
+
+
+def _validate_ref_index(ref_index, batch_ref: int) -> None:
+    """Raise if ``ref_index`` leaves [0, Br) (the Triton kernel would read out of bounds). Syncs with the device."""
+    if ref_index.numel() == 0:
+        return
+    lo, hi = (int(x) for x in torch.aminmax(ref_index.detach()))
+    if lo < 0 or hi >= batch_ref:
+        raise IndexError(
+            f"kv_inject_attention: ref_index holds {lo if lo < 0 else hi}, out of range for the {batch_ref} rows "
+            f"of k_ref/v_ref (valid 0..{batch_ref - 1})"
+        )
 
 
 # --- torch.library custom op: lets torch.compile / CUDA graphs capture the Triton kernel --------------------
@@ -232,8 +256,9 @@ def kv_inject_attention(
         scale: softmax scale, default ``D ** -0.5``.
         ref_index: optional int [B]: batch row b takes its reference from row ``ref_index[b]`` of k_ref/v_ref/q_ref
             (e.g. ``k_ref=k`` and reference rows of the same batch — no gather copy).
-        validate: check that a float mask lies in [0, 1] (reads back two scalars: a device sync). Pass False in
-            hot loops where the mask is known good (e.g. binary masks built by the integration).
+        validate: check that a float mask lies in [0, 1] and that ``ref_index`` lies in [0, Br) (reads back
+            scalars: a device sync). Pass False in hot loops where both are known good (e.g. the binary masks and
+            ref_index built by the integration).
         backend: "auto" | "triton" | "reference".
 
     Returns [B, H, Nq, D] in q's dtype. Triton: its memory is laid out [B, Nq, H, D] (a transposed view).
@@ -244,6 +269,8 @@ def kv_inject_attention(
     _validate(q, k, v, k_ref, v_ref, mask, q_ref, ref_index)
     if validate:
         mask.validate()
+        if ref_index is not None:
+            _validate_ref_index(ref_index, k_ref.shape[0])
     D = q.shape[-1]
     scale = float(scale) if scale is not None else D**-0.5
     tensors = (q, k, v, k_ref, v_ref) + ((q_ref,) if q_ref is not None else ())

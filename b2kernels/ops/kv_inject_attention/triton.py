@@ -28,8 +28,6 @@ import triton.language as tl
 
 from b2kernels._dispatch import triton_interpret
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 _empty = torch.empty  # tests swap in a NaN-filled allocator to catch unwritten output
 
 
