@@ -189,8 +189,8 @@ class DPOConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: str = _f("toy", "held-out prompts: 'toy' (toy held-out set), a .txt (one per line) or .json list, or "
-                             "'none'")
+    prompts: str = _f("toy", "held-out prompts: 'toy' (toy held-out set), 'toy:<category>', a .txt (one per line) "
+                             "or .json list, or 'none'")
     num_prompts: int = _f(32, "held-out prompts evaluated (N evenly spaced over the held-out list)")
     images_per_prompt: int = _f(2, "images per held-out prompt")
     every: int = _f(0, "evaluate every N stages (0 = only before and after training)")
@@ -203,7 +203,8 @@ class RunConfig:
     preset: str = _f("auto", "auto | toy | official: fills every field not set explicitly (see module help)")
     stages: int = _f(100, "S: stages (sample → score → select → train)")
     seed: int = _f(42, "run seed (sampling noise, prompt draws, shuffles)")
-    prompts: str = _f("toy", "training prompts: 'toy', a .txt (one per line) or a .json list")
+    prompts: str = _f("toy", "training prompts: 'toy' (train split), 'toy:<category>' (single|count|relation), "
+                             "a .txt (one per line) or a .json list")
     reward: str = _f("toy", "reward: toy | clip | python:pkg.mod:fn")
     reward_options: dict = _f({}, "keyword options passed to the reward factory (e.g. clip weights path)")
     out: str = _f("runs/latest", "output directory (metrics.jsonl, checkpoints, grids, plots)")
@@ -228,6 +229,8 @@ ALGORITHMS = {
     "ddpo": "b2diffurl.algos.ddpo:DDPOAlgorithm",
     "dfusion": "b2diffurl.algos.dfusion:DFusionAlgorithm",
 }
+
+TOY_CATEGORIES = ("single", "count", "relation")  # b2diffurl.toy.prompts.CATEGORIES (no torch import here)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # real models: CLIP reward (pass its weights with reward_options), no toy held-out set
@@ -447,9 +450,12 @@ def validate(cfg: RunConfig) -> None:
     if not (r in ("toy", "clip") or (r.startswith("python:") and r.count(":") == 2 and all(r.split(":")[1:]))):
         errs.append(f"reward {r!r} is unknown: use toy, clip or python:pkg.module:function")
     for key, spec in (("prompts", cfg.prompts), ("eval.prompts", cfg.eval.prompts)):
-        if spec not in ("toy", "none") and not os.path.isfile(spec):
-            errs.append(f"{key}={spec!r}: expected 'toy'{', none' if key != 'prompts' else ''} or an existing "
-                        ".txt/.json prompt file")
+        if spec.startswith("toy:"):
+            if spec[4:] not in TOY_CATEGORIES:
+                errs.append(f"{key}={spec!r}: toy categories are {', '.join(TOY_CATEGORIES)}")
+        elif spec not in ("toy", "none") and not os.path.isfile(spec):
+            errs.append(f"{key}={spec!r}: expected 'toy', 'toy:<category>'{', none' if key != 'prompts' else ''} "
+                        "or an existing .txt/.json prompt file")
     if cfg.prompts == "none":
         errs.append("prompts='none': training needs prompts")
     if cfg.algo == "dfusion":

@@ -83,10 +83,14 @@ def resolve_device(spec: str) -> torch.device:
 def load_prompts(spec: str, split: str) -> list[str]:
     if spec == "none":
         return []
-    if spec == "toy":
+    if spec == "toy" or spec.startswith("toy:"):
         from b2diffurl.toy import prompts as toy_prompts
 
-        return list(toy_prompts.train_prompts() if split == "train" else toy_prompts.heldout_prompts())
+        category = spec.partition(":")[2] or None  # toy:relation -> that category of the split
+        try:
+            return list(toy_prompts.get_prompts(split + (f":{category}" if category else "")))
+        except ValueError as exc:
+            raise C.ConfigError(f"prompts {spec!r}: {exc}") from None
     text = Path(spec).read_text()
     if spec.endswith(".json"):
         data = json.loads(text)
@@ -383,7 +387,7 @@ class Trainer:
         rec = {"kind": "eval", "stage": stage, "reward_mean": float(r.mean()),
                "reward_std": float(r.std()) if r.numel() > 1 else 0.0, "n": len(prompts),
                "eval_time_s": time.perf_counter() - t0}
-        if self.cfg.prompts == "toy" or self.cfg.eval.prompts == "toy":
+        if self.cfg.prompts.startswith("toy") or self.cfg.eval.prompts.startswith("toy"):
             with contextlib.suppress(Exception):
                 from b2diffurl.toy.prompts import prompt_category
 

@@ -133,7 +133,7 @@ class _BenchPolicy:
 def _throughput_rows(args, device) -> list[dict]:
     from b2diffurl.algos import dfusion as D
     from b2diffurl.sampling import TreeSampler
-    from bench.official_dfusion import official_style_targets
+    from bench.official_dfusion import shared_items_mask, three_pass_fusion
 
     quick = args.quick
     kind = (
@@ -173,7 +173,7 @@ def _throughput_rows(args, device) -> list[dict]:
     uncond = pol.encode_prompts([""])
 
     def official():
-        official_style_targets(
+        three_pass_fusion(
             pol.unet,
             pol.scheduler,
             cond_t,
@@ -181,12 +181,11 @@ def _throughput_rows(args, device) -> list[dict]:
             uncond,
             noise_r,
             noise_t.noise,
+            shared_items_mask([3, 5], 0.05),
             fused_blocks=layers,
             window=set(fused),
             guidance_scale=5.0,
             mask_side=g,
-            items=[3, 5],
-            threshold=0.05,
         )
 
     # Phase-A capture overhead: n = 2·nt rows (a prompt's samples), with vs without the mask capture

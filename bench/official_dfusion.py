@@ -6,10 +6,14 @@ Q/K/V in every fused block and the 16×16 cross-attention probabilities that bec
 (replays the base; its output feeds nothing but itself) and the target pass, whose fused self-attention
 materialises ``K̃ = m·K_ref + (1−m)·K``, ``Ṽ`` likewise (per head, as ``head_to_batch_dim`` tensors) and runs
 ``softmax(Q K̃ᵀ)·Ṽ`` with an explicit [N×N] score matrix. Each pass ends with the DDIM step + log-prob.
+
+:func:`three_pass_fusion` is that loop; the test oracle (tests/dfusion_reference.py) runs its fusion through it
+too. Nothing here imports b2diffurl: the loop is independent of the engine it is compared with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,12 +21,12 @@ import torch.nn.functional as F
 
 
 class _State:
-    def __init__(self, mask_side: int, items: list[int], threshold: float):
-        self.mode, self.fuse = "plain", False
+    def __init__(self, mask_side: int):
+        self.mode, self.fuse = "plain", False  # mode: plain | ref | target
         self.kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cross: list[torch.Tensor] = []
-        self.mask: torch.Tensor | None = None
-        self.mask_side, self.items, self.threshold = mask_side, items, threshold
+        self.mask: torch.Tensor | None = None  # [b, mask_side²] binary float (reference pass result)
+        self.mask_side = mask_side
 
 
 class OfficialStyleProcessor:
@@ -55,7 +59,8 @@ class OfficialStyleProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _cross_blocks(unet) -> list[str]:
+def cross_blocks(unet) -> list[str]:
+    """Module-name prefixes of the UNet's cross-attention blocks (down, mid, up order)."""
     out = [
         f"down_blocks.{i}."
         for i, blk in enumerate(unet.down_blocks)
@@ -67,6 +72,27 @@ def _cross_blocks(unet) -> list[str]:
         f"up_blocks.{i}." for i, blk in enumerate(unet.up_blocks) if getattr(blk, "has_cross_attention", 0)
     ]
     return out
+
+
+@contextlib.contextmanager
+def official_attention(unet, fused_blocks, mask_side: int):
+    """Installs :class:`OfficialStyleProcessor` in every attention layer (self-attention fused in the
+    cross-attention blocks ``fused_blocks`` index) for the duration; yields their shared state (mode ``plain``:
+    materialised attention, nothing fused or captured)."""
+    state = _State(mask_side)
+    blocks = cross_blocks(unet)
+    prefixes = tuple(blocks[i] for i in fused_blocks)
+    saved = dict(unet.attn_processors)
+    unet.set_attn_processor(
+        {
+            n: OfficialStyleProcessor(state, n, n.startswith(prefixes) and ".attn1." in n, ".attn2." in n)
+            for n in saved
+        }
+    )
+    try:
+        yield state
+    finally:
+        unet.set_attn_processor(saved)
 
 
 def _ddim_with_logprob(scheduler, eps, t, x, z):
@@ -83,7 +109,7 @@ def _ddim_with_logprob(scheduler, eps, t, x, z):
 
 
 @torch.no_grad()
-def official_style_targets(
+def three_pass_fusion(
     unet,
     scheduler,
     cond_ref,
@@ -91,26 +117,19 @@ def official_style_targets(
     uncond,
     noise_ref,
     noise_base,
+    mask_of,
     *,
     fused_blocks,
     window,
     guidance_scale,
     mask_side,
-    items,
-    threshold,
 ):
-    """Three CFG UNet passes per step for b targets. noise_*: [b, T+1, C, H, W] (x_T then per-step noise).
-    Returns (target latents [b, C, H, W], target log-probs [b, T])."""
-    state = _State(mask_side, items, threshold)
-    blocks = _cross_blocks(unet)
-    prefixes = tuple(blocks[i] for i in fused_blocks)
-    saved = dict(unet.attn_processors)
-    unet.set_attn_processor(
-        {
-            n: OfficialStyleProcessor(state, n, n.startswith(prefixes) and ".attn1." in n, ".attn2." in n)
-            for n in saved
-        }
-    )
+    """The official loop: per DDIM step a reference, a base and a target CFG UNet pass of b rows each.
+
+    ``noise_*`` [b, T+1, C, H, W] (x_T then per-step noise; the target replays the base's); ``mask_of`` maps the
+    reference pass's cross-attention probabilities (cond half, averaged over the ``mask_side``² layers and the
+    heads: [b, mask_side², L]) to the binary float mask [b, mask_side²]. Returns (reference final latents,
+    base final latents, target latents [b, T+1, ...], target log-probs [b, T])."""
     b = cond_ref.shape[0]
     enc_ref = torch.cat([uncond.expand(b, -1, -1), cond_ref])
     enc_base = torch.cat([uncond.expand(b, -1, -1), cond_base])
@@ -120,16 +139,16 @@ def official_style_targets(
         u, c = out.chunk(2)
         return u + guidance_scale * (c - u)
 
-    try:
+    with official_attention(unet, fused_blocks, mask_side) as state:
         xr, xb, xt = noise_ref[:, 0], noise_base[:, 0], noise_base[:, 0]
-        logps = []
+        lat, logps = [xt], []
         for i, t in enumerate(scheduler.timesteps):
             state.fuse = i in window
             state.mode, state.cross = "ref", []
             er = eps(xr, t, enc_ref)
             maps = torch.stack([c.chunk(2)[1] for c in state.cross]).mean(0)
-            maps = maps.reshape(b, -1, maps.shape[1], maps.shape[2]).mean(1)[:, :, items]
-            state.mask = (maps >= threshold).any(dim=2).float()
+            maps = maps.reshape(b, -1, maps.shape[1], maps.shape[2]).mean(1)
+            state.mask = mask_of(maps)
             state.mode = "plain"
             eb = eps(xb, t, enc_base)
             state.mode = "target"
@@ -137,7 +156,12 @@ def official_style_targets(
             xr, _ = _ddim_with_logprob(scheduler, er, t, xr, noise_ref[:, i + 1])
             xb, _ = _ddim_with_logprob(scheduler, eb, t, xb, noise_base[:, i + 1])
             xt, lp = _ddim_with_logprob(scheduler, et, t, xt, noise_base[:, i + 1])
+            lat.append(xt)
             logps.append(lp)
-    finally:
-        unet.set_attn_processor(saved)
-    return xt, torch.stack(logps, 1)
+    return xr, xb, torch.stack(lat, 1), torch.stack(logps, 1)
+
+
+def shared_items_mask(items: list[int], threshold: float):
+    """``mask_of`` for :func:`three_pass_fusion` with one object-token list and one threshold for all rows:
+    a pixel is on where any item's probability reaches ``threshold``."""
+    return lambda maps: (maps[:, :, items] >= threshold).any(dim=2).float()

@@ -82,27 +82,19 @@ def test_sum_reduction_is_mean_times_numel(staged):
     b = arena.gather(ids, steps)
     cond = stage.cond[arena.prompt_ids(ids).long()]
     with torch.no_grad():
-        m = dpo.step_logprob(
-            policy.unet,
-            sampler.table,
-            b.x_t,
-            b.x_prev,
-            b.step,
-            cond,
-            sampler.uncond,
-            guidance_scale=5.0,
-            reduction="mean",
-        )
-        s = dpo.step_logprob(
-            policy.unet,
-            sampler.table,
-            b.x_t,
-            b.x_prev,
-            b.step,
-            cond,
-            sampler.uncond,
-            guidance_scale=5.0,
-            reduction="sum",
+        m, s = (
+            dpo.step_logprob(
+                policy.unet,
+                sampler.table,
+                b.x_t,
+                b.x_prev,
+                b.step,
+                cond,
+                sampler.uncond,
+                guidance_scale=5.0,
+                reduction=reduction,
+            )
+            for reduction in ("mean", "sum")
         )
     torch.testing.assert_close(s, m * b.x_t[0].numel())
 

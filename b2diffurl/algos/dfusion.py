@@ -284,6 +284,23 @@ def _injection_config(layers, steps, cfg: DFusionConfig, backend: str, mode: str
     )
 
 
+def _ddim_step(sampler, i: int, x: torch.Tensor, eps, eps_u, noise: RowNoise):
+    """The sampler's DDIM step i from a UNet output (CFG-combined inside the kernel): (x_prev, logp [N])."""
+    from b2kernels import ddim_step_sample
+
+    return ddim_step_sample(
+        sampler.table,
+        i,
+        x,
+        eps,
+        noise.step(i).to(x.dtype),
+        eta=sampler.eta,
+        model_output_uncond=eps_u,
+        guidance_scale=sampler.guidance_scale if sampler.use_cfg else None,
+        backend=sampler.backend,
+    )
+
+
 def run_phase_a(
     sampler,
     row_cond: torch.Tensor,
@@ -300,7 +317,6 @@ def run_phase_a(
     """Sample Phase-A trajectories of N rows (``row_cond`` [N, L, D]) with the per-row noise, capturing each
     row's object mask per step. Returns (latents [N, T+1, C, H, W], logps [N, T], masks [N, T, grid²] bool).
     ``token_cols`` [N, J]: token columns to capture; ``selection`` [N, J, I] sums them into items."""
-    from b2kernels import ddim_step_sample
     from b2kernels.integrations.diffusers import InjectionContext, StreamLayout, attach
 
     unet, T = sampler.policy.unet, sampler.num_steps
@@ -329,17 +345,7 @@ def run_phase_a(
                         f"{cfg.mask_grid}x{cfg.mask_grid} token grid; set dfusion.mask_grid"
                     )
                 masks.append(object_mask(ctx.cross_maps, selection, thresholds, cfg.mask_rule).bool())
-            x, logp = ddim_step_sample(
-                sampler.table,
-                i,
-                x,
-                eps,
-                noise.step(i).to(x.dtype),
-                eta=sampler.eta,
-                model_output_uncond=eps_u,
-                guidance_scale=sampler.guidance_scale if sampler.use_cfg else None,
-                backend=sampler.backend,
-            )
+            x, logp = _ddim_step(sampler, i, x, eps, eps_u, noise)
             lat.append(x)
             logps.append(logp)
             if arena is not None:
@@ -377,7 +383,6 @@ def run_fusion(
     and step; ``noise`` replays the bases' streams. Returns (latents [Nt, T+1−s0, ...] from latent s0 on,
     logps [Nt, T−s0]).
     """
-    from b2kernels import ddim_step_sample
     from b2kernels.integrations.diffusers import InjectionContext, StreamLayout, attach
 
     unet, T = sampler.policy.unet, sampler.num_steps
@@ -404,17 +409,7 @@ def run_fusion(
             else:
                 ctx.layout = plain_layout
                 eps, eps_u = sampler.model_output(x, i, plain_embeds)
-            x, logp = ddim_step_sample(
-                sampler.table,
-                i,
-                x,
-                eps,
-                noise.step(i).to(x.dtype),
-                eta=sampler.eta,
-                model_output_uncond=eps_u,
-                guidance_scale=sampler.guidance_scale if sampler.use_cfg else None,
-                backend=sampler.backend,
-            )
+            x, logp = _ddim_step(sampler, i, x, eps, eps_u, noise)
             lat.append(x)
             logps.append(logp)
             if progress is not None:
