@@ -20,9 +20,24 @@ the Gaussian density written out with the scheduler's own variance.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
-from bench.official_dfusion import official_attention, three_pass_fusion
+
+def _load_official():
+    """bench/official_dfusion.py by file path: the tests import the installed wheel (``python -P``), so the repo
+    root — and with it ``bench`` — is deliberately not on sys.path. That module imports only torch."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "official_dfusion.py"
+    spec = importlib.util.spec_from_file_location("_b2_official_dfusion", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_official = _load_official()
+official_attention, three_pass_fusion = _official.official_attention, _official.three_pass_fusion
 
 
 def row_noise(seed: int, num_steps: int, shape) -> torch.Tensor:
