@@ -113,8 +113,20 @@ def dfusion_pairing_sizes(n: int, ref_fraction: float, base_fraction: float, reu
     return n_ref, n_base
 
 
+class _SelfChecking:
+    """Sections usable on their own (outside a RunConfig) check themselves: ``errors()`` lists the problems."""
+
+    def errors(self) -> list[str]:
+        return []
+
+    def validate(self) -> None:
+        errs = self.errors()
+        if errs:
+            raise ValueError("; ".join(errs))
+
+
 @dataclass
-class DFusionConfig:
+class DFusionConfig(_SelfChecking):
     samples_per_prompt: int = _f(16, "n: Phase-A images per prompt (official 16)")
     ref_fraction: float = _f(0.25, "fraction of each prompt's images (best first) used as references")
     base_fraction: float = _f(0.5, "fraction of each prompt's images (worst) used as bases; needs "
@@ -157,14 +169,9 @@ class DFusionConfig:
             errs.append(f"dfusion.mask_grid must be >= 1, got {self.mask_grid}")
         return errs
 
-    def validate(self) -> None:
-        errs = self.errors()
-        if errs:
-            raise ValueError("; ".join(errs))
-
 
 @dataclass
-class DPOConfig:
+class DPOConfig(_SelfChecking):
     beta: float = _f(0.1, "DPO temperature β (D3PO 0.1; D-Fusion's config key is 0, which makes the loss constant)")
     clip_eps: float = _f(0.1, "ratio clamp ε: r = clamp(π_θ/π_ref, 1−ε, 1+ε)")
     logprob_reduction: str = _f("mean", "'mean' over C·H·W (the papers' convention: βΔ is tiny) or 'sum' "
@@ -180,11 +187,6 @@ class DPOConfig:
         if self.ref_batch_size < 1:
             errs.append(f"dpo.ref_batch_size must be >= 1, got {self.ref_batch_size}")
         return errs
-
-    def validate(self) -> None:
-        errs = self.errors()
-        if errs:
-            raise ValueError("; ".join(errs))
 
 
 @dataclass
