@@ -24,6 +24,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+# torch-free: the toy prompt grammar is plain Python, so config stays importable without torch
+from b2diffurl.toy.prompts import CATEGORIES as TOY_CATEGORIES
+
 
 class ConfigError(ValueError):
     """A bad configuration, reported before anything is loaded or sampled."""
@@ -232,7 +235,6 @@ ALGORITHMS = {
     "dfusion": "b2diffurl.algos.dfusion:DFusionAlgorithm",
 }
 
-TOY_CATEGORIES = ("single", "count", "relation")  # b2diffurl.toy.prompts.CATEGORIES (no torch import here)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # real models: CLIP reward (pass its weights with reward_options), no toy held-out set
