@@ -184,6 +184,15 @@ def is_timing_key(k: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- trainer
+def paired_gain(before, after) -> dict:
+    """Paired comparison of two evaluations of the same (prompt, seed) images: mean per-image gain, its
+    standard error, and how many images got better / worse."""
+    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    return {"gain": float(d.mean()), "gain_se": se, "n_better": int((d > 1e-6).sum()),
+            "n_worse": int((d < -1e-6).sum())}
+
+
 class Trainer:
     """``Trainer(cfg).run()``; ``policy`` / ``reward_fn`` may be injected (tests, notebooks)."""
 
@@ -386,7 +395,11 @@ class Trainer:
             r = self.reward_fn(res.images, prompts).float().cpu()
         rec = {"kind": "eval", "stage": stage, "reward_mean": float(r.mean()),
                "reward_std": float(r.std()) if r.numel() > 1 else 0.0, "n": len(prompts),
-               "eval_time_s": time.perf_counter() - t0}
+               "eval_time_s": time.perf_counter() - t0, "rewards": [round(v, 6) for v in r.tolist()]}
+        first = next((m for m in self.metrics if m.get("kind") == "eval" and "rewards" in m), None)
+        if first is not None and first["stage"] != stage and len(first["rewards"]) == r.numel():
+            # same prompts and noise seeds as the first evaluation: a paired comparison, image by image
+            rec.update(paired_gain(first["rewards"], r.tolist()))
         if self.cfg.prompts.startswith("toy") or self.cfg.eval.prompts.startswith("toy"):
             with contextlib.suppress(Exception):
                 from b2diffurl.toy.prompts import prompt_category
@@ -463,6 +476,11 @@ class Trainer:
                    "wall_time_s": time.perf_counter() - t_start, "out": str(self.out)}
         if len(evals) >= 2:
             summary.update(heldout_before=evals[0]["reward_mean"], heldout_after=evals[-1]["reward_mean"])
+            if "gain" in evals[-1]:
+                summary.update(heldout_gain=evals[-1]["gain"], heldout_gain_se=evals[-1]["gain_se"])
+                log.info("held-out reward %.4f -> %.4f: paired gain %+.4f ± %.4f (1 s.e.; %d images better, %d worse)",
+                         evals[0]["reward_mean"], evals[-1]["reward_mean"], evals[-1]["gain"], evals[-1]["gain_se"],
+                         evals[-1]["n_better"], evals[-1]["n_worse"])
         return summary
 
 

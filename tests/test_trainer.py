@@ -192,3 +192,26 @@ def test_cli_smoke_one_stage(tmp_path, monkeypatch, capsys):
     assert _cli(["train", "--resume", str(tmp_path), "--set", "stages=2"]) == 0
     assert [r["stage"] for r in stage_metrics(tmp_path)] == [0, 1]
     assert stage_metrics(tmp_path)[1]["split_step"] == T  # still DDPO: the algo came from the saved config
+
+
+def test_paired_gain_hand_values():
+    from b2diffurl.trainer import paired_gain
+
+    g = paired_gain([0.5, 0.5, 1.0, 0.0], [0.75, 0.5, 0.5, 0.5])   # differences 0.25, 0, -0.5, 0.5
+    assert g["gain"] == pytest.approx(0.0625)
+    # unbiased std of the differences = sqrt(0.546875 / 3); s.e. = that / 2
+    assert g["gain_se"] == pytest.approx((0.546875 / 3) ** 0.5 / 2)
+    assert (g["n_better"], g["n_worse"]) == (2, 1)
+
+
+def test_final_eval_is_paired_with_the_first(tmp_path):
+    cfg = cfg_for(tmp_path, **{"stages": 1, "eval.prompts": "toy", "eval.num_prompts": 3,
+                               "eval.images_per_prompt": 2})
+    tr = Trainer(cfg, policy=TinyPolicy(), reward_fn=brightness_reward, train_prompts=PROMPTS,
+                 heldout_prompts=PROMPTS[1:])
+    summary = tr.run()
+    ev = [r for r in stage_metrics(tmp_path) if r["kind"] == "eval"]
+    assert len(ev) == 2 and len(ev[0]["rewards"]) == 6 and "gain" not in ev[0]
+    # the mean of the per-image differences is the difference of the means (same images, same order)
+    assert summary["heldout_gain"] == pytest.approx(summary["heldout_after"] - summary["heldout_before"], abs=1e-5)
+    assert ev[1]["n_better"] + ev[1]["n_worse"] <= 6 and summary["heldout_gain_se"] >= 0
