@@ -482,6 +482,8 @@ def test_bad_inputs_clear_errors(fn, no_launch):
         call(None, 0, x, m, y)
     with pytest.raises(ValueError, match="at least 2 dims"):
         call(table, 0, x[:, 0, 0, 0], m[:, 0, 0, 0], y[:, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"at least one element.*\[2,0,4,5\]"):
+        call(table, 0, x[:, :0], m[:, :0], y[:, :0])
     with pytest.raises(RuntimeError, match="cannot serve.*float64"):
         call(table, 0, x.double(), m.double(), y.double())
     with pytest.raises(ValueError, match="backend must be one of"):
