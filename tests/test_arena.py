@@ -393,3 +393,21 @@ def test_cuda_async_write_and_gather(backend):
     b = arena.gather(tid, st, device="cuda")
     assert b.x_t.is_cuda and torch.equal(b.x_t.cpu(), oracle.lat[tid, st])
     assert torch.equal(b.x_prev.cpu(), oracle.lat[tid, st + 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_write_then_overwrite_source_in_place(backend):
+    """The caller may overwrite its tensor right after write_latents (CUDA-graph static buffers do): the arena
+    must store the values at call time, not whatever the buffer holds when the async D2H copy runs."""
+    shape, T = (4, 64, 64), 2
+    arena = TrajectoryArena(shape, num_steps=T, max_trees=64, branches=1, dtype=torch.float32, backend=backend)
+    ids = arena.add_trees(list(range(64)), 0)
+    buf = torch.empty((64, *shape), device="cuda")
+    for i in range(T + 1):
+        buf.fill_(float(i))
+        arena.write_latents(ids, i, buf)
+        torch.cuda._sleep(1_000_000)  # keep the current stream busy, then overwrite in stream order
+        buf.fill_(-1.0)
+    for i in range(T + 1):
+        assert torch.all(arena.latents(ids, i) == float(i))

@@ -184,15 +184,18 @@ class TrajectoryArena:
     def write_latents(self, ids, latent_idx: int, latents: torch.Tensor) -> None:
         """Store ``latents`` [M, C, H, W] as latent ``latent_idx`` of trajectories ``ids`` [M].
 
-        CUDA tensors are copied asynchronously on a side stream (ordered after the current stream's work);
-        ``synchronize()`` (called by every read) waits for them.
+        CUDA tensors are snapshotted on the current stream, then copied to the host asynchronously on a side
+        stream, so the caller may reuse or overwrite ``latents`` right away; ``synchronize()`` (called by every
+        read) waits for the copies.
         """
         ids = self._ids(ids)
         self._check_latents(latents, ids.numel())
         if latents.device.type == "cuda":
             slots = self._core.slots(ids, torch.full_like(ids, int(latent_idx)))
             if ids.numel():
-                self._write_async(slots, latents.detach().contiguous())
+                # a private copy (device-to-device, on the current stream): the caller may overwrite its tensor
+                # in place (e.g. a CUDA-graph static buffer on the next replay) before the D2H copy has run
+                self._write_async(slots, latents.detach().clone(memory_format=torch.contiguous_format))
             return
         self.synchronize()
         src = latents.detach().contiguous().view(ids.numel(), self._numel).view(torch.uint8)
