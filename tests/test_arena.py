@@ -406,8 +406,8 @@ def test_cuda_write_then_overwrite_source_in_place(backend):
     buf = torch.empty((64, *shape), device="cuda")
     for i in range(T + 1):
         buf.fill_(float(i))
+        torch.cuda._sleep(1_000_000)  # the side-stream copy can only start once this is done ...
         arena.write_latents(ids, i, buf)
-        torch.cuda._sleep(1_000_000)  # keep the current stream busy, then overwrite in stream order
-        buf.fill_(-1.0)
+        buf.fill_(-1.0)  # ... and this fill runs right then on the current stream: a race without the snapshot
     for i in range(T + 1):
         assert torch.all(arena.latents(ids, i) == float(i))
