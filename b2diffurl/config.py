@@ -214,6 +214,8 @@ class RunConfig:
     reward_options: dict = _f({}, "keyword options passed to the reward factory (e.g. clip weights path)")
     out: str = _f("runs/latest", "output directory (metrics.jsonl, checkpoints, grids, plots)")
     checkpoint_every: int = _f(10, "checkpoint every N stages (also at the end and on SIGTERM)")
+    keep_checkpoints: int = _f(0, "keep only the newest N checkpoints, deleting older ones once a new one is "
+                                  "safely written (0 = keep all)")
     grid_every: int = _f(10, "save a sample grid every N stages (0 = never)")
     progress: bool = _f(True, "show progress bars")
     deterministic: bool = _f(False, "torch deterministic algorithms (exact resume on GPU)")
@@ -439,6 +441,8 @@ def validate(cfg: RunConfig) -> None:
             errs.append("b2.history must be >= 0")
     if cfg.stages < 1:
         errs.append(f"stages must be >= 1, got {cfg.stages}")
+    if cfg.checkpoint_every < 0 or cfg.grid_every < 0 or cfg.keep_checkpoints < 0:
+        errs.append("checkpoint_every, grid_every and keep_checkpoints must be >= 0")
     if t.inner_epochs < 1 or t.micro_batch_size < 1 or t.grad_accum_steps < 1:
         errs.append("train.inner_epochs, train.micro_batch_size and train.grad_accum_steps must be >= 1")
     if t.lr <= 0 or t.clip_range <= 0 or t.max_grad_norm <= 0:

@@ -330,7 +330,19 @@ class Trainer:
             os.replace(tmp, final)
         _fsync_dir(root)
         atomic_write_text(root / "LATEST", name + "\n")
+        self._prune_checkpoints(keep=name)
         return final
+
+    def _prune_checkpoints(self, keep: str) -> None:
+        """Delete all but the newest ``keep_checkpoints`` stage checkpoints (never ``keep``, the one LATEST names)."""
+        n = self.cfg.keep_checkpoints
+        if n <= 0:
+            return
+        root = self._ckpt_root()
+        done = sorted(p.name for p in root.glob("stage_*") if (p / "state.pt").is_file())
+        for old in done[:-n]:
+            if old != keep:
+                shutil.rmtree(root / old, ignore_errors=True)
 
     def _find_checkpoint(self, path: str) -> Path:
         p = Path(path)

@@ -215,3 +215,19 @@ def test_final_eval_is_paired_with_the_first(tmp_path):
     # the mean of the per-image differences is the difference of the means (same images, same order)
     assert summary["heldout_gain"] == pytest.approx(summary["heldout_after"] - summary["heldout_before"], abs=1e-5)
     assert ev[1]["n_better"] + ev[1]["n_worse"] <= 6 and summary["heldout_gain_se"] >= 0
+
+
+def test_keep_checkpoints_prunes_old_ones_and_resume_still_works(tmp_path):
+    out = tmp_path / "run"
+    trainer(cfg_for(out, keep_checkpoints=2)).run()   # checkpoints after stages 1, 2, 3
+    kept = sorted(p.name for p in (out / "checkpoints").glob("stage_*"))
+    assert kept == ["stage_00002", "stage_00003"]
+    tr = trainer(cfg_for(out, stages=4, keep_checkpoints=2), resume=str(out))
+    assert tr.start_stage == 3
+    tr.run()
+    assert sorted(p.name for p in (out / "checkpoints").glob("stage_*")) == ["stage_00003", "stage_00004"]
+
+
+def test_negative_keep_checkpoints_is_refused(tmp_path):
+    with pytest.raises(C.ConfigError, match="keep_checkpoints must be >= 0"):
+        C.validate(cfg_for(tmp_path, keep_checkpoints=-1))
