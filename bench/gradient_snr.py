@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
 
     over = {"stages": 1, "sample.prompts_per_stage": a.prompts, "sample.branches": a.branches, "b2.k_left": a.k,
             "b2.k_right": a.k, "eval.prompts": "none", "progress": False, "model.lora": a.lora,
-            "out": f"/tmp/b2diffurl-gradient-snr-{time.time_ns()}"}
+            "out": tempfile.mkdtemp(prefix="b2diffurl-gradient-snr-")}
     for kv in a.set:
         key, sep, value = kv.partition("=")
         if not sep:
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
         clip = cfg.train.adv_clip
         algo.select = lambda z, stage: (np.arange(z.size), clamp_advantages(z, clip), {"n_selected": z.size})
     data = algo.sample_stage(0)
+    shutil.rmtree(over["out"], ignore_errors=True)   # nothing of the throwaway run is kept
     ids, steps, cond_table = data.payload
     n, K = int(ids.numel()), int(steps.numel())
     if n < 2:
