@@ -411,7 +411,7 @@ class Trainer:
         first = next((m for m in self.metrics if m.get("kind") == "eval" and "rewards" in m), None)
         if first is not None and first["stage"] != stage and len(first["rewards"]) == r.numel():
             # same prompts and noise seeds as the first evaluation: a paired comparison, image by image
-            rec.update(paired_gain(first["rewards"], r.tolist()))
+            rec.update(paired_gain(first["rewards"], rec["rewards"]))
         if self.cfg.prompts.startswith("toy") or self.cfg.eval.prompts.startswith("toy"):
             with contextlib.suppress(Exception):
                 from b2diffurl.toy.prompts import prompt_category
