@@ -1,8 +1,8 @@
 """``b2diffurl`` command line: ``train | sample | eval | info``.
 
-    b2diffurl sample --model toy --prompt "a red circle" --n 16 --out grid.png
-    b2diffurl eval --model toy --reward toy --prompts heldout
-    b2diffurl info
+b2diffurl sample --model toy --prompt "a red circle" --n 16 --out grid.png
+b2diffurl eval --model toy --reward toy --prompts heldout
+b2diffurl info
 """
 
 from __future__ import annotations
@@ -14,16 +14,26 @@ from pathlib import Path
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="toy", help="'toy' or a local diffusers folder of SD 1.x/2.x (default toy)")
-    p.add_argument("--lora", metavar="DIR", help="LoRA weights saved by a training run (lora.safetensors + lora_config.json)")
+    p.add_argument(
+        "--model", default="toy", help="'toy' or a local diffusers folder of SD 1.x/2.x (default toy)"
+    )
+    p.add_argument(
+        "--lora",
+        metavar="DIR",
+        help="LoRA weights saved by a training run (lora.safetensors + lora_config.json)",
+    )
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler call")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="model dtype (auto: fp16 on CUDA for SD folders, else fp32)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="model dtype (auto: fp16 on CUDA for SD folders, else fp32)",
+    )
 
 
 def _load(args):
@@ -45,8 +55,15 @@ def _load(args):
 def _sample(policy, prompts: list[str], args):
     from b2diffurl.sampling import sample
 
-    return sample(policy, prompts, num_steps=args.steps, guidance_scale=args.cfg, eta=args.eta, seed=args.seed,
-                  batch_size=args.batch_size).images
+    return sample(
+        policy,
+        prompts,
+        num_steps=args.steps,
+        guidance_scale=args.cfg,
+        eta=args.eta,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    ).images
 
 
 def save_grid(images, path, ncol: int | None = None) -> Path:
@@ -58,7 +75,11 @@ def save_grid(images, path, ncol: int | None = None) -> Path:
 
     ncol = ncol or math.ceil(math.sqrt(len(images)))
     scale = max(1, 96 // max(images.shape[-2:]))
-    imgs = F.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest") if scale > 1 else images.float().cpu()
+    imgs = (
+        F.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest")
+        if scale > 1
+        else images.float().cpu()
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(imgs, path, nrow=ncol, padding=2, pad_value=1.0)
@@ -78,8 +99,13 @@ def _prompt_set(spec: str) -> list[str]:
         if not p.is_file():
             raise SystemExit(f"b2diffurl eval: prompt file {spec!r} not found")
         text = p.read_text()
-        return json.loads(text) if p.suffix == ".json" else [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return (
+            json.loads(text)
+            if p.suffix == ".json"
+            else [ln.strip() for ln in text.splitlines() if ln.strip()]
+        )
     from b2diffurl.toy.prompts import get_prompts
+
     try:
         return get_prompts(spec)
     except ValueError as e:
@@ -88,6 +114,7 @@ def _prompt_set(spec: str) -> list[str]:
 
 def _category(prompt: str) -> str:
     from b2diffurl.toy.prompts import prompt_category
+
     try:
         return prompt_category(prompt)
     except ValueError:
@@ -121,7 +148,13 @@ def cmd_eval(args) -> int:
     images = _sample(policy, rows, args)
     scores = reward_fn(images, rows).float().cpu()
     cats = [_category(p) for p in rows]
-    report = {"model": args.model, "reward": args.reward, "prompts": args.prompts, "n_images": len(rows), "by_category": {}}
+    report = {
+        "model": args.model,
+        "reward": args.reward,
+        "prompts": args.prompts,
+        "n_images": len(rows),
+        "by_category": {},
+    }
     print(f"{'category':<10} {'mean':>7}   {'std':>6}  {'n':>5}")
     for cat in [*dict.fromkeys(cats), "all"]:
         s = scores if cat == "all" else scores[torch.tensor([c == cat for c in cats])]
@@ -155,8 +188,10 @@ def _add_train_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="b2diffurl", description="RL fine-tuning of text-to-image diffusion models "
-                                 "(B²-DiffuRL, D-Fusion) on b2kernels")
+    ap = argparse.ArgumentParser(
+        prog="b2diffurl",
+        description="RL fine-tuning of text-to-image diffusion models (B²-DiffuRL, D-Fusion) on b2kernels",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     _add_train_parser(sub)
 
@@ -170,10 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="mean ± std reward per prompt category, plus a grid PNG")
     _add_model_args(p)
     p.add_argument("--reward", default="toy", help="toy | clip | python:pkg.module:function (default toy)")
-    p.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="reward option, e.g. checkpoint=/path/open_clip_pytorch_model.bin (repeatable)")
-    p.add_argument("--prompts", default="heldout", help="train | heldout | all [:single|count|relation], "
-                   "or a .txt (one per line) / .json (list) file (default heldout)")
+    p.add_argument(
+        "--reward-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="reward option, e.g. checkpoint=/path/open_clip_pytorch_model.bin (repeatable)",
+    )
+    p.add_argument(
+        "--prompts",
+        default="heldout",
+        help="train | heldout | all [:single|count|relation], "
+        "or a .txt (one per line) / .json (list) file (default heldout)",
+    )
     p.add_argument("--n-per-prompt", type=int, default=4, help="samples per prompt (default 4)")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--out", default="eval_grid.png", help="grid PNG (default eval_grid.png)")

@@ -40,8 +40,12 @@ def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best at the call 
 
 @dataclass
 class ModelConfig:
-    path: str = _f("toy", "policy to fine-tune: 'toy' (embedded toy world) or a local diffusers folder (SD 1.x/2.x)")
-    dtype: str = _f("float32", "weights/compute dtype: float32 | float16 | bfloat16 (LoRA weights stay float32)")
+    path: str = _f(
+        "toy", "policy to fine-tune: 'toy' (embedded toy world) or a local diffusers folder (SD 1.x/2.x)"
+    )
+    dtype: str = _f(
+        "float32", "weights/compute dtype: float32 | float16 | bfloat16 (LoRA weights stay float32)"
+    )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     lora: str = _f("auto", "auto (LoRA for real models, full fine-tune for the toy) | on | off")
     lora_rank: int = _f(4, "LoRA rank on the UNet attention projections")
@@ -55,10 +59,15 @@ class SampleConfig:
     eta: float = _f(1.0, "DDIM eta (must be > 0: eta = 0 has no step density)")
     guidance_scale: float = _f(5.0, "classifier-free guidance scale for sampling and training (1.0 = no CFG)")
     prompts_per_stage: int = _f(256, "P: prompts (prefixes / branch groups) sampled per stage")
-    branches: int = _f(5, "B: branches per prefix for B² (DDPO draws B independent images per prompt instead)")
+    branches: int = _f(
+        5, "B: branches per prefix for B² (DDPO draws B independent images per prompt instead)"
+    )
     batch_size: int = _f(8, "prompts per batched UNet call while sampling (rows = batch_size·B, ×2 for CFG)")
-    cuda_graphs: bool = _f(False, "capture the sampling step (UNet + DDIM) in CUDA graphs (CUDA only; falls back "
-                                  "with a logged reason elsewhere)")
+    cuda_graphs: bool = _f(
+        False,
+        "capture the sampling step (UNet + DDIM) in CUDA graphs (CUDA only; falls back "
+        "with a logged reason elsewhere)",
+    )
     backend: str = _f("auto", "b2kernels backend for the DDIM step: auto | triton | reference")
 
 
@@ -73,8 +82,11 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "gradient-norm clip per optimizer step")
     micro_batch_size: int = _f(2, "samples per training micro-step (UNet rows = 2× with CFG)")
-    grad_accum_steps: int = _f(64, "micro-steps (one micro-batch at one trained timestep) per optimizer step; a "
-                                   "partial group is flushed at the end of each inner epoch")
+    grad_accum_steps: int = _f(
+        64,
+        "micro-steps (one micro-batch at one trained timestep) per optimizer step; a "
+        "partial group is flushed at the end of each inner epoch",
+    )
     clip_range: float = _f(0.1, "PPO clip epsilon")
     adv_clip: float = _f(5.0, "advantages are clamped to [-adv_clip, adv_clip]")
     cfg: bool = _f(True, "use classifier-free guidance in the training forward (one 2N-row UNet call)")
@@ -98,21 +110,28 @@ class DDPOConfig:
 
 def dfusion_pairing_sizes(n: int, ref_fraction: float, base_fraction: float, reuse: int) -> tuple[int, int]:
     """(references, bases) per prompt for D-Fusion pairing; ValueError when ``n`` does not split as needed."""
+
     def whole(x):
         return abs(x - round(x)) < 1e-9
 
     n_ref, n_base = n * ref_fraction, n * base_fraction
     if not (whole(n_ref) and whole(n_base)) or round(n_ref) < 1:
         m = next((k for k in range(1, 1000) if whole(k * ref_fraction) and whole(k * base_fraction)), 1000)
-        raise ValueError(f"dfusion.samples_per_prompt={n} does not split into ref_fraction={ref_fraction} and "
-                         f"base_fraction={base_fraction} whole samples (n·ref_fraction = {n_ref:g}, n·base_fraction"
-                         f" = {n_base:g}); use a multiple of {m} (official: 16)")
+        raise ValueError(
+            f"dfusion.samples_per_prompt={n} does not split into ref_fraction={ref_fraction} and "
+            f"base_fraction={base_fraction} whole samples (n·ref_fraction = {n_ref:g}, n·base_fraction"
+            f" = {n_base:g}); use a multiple of {m} (official: 16)"
+        )
     n_ref, n_base = round(n_ref), round(n_base)
     if n_ref * reuse != n_base:
-        raise ValueError(f"D-Fusion pairing needs references × ref_reuse = bases, got {n_ref} × {reuse} != {n_base} "
-                         f"(samples_per_prompt={n}, ref_fraction={ref_fraction}, base_fraction={base_fraction})")
+        raise ValueError(
+            f"D-Fusion pairing needs references × ref_reuse = bases, got {n_ref} × {reuse} != {n_base} "
+            f"(samples_per_prompt={n}, ref_fraction={ref_fraction}, base_fraction={base_fraction})"
+        )
     if n_ref + n_base > n:
-        raise ValueError(f"D-Fusion references ({n_ref}) and bases ({n_base}) overlap within samples_per_prompt={n}")
+        raise ValueError(
+            f"D-Fusion references ({n_ref}) and bases ({n_base}) overlap within samples_per_prompt={n}"
+        )
     return n_ref, n_base
 
 
@@ -132,32 +151,58 @@ class _SelfChecking:
 class DFusionConfig(_SelfChecking):
     samples_per_prompt: int = _f(16, "n: Phase-A images per prompt (official 16)")
     ref_fraction: float = _f(0.25, "fraction of each prompt's images (best first) used as references")
-    base_fraction: float = _f(0.5, "fraction of each prompt's images (worst) used as bases; needs "
-                                   "n·ref_fraction·ref_reuse = n·base_fraction")
+    base_fraction: float = _f(
+        0.5,
+        "fraction of each prompt's images (worst) used as bases; needs "
+        "n·ref_fraction·ref_reuse = n·base_fraction",
+    )
     ref_reuse: int = _f(2, "targets per reference (official 2)")
-    fusion_steps: list = _f([2, -1], "first and last fused DDIM step index, inclusive; negatives count from the end "
-                                     "(official: 2..19 of 20 = every step but the two noisiest)")
-    fusion_layers: str = _f("auto", "fused blocks: 'a-b' inclusive, counting UNet blocks with cross-attention in "
-                                    "execution order; 'auto' = mid block + every cross-attention up block (= the "
-                                    "official '3-6' on SD 1.x/2.x)")
-    object_words: list = _f([], "object words whose cross-attention builds the mask (located with the tokenizer; "
-                                "multi-token words use all their tokens); empty = the toy world's shape nouns found "
-                                "in each prompt. Every listed word must occur in every prompt")
-    mask_grid: int = _f(16, "token-grid side of the cross-attention layers averaged into the mask (official 16)")
-    mask_threshold: float = _f(0.05, "binarisation threshold of the head/layer-averaged object attention "
-                                     "(official fallback 0.05)")
-    item_thresholds: dict = _f({}, "per object word thresholds overriding mask_threshold (official: hand-set per "
-                                   "prompt and item, 0.005-0.03)")
-    mask_rule: str = _f("threshold", "'threshold' (official) or 'mean': keep tokens >= the item's spatial mean "
-                                     "(scale-free: transfers between models and prompt lengths)")
-    objective: str = _f("dpo", "training on the (target, base) pairs: 'dpo' (D3PO, as the paper) or 'ppo' "
-                               "(DDPO-style PPO-clip on targets and bases with per-prompt z-scored rewards)")
+    fusion_steps: list = _f(
+        [2, -1],
+        "first and last fused DDIM step index, inclusive; negatives count from the end "
+        "(official: 2..19 of 20 = every step but the two noisiest)",
+    )
+    fusion_layers: str = _f(
+        "auto",
+        "fused blocks: 'a-b' inclusive, counting UNet blocks with cross-attention in "
+        "execution order; 'auto' = mid block + every cross-attention up block (= the "
+        "official '3-6' on SD 1.x/2.x)",
+    )
+    object_words: list = _f(
+        [],
+        "object words whose cross-attention builds the mask (located with the tokenizer; "
+        "multi-token words use all their tokens); empty = the toy world's shape nouns found "
+        "in each prompt. Every listed word must occur in every prompt",
+    )
+    mask_grid: int = _f(
+        16, "token-grid side of the cross-attention layers averaged into the mask (official 16)"
+    )
+    mask_threshold: float = _f(
+        0.05, "binarisation threshold of the head/layer-averaged object attention (official fallback 0.05)"
+    )
+    item_thresholds: dict = _f(
+        {},
+        "per object word thresholds overriding mask_threshold (official: hand-set per "
+        "prompt and item, 0.005-0.03)",
+    )
+    mask_rule: str = _f(
+        "threshold",
+        "'threshold' (official) or 'mean': keep tokens >= the item's spatial mean "
+        "(scale-free: transfers between models and prompt lengths)",
+    )
+    objective: str = _f(
+        "dpo",
+        "training on the (target, base) pairs: 'dpo' (D3PO, as the paper) or 'ppo' "
+        "(DDPO-style PPO-clip on targets and bases with per-prompt z-scored rewards)",
+    )
     save_pairs: bool = _f(False, "write reference | base | target | mask grids to <out>/pairs/ every stage")
 
     def errors(self) -> list[str]:
         errs = []
         try:
-            dfusion_pairing_sizes(self.samples_per_prompt, self.ref_fraction, self.base_fraction, self.ref_reuse)
+            dfusion_pairing_sizes(
+                self.samples_per_prompt, self.ref_fraction, self.base_fraction, self.ref_reuse
+            )
         except ValueError as e:
             errs.append(str(e))
         if self.ref_reuse < 1:
@@ -175,10 +220,14 @@ class DFusionConfig(_SelfChecking):
 
 @dataclass
 class DPOConfig(_SelfChecking):
-    beta: float = _f(0.1, "DPO temperature β (D3PO 0.1; D-Fusion's config key is 0, which makes the loss constant)")
+    beta: float = _f(
+        0.1, "DPO temperature β (D3PO 0.1; D-Fusion's config key is 0, which makes the loss constant)"
+    )
     clip_eps: float = _f(0.1, "ratio clamp ε: r = clamp(π_θ/π_ref, 1−ε, 1+ε)")
-    logprob_reduction: str = _f("mean", "'mean' over C·H·W (the papers' convention: βΔ is tiny) or 'sum' "
-                                        "(= mean × C·H·W, a stronger signal)")
+    logprob_reduction: str = _f(
+        "mean",
+        "'mean' over C·H·W (the papers' convention: βΔ is tiny) or 'sum' (= mean × C·H·W, a stronger signal)",
+    )
     ref_batch_size: int = _f(32, "transitions per no-grad UNet call when computing ℓ^ref once per stage")
 
     def errors(self) -> list[str]:
@@ -194,8 +243,11 @@ class DPOConfig(_SelfChecking):
 
 @dataclass
 class EvalConfig:
-    prompts: str = _f("toy", "held-out prompts: 'toy' (toy held-out set), 'toy:<category>', a .txt (one per line) "
-                             "or .json list, or 'none'")
+    prompts: str = _f(
+        "toy",
+        "held-out prompts: 'toy' (toy held-out set), 'toy:<category>', a .txt (one per line) "
+        "or .json list, or 'none'",
+    )
     num_prompts: int = _f(32, "held-out prompts evaluated (N evenly spaced over the held-out list)")
     images_per_prompt: int = _f(2, "images per held-out prompt")
     every: int = _f(0, "evaluate every N stages (0 = only before and after training)")
@@ -208,14 +260,20 @@ class RunConfig:
     preset: str = _f("auto", "auto | toy | official: fills every field not set explicitly (see module help)")
     stages: int = _f(100, "S: stages (sample → score → select → train)")
     seed: int = _f(42, "run seed (sampling noise, prompt draws, shuffles)")
-    prompts: str = _f("toy", "training prompts: 'toy' (train split), 'toy:<category>' (single|count|relation), "
-                             "a .txt (one per line) or a .json list")
+    prompts: str = _f(
+        "toy",
+        "training prompts: 'toy' (train split), 'toy:<category>' (single|count|relation), "
+        "a .txt (one per line) or a .json list",
+    )
     reward: str = _f("toy", "reward: toy | clip | python:pkg.mod:fn")
     reward_options: dict = _f({}, "keyword options passed to the reward factory (e.g. clip weights path)")
     out: str = _f("runs/latest", "output directory (metrics.jsonl, checkpoints, grids, plots)")
     checkpoint_every: int = _f(10, "checkpoint every N stages (also at the end and on SIGTERM)")
-    keep_checkpoints: int = _f(0, "keep only the newest N checkpoints, deleting older ones once a new one is "
-                                  "safely written (0 = keep all)")
+    keep_checkpoints: int = _f(
+        0,
+        "keep only the newest N checkpoints, deleting older ones once a new one is "
+        "safely written (0 = keep all)",
+    )
     grid_every: int = _f(10, "save a sample grid every N stages (0 = never)")
     progress: bool = _f(True, "show progress bars")
     deterministic: bool = _f(False, "torch deterministic algorithms (exact resume on GPU)")
@@ -224,7 +282,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "PPO update"})
     b2: B2Config = field(default_factory=B2Config, metadata={"help": "B²-DiffuRL"})
     ddpo: DDPOConfig = field(default_factory=DDPOConfig, metadata={"help": "DDPO baseline"})
-    dfusion: DFusionConfig = field(default_factory=DFusionConfig, metadata={"help": "D-Fusion pair construction"})
+    dfusion: DFusionConfig = field(
+        default_factory=DFusionConfig, metadata={"help": "D-Fusion pair construction"}
+    )
     dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "D3PO loss (D-Fusion training)"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
 
@@ -301,7 +361,9 @@ def _unknown(key: str) -> str:
     import difflib
 
     close = difflib.get_close_matches(key, keys, n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else " Run `b2diffurl train --help` for the full list."
+    hint = (
+        f" Did you mean {', '.join(close)}?" if close else " Run `b2diffurl train --help` for the full list."
+    )
     return f"unknown config key {key!r}.{hint}"
 
 
@@ -383,7 +445,9 @@ def resolve_preset(cfg: RunConfig) -> str:
     return cfg.preset
 
 
-def load_config(yaml_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
+def load_config(
+    yaml_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> RunConfig:
     """Defaults → preset → YAML → overrides, then :func:`validate`. Unknown keys raise :class:`ConfigError`."""
     explicit: dict[str, Any] = {}
     if yaml_path:
@@ -421,8 +485,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.algo not in ALGORITHMS:
         errs.append(f"algo must be one of {', '.join(sorted(ALGORITHMS))}; got {cfg.algo!r}")
     if s.eta <= 0:
-        errs.append(f"sample.eta must be > 0 (eta = {s.eta} makes the DDIM step deterministic: no log-prob for the "
-                    "policy gradient); use eta=1.0 as in the papers")
+        errs.append(
+            f"sample.eta must be > 0 (eta = {s.eta} makes the DDIM step deterministic: no log-prob for the "
+            "policy gradient); use eta=1.0 as in the papers"
+        )
     if s.num_steps < 1:
         errs.append(f"sample.num_steps must be >= 1, got {s.num_steps}")
     if s.prompts_per_stage < 1 or s.batch_size < 1:
@@ -435,8 +501,10 @@ def validate(cfg: RunConfig) -> None:
         if not (1 <= b2.k_left <= b2.k_right):
             errs.append(f"need 1 <= b2.k_left <= b2.k_right, got k_left={b2.k_left}, k_right={b2.k_right}")
         if b2.k_right > s.num_steps:
-            errs.append(f"b2.k_right={b2.k_right} exceeds sample.num_steps={s.num_steps} (at most T steps can be "
-                        "branched); lower b2.k_right or raise sample.num_steps")
+            errs.append(
+                f"b2.k_right={b2.k_right} exceeds sample.num_steps={s.num_steps} (at most T steps can be "
+                "branched); lower b2.k_right or raise sample.num_steps"
+            )
         if b2.history < 0:
             errs.append("b2.history must be >= 0")
     if cfg.stages < 1:
@@ -452,18 +520,24 @@ def validate(cfg: RunConfig) -> None:
     if cfg.model.lora not in ("auto", "on", "off"):
         errs.append(f"model.lora must be auto, on or off, got {cfg.model.lora!r}")
     if cfg.model.path != "toy" and not os.path.isdir(cfg.model.path):
-        errs.append(f"model.path {cfg.model.path!r} is neither 'toy' nor an existing diffusers folder "
-                    "(nothing is downloaded: pass a local folder with unet/, text_encoder/, tokenizer/, scheduler/)")
+        errs.append(
+            f"model.path {cfg.model.path!r} is neither 'toy' nor an existing diffusers folder "
+            "(nothing is downloaded: pass a local folder with unet/, text_encoder/, tokenizer/, scheduler/)"
+        )
     r = cfg.reward
-    if not (r in ("toy", "clip") or (r.startswith("python:") and r.count(":") == 2 and all(r.split(":")[1:]))):
+    if not (
+        r in ("toy", "clip") or (r.startswith("python:") and r.count(":") == 2 and all(r.split(":")[1:]))
+    ):
         errs.append(f"reward {r!r} is unknown: use toy, clip or python:pkg.module:function")
     for key, spec in (("prompts", cfg.prompts), ("eval.prompts", cfg.eval.prompts)):
         if spec.startswith("toy:"):
             if spec[4:] not in TOY_CATEGORIES:
                 errs.append(f"{key}={spec!r}: toy categories are {', '.join(TOY_CATEGORIES)}")
         elif spec not in ("toy", "none") and not os.path.isfile(spec):
-            errs.append(f"{key}={spec!r}: expected 'toy', 'toy:<category>'{', none' if key != 'prompts' else ''} "
-                        "or an existing .txt/.json prompt file")
+            errs.append(
+                f"{key}={spec!r}: expected 'toy', 'toy:<category>'{', none' if key != 'prompts' else ''} "
+                "or an existing .txt/.json prompt file"
+            )
     if cfg.prompts == "none":
         errs.append("prompts='none': training needs prompts")
     if cfg.algo == "dfusion":

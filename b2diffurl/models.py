@@ -30,7 +30,13 @@ class Policy:
     once LoRA is attached (only adapter weights train)."""
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler, vae, *, source: str, is_toy: bool):
-        self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae = unet, text_encoder, tokenizer, scheduler, vae
+        self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae = (
+            unet,
+            text_encoder,
+            tokenizer,
+            scheduler,
+            vae,
+        )
         self.source, self.is_toy = source, is_toy
         self.text_encoder.requires_grad_(False).eval()
         if vae is not None:
@@ -52,14 +58,20 @@ class Policy:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts (len N) -> text embeddings [N, L, D] on the policy's device (uncond: ``[""]``)."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [N, *latent_shape] -> images [N, 3, H, W] float32 in [0, 1]."""
         if self.vae is None:
             from b2diffurl.toy.model import latents_to_images
+
             return latents_to_images(latents.float())
         x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
@@ -68,25 +80,40 @@ class Policy:
         """Images [N, 3, H, W] in [0, 1] -> latents [N, *latent_shape] (VAE posterior mean for SD)."""
         if self.vae is None:
             from b2diffurl.toy.model import images_to_latents
+
             return images_to_latents(images.to(self.device, self.dtype))
         x = images.to(self.vae.device, self.vae.dtype) * 2 - 1
         return (self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor).to(self.dtype)
 
     # -- LoRA -----------------------------------------------------------------------------------
-    def add_lora(self, rank: int = 4, alpha: float = 4, targets=DEFAULT_LORA_TARGETS, dropout: float = 0.0) -> None:
+    def add_lora(
+        self, rank: int = 4, alpha: float = 4, targets=DEFAULT_LORA_TARGETS, dropout: float = 0.0
+    ) -> None:
         """Attach a LoRA adapter (A random, B zero: starts as the identity) to the UNet attention
         projections named ``targets``; freezes the rest of the UNet. Adapter weights are fp32."""
         from peft import LoraConfig
 
         if self.lora_config is not None:
-            raise RuntimeError(f"a LoRA adapter is already attached ({self.lora_config}); load_lora replaces its weights")
-        cfg = {"r": int(rank), "lora_alpha": float(alpha), "target_modules": list(targets), "lora_dropout": float(dropout)}
+            raise RuntimeError(
+                f"a LoRA adapter is already attached ({self.lora_config}); load_lora replaces its weights"
+            )
+        cfg = {
+            "r": int(rank),
+            "lora_alpha": float(alpha),
+            "target_modules": list(targets),
+            "lora_dropout": float(dropout),
+        }
         self.unet.requires_grad_(False)
         try:
             self.unet.add_adapter(LoraConfig(init_lora_weights=True, **cfg))
         except ValueError as e:
-            names = sorted({n.rsplit(".", 1)[-1] for n, _ in self.unet.named_modules()} & {"to_q", "to_k", "to_v", "proj_in"})
-            raise ValueError(f"could not attach LoRA to UNet modules {list(targets)}: {e} (e.g. {names})") from None
+            names = sorted(
+                {n.rsplit(".", 1)[-1] for n, _ in self.unet.named_modules()}
+                & {"to_q", "to_k", "to_v", "proj_in"}
+            )
+            raise ValueError(
+                f"could not attach LoRA to UNet modules {list(targets)}: {e} (e.g. {names})"
+            ) from None
         for p in self.unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -105,7 +132,9 @@ class Policy:
             raise RuntimeError("no LoRA adapter attached: call add_lora(...) first")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
+        state = {
+            k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()
+        }
         save_file(state, str(d / _LORA_WEIGHTS))
         (d / _LORA_CONFIG).write_text(json.dumps({**self.lora_config, "source": self.source}, indent=2))
         return d
@@ -118,15 +147,25 @@ class Policy:
 
         d = Path(directory)
         if not (d / _LORA_WEIGHTS).is_file() or not (d / _LORA_CONFIG).is_file():
-            raise FileNotFoundError(f"expected a LoRA folder with {_LORA_WEIGHTS} and {_LORA_CONFIG}, got {d}")
+            raise FileNotFoundError(
+                f"expected a LoRA folder with {_LORA_WEIGHTS} and {_LORA_CONFIG}, got {d}"
+            )
         cfg = json.loads((d / _LORA_CONFIG).read_text())
         cfg.pop("source", None)
         if self.lora_config is None:
-            self.add_lora(rank=cfg["r"], alpha=cfg["lora_alpha"], targets=cfg["target_modules"],
-                          dropout=cfg.get("lora_dropout", 0.0))
-        elif {k: self.lora_config[k] for k in ("r", "target_modules")} != {k: cfg[k] for k in ("r", "target_modules")}:
+            self.add_lora(
+                rank=cfg["r"],
+                alpha=cfg["lora_alpha"],
+                targets=cfg["target_modules"],
+                dropout=cfg.get("lora_dropout", 0.0),
+            )
+        elif {k: self.lora_config[k] for k in ("r", "target_modules")} != {
+            k: cfg[k] for k in ("r", "target_modules")
+        }:
             raise ValueError(f"LoRA in {d} has config {cfg}, the attached adapter has {self.lora_config}")
-        result = set_peft_model_state_dict(self.unet, load_file(str(d / _LORA_WEIGHTS), device=str(self.device)))
+        result = set_peft_model_state_dict(
+            self.unet, load_file(str(d / _LORA_WEIGHTS), device=str(self.device))
+        )
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"LoRA weights in {d} do not fit this UNet: unexpected keys {unexpected[:5]}")
@@ -147,15 +186,21 @@ class Policy:
 # -- loading ------------------------------------------------------------------------------------
 def _check_folder(path: Path) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist; expected 'toy' or a local diffusers folder "
-                                f"(with {', '.join(REQUIRED)}, vae/ subfolders) of Stable Diffusion 1.x/2.x")
+        raise FileNotFoundError(
+            f"model path {str(path)!r} does not exist; expected 'toy' or a local diffusers folder "
+            f"(with {', '.join(REQUIRED)}, vae/ subfolders) of Stable Diffusion 1.x/2.x"
+        )
     if not path.is_dir():
-        raise ValueError(f"model path {str(path)!r} is a file; expected a diffusers folder (e.g. saved with "
-                         f"StableDiffusionPipeline.save_pretrained) with subfolders {', '.join(REQUIRED)}, vae")
+        raise ValueError(
+            f"model path {str(path)!r} is a file; expected a diffusers folder (e.g. saved with "
+            f"StableDiffusionPipeline.save_pretrained) with subfolders {', '.join(REQUIRED)}, vae"
+        )
     missing = [s for s in REQUIRED if not (path / s).is_dir()]
     if missing:
-        raise ValueError(f"{str(path)!r} is not a diffusers text-to-image folder: missing subfolder(s) "
-                         f"{', '.join(missing)}; expected {', '.join(REQUIRED)} (+ vae for latent-space models)")
+        raise ValueError(
+            f"{str(path)!r} is not a diffusers text-to-image folder: missing subfolder(s) "
+            f"{', '.join(missing)}; expected {', '.join(REQUIRED)} (+ vae for latent-space models)"
+        )
 
 
 def _read_json(p: Path) -> dict:
@@ -173,13 +218,16 @@ def _ddim_from(path: Path):
     cfg = _read_json(path / "scheduler" / "scheduler_config.json")
     name = cfg.get("_class_name", "?")
     cls = getattr(diffusers, name, None)
-    compatible = name == "DDIMScheduler" or "DDIMScheduler" in [getattr(c, "__name__", c) for c in
-                                                                getattr(cls, "_compatibles", [])]
+    compatible = name == "DDIMScheduler" or "DDIMScheduler" in [
+        getattr(c, "__name__", c) for c in getattr(cls, "_compatibles", [])
+    ]
     pred = cfg.get("prediction_type", "epsilon")
     if not compatible or pred not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(f"{path} has scheduler {name} (prediction_type={pred!r}); expected a DDPM-family "
-                         "scheduler that DDIMScheduler can replace (DDIM, DDPM, PNDM, Euler, DPM-Solver, ...) with "
-                         "prediction_type epsilon, v_prediction or sample — e.g. Stable Diffusion 1.x/2.x")
+        raise ValueError(
+            f"{path} has scheduler {name} (prediction_type={pred!r}); expected a DDPM-family "
+            "scheduler that DDIMScheduler can replace (DDIM, DDPM, PNDM, Euler, DPM-Solver, ...) with "
+            "prediction_type epsilon, v_prediction or sample — e.g. Stable Diffusion 1.x/2.x"
+        )
     return DDIMScheduler.from_config(cfg)
 
 
@@ -192,17 +240,26 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype = torch.float32, devi
     is_toy = str(source) == "toy"
     if is_toy:
         from b2diffurl.toy import CHECKPOINT_DIR as path
+
         if not (path / "unet").is_dir():
-            raise FileNotFoundError(f"the embedded toy checkpoint is missing at {path}; "
-                                    "create it with `python -m b2diffurl.toy.pretrain`")
+            raise FileNotFoundError(
+                f"the embedded toy checkpoint is missing at {path}; "
+                "create it with `python -m b2diffurl.toy.pretrain`"
+            )
     else:
         path = Path(source).expanduser()
     _check_folder(path)
     index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     is_toy = is_toy or "b2diffurl_toy" in index
-    unet_cls = _read_json(path / "unet" / "config.json").get("_class_name") if (path / "unet" / "config.json").is_file() else None
+    unet_cls = (
+        _read_json(path / "unet" / "config.json").get("_class_name")
+        if (path / "unet" / "config.json").is_file()
+        else None
+    )
     if unet_cls != "UNet2DConditionModel":
-        raise ValueError(f"{path}/unet holds {unet_cls or 'no config.json'}; expected a UNet2DConditionModel (SD 1.x/2.x)")
+        raise ValueError(
+            f"{path}/unet holds {unet_cls or 'no config.json'}; expected a UNet2DConditionModel (SD 1.x/2.x)"
+        )
     scheduler = _ddim_from(path)
     kw = dict(local_files_only=True, torch_dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw).to(device)
@@ -211,7 +268,10 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype = torch.float32, devi
     vae = None
     if not is_toy:
         from diffusers import AutoencoderKL
+
         if not (path / "vae").is_dir():
-            raise ValueError(f"{str(path)!r} has no vae/ subfolder; expected an SD 1.x/2.x diffusers folder with a VAE")
+            raise ValueError(
+                f"{str(path)!r} has no vae/ subfolder; expected an SD 1.x/2.x diffusers folder with a VAE"
+            )
         vae = AutoencoderKL.from_pretrained(path / "vae", **kw).to(device)
     return Policy(unet, text_encoder, tokenizer, scheduler, vae, source=str(source), is_toy=is_toy)

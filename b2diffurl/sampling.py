@@ -71,14 +71,29 @@ class _GraphedStep:
 class TreeSampler:
     """Branch-tree DDIM sampler for a policy (see module docs). Holds the DDIM table and the uncond embedding."""
 
-    def __init__(self, policy, *, num_steps: int = 20, guidance_scale: float = 5.0, eta: float = 1.0,
-                 backend: str = "auto", cuda_graphs: bool = False):
+    def __init__(
+        self,
+        policy,
+        *,
+        num_steps: int = 20,
+        guidance_scale: float = 5.0,
+        eta: float = 1.0,
+        backend: str = "auto",
+        cuda_graphs: bool = False,
+    ):
         from b2kernels import DDIMTable
 
         if eta <= 0:
-            raise ValueError(f"eta must be > 0 for a sampler with log-probs (got {eta}); eta = 0 has no density")
+            raise ValueError(
+                f"eta must be > 0 for a sampler with log-probs (got {eta}); eta = 0 has no density"
+            )
         self.policy = policy
-        self.num_steps, self.guidance_scale, self.eta, self.backend = int(num_steps), guidance_scale, eta, backend
+        self.num_steps, self.guidance_scale, self.eta, self.backend = (
+            int(num_steps),
+            guidance_scale,
+            eta,
+            backend,
+        )
         self.device = next(policy.unet.parameters()).device
         self.dtype = next(policy.unet.parameters()).dtype
         policy.scheduler.set_timesteps(self.num_steps)
@@ -92,7 +107,9 @@ class TreeSampler:
         self.graph_reason: str | None = None
         if cuda_graphs:
             if self.device.type != "cuda":
-                self.graph_reason = f"cuda_graphs=True but the policy is on '{self.device.type}': running eagerly"
+                self.graph_reason = (
+                    f"cuda_graphs=True but the policy is on '{self.device.type}': running eagerly"
+                )
             else:
                 self.graphs = {}
             if self.graph_reason:
@@ -125,8 +142,17 @@ class TreeSampler:
         from b2kernels import ddim_step_sample
 
         cond, uncond = self.model_output(x, step_idx, embeds)
-        return ddim_step_sample(self.table, step_idx, x, cond, noise, eta=self.eta, model_output_uncond=uncond,
-                                guidance_scale=self.guidance_scale if self.use_cfg else None, backend=self.backend)
+        return ddim_step_sample(
+            self.table,
+            step_idx,
+            x,
+            cond,
+            noise,
+            eta=self.eta,
+            model_output_uncond=uncond,
+            guidance_scale=self.guidance_scale if self.use_cfg else None,
+            backend=self.backend,
+        )
 
     def step(self, x: torch.Tensor, i: int, embeds: torch.Tensor, noise: torch.Tensor):
         """One batched DDIM step i for all rows: (x_prev, logp [N])."""
@@ -141,7 +167,9 @@ class TreeSampler:
                     self._graph_pool = torch.cuda.graph_pool_handle()
                 g = self.graphs[key] = _GraphedStep(self._step, x, step_idx, embeds, noise, self._graph_pool)
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back, with the reason logged
-                self.graph_reason = f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly"
+                self.graph_reason = (
+                    f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly"
+                )
                 log.warning(self.graph_reason)
                 self.graphs = None
                 return self._step(x, int(i), embeds, noise)
@@ -149,8 +177,16 @@ class TreeSampler:
 
     # ---- trees --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_trees(self, cond: torch.Tensor, *, split_step: int, branches: int, generator: torch.Generator,
-                     arena=None, ids: torch.Tensor | None = None) -> TreeSample:
+    def sample_trees(
+        self,
+        cond: torch.Tensor,
+        *,
+        split_step: int,
+        branches: int,
+        generator: torch.Generator,
+        arena=None,
+        ids: torch.Tensor | None = None,
+    ) -> TreeSample:
         """Sample P trees: cond [P, L, D] prompt embeddings; latents 0..split_step shared, then B branches.
 
         ``arena``/``ids`` (ids [P·B] from ``arena.add_trees``): latents are written as they are produced and
@@ -184,7 +220,9 @@ class TreeSampler:
         if s == T and B > 1:  # s == T: every latent shared; the B rows are copies
             x = x.repeat_interleave(B, dim=0)
         rows_final = P * B
-        full = torch.stack([lp if lp.shape[0] == rows_final else lp.repeat_interleave(B) for lp in logps], dim=1)
+        full = torch.stack(
+            [lp if lp.shape[0] == rows_final else lp.repeat_interleave(B) for lp in logps], dim=1
+        )
         if arena is not None:
             host = [lp.float().cpu() for lp in logps]  # one sync, after the loop
             for i, lp in enumerate(host):
@@ -192,9 +230,20 @@ class TreeSampler:
         return TreeSample(latents=x, logprobs=full.float(), split_step=s, branches=B)
 
 
-def sample(policy, prompts: list[str], *, num_steps: int = 20, guidance_scale: float = 5.0, eta: float = 1.0,
-           seed: int = 0, batch_size: int | None = None, decode: bool = True, backend: str = "auto",
-           cuda_graphs: bool = False, sampler: TreeSampler | None = None) -> SampleResult:
+def sample(
+    policy,
+    prompts: list[str],
+    *,
+    num_steps: int = 20,
+    guidance_scale: float = 5.0,
+    eta: float = 1.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    decode: bool = True,
+    backend: str = "auto",
+    cuda_graphs: bool = False,
+    sampler: TreeSampler | None = None,
+) -> SampleResult:
     """Plain sampling (no branching) with the tree sampler's batched step; used by ``b2diffurl sample/eval``.
 
     Returns images [N, 3, H, W] in [0, 1] (``policy.decode``), final latents and per-step log-probs. The same
@@ -203,13 +252,19 @@ def sample(policy, prompts: list[str], *, num_steps: int = 20, guidance_scale: f
     prompts = list(prompts)
     if not prompts:
         raise ValueError("sample: no prompts given")
-    sampler = sampler or TreeSampler(policy, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                                     backend=backend, cuda_graphs=cuda_graphs)
+    sampler = sampler or TreeSampler(
+        policy,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        backend=backend,
+        cuda_graphs=cuda_graphs,
+    )
     gen = torch.Generator(device=sampler.device).manual_seed(int(seed))
     bs = int(batch_size or len(prompts))
     lat, lps, imgs = [], [], []
     for i in range(0, len(prompts), bs):
-        chunk = prompts[i:i + bs]
+        chunk = prompts[i : i + bs]
         with torch.no_grad():
             cond = policy.encode_prompts(chunk)
         out = sampler.sample_trees(cond, split_step=sampler.num_steps, branches=1, generator=gen)
@@ -218,5 +273,9 @@ def sample(policy, prompts: list[str], *, num_steps: int = 20, guidance_scale: f
         if decode:
             with torch.no_grad():
                 imgs.append(policy.decode(out.latents).float().clamp(0, 1))
-    return SampleResult(images=torch.cat(imgs) if decode else None, latents=torch.cat(lat),
-                        logprobs=torch.cat(lps), prompts=prompts)
+    return SampleResult(
+        images=torch.cat(imgs) if decode else None,
+        latents=torch.cat(lat),
+        logprobs=torch.cat(lps),
+        prompts=prompts,
+    )

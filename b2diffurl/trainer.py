@@ -40,7 +40,11 @@ from b2diffurl import config as C
 
 log = logging.getLogger("b2diffurl.trainer")
 CHECKPOINT_VERSION = 1
-_TIMING_SUFFIXES = ("_time_s", "_per_s", "_time")  # metric names holding wall-clock numbers (not reproducible)
+_TIMING_SUFFIXES = (
+    "_time_s",
+    "_per_s",
+    "_time",
+)  # metric names holding wall-clock numbers (not reproducible)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -142,7 +146,7 @@ def save_grid(images: torch.Tensor, captions: list[str], path: Path, ncol: int =
     canvas = torch.full((3, nrow * (h + 2), ncol * (w + 2)), 255, dtype=torch.uint8)
     for k in range(n):
         r, c = divmod(k, ncol)
-        canvas[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = imgs[k]
+        canvas[:, r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = imgs[k]
     img = Image.fromarray(canvas.permute(1, 2, 0).numpy())
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -189,29 +193,45 @@ def paired_gain(before, after) -> dict:
     standard error, and how many images got better / worse."""
     d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
     se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
-    return {"gain": float(d.mean()), "gain_se": se, "n_better": int((d > 1e-6).sum()),
-            "n_worse": int((d < -1e-6).sum())}
+    return {
+        "gain": float(d.mean()),
+        "gain_se": se,
+        "n_better": int((d > 1e-6).sum()),
+        "n_worse": int((d < -1e-6).sum()),
+    }
 
 
 class Trainer:
     """``Trainer(cfg).run()``; ``policy`` / ``reward_fn`` may be injected (tests, notebooks)."""
 
-    def __init__(self, cfg: C.RunConfig, *, policy=None, reward_fn=None, resume: str | None = None,
-                 train_prompts: list[str] | None = None, heldout_prompts: list[str] | None = None):
+    def __init__(
+        self,
+        cfg: C.RunConfig,
+        *,
+        policy=None,
+        reward_fn=None,
+        resume: str | None = None,
+        train_prompts: list[str] | None = None,
+        heldout_prompts: list[str] | None = None,
+    ):
         C.validate(cfg)
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.model.device)
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-            cfg.model.dtype]
+            cfg.model.dtype
+        ]
         self._stop_requested = False
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         # everything that can fail on a bad config fails here, before any sampling
-        self.train_prompts = train_prompts if train_prompts is not None else load_prompts(cfg.prompts, "train")
-        self.heldout_prompts = heldout_prompts if heldout_prompts is not None else load_prompts(
-            cfg.eval.prompts, "heldout")
+        self.train_prompts = (
+            train_prompts if train_prompts is not None else load_prompts(cfg.prompts, "train")
+        )
+        self.heldout_prompts = (
+            heldout_prompts if heldout_prompts is not None else load_prompts(cfg.eval.prompts, "heldout")
+        )
         if not self.train_prompts:
             raise C.ConfigError(f"prompts={cfg.prompts!r} gave no training prompts")
         if reward_fn is None:
@@ -234,24 +254,46 @@ class Trainer:
         self.policy = policy
         self.params = self._setup_trainable()
         tc = cfg.train
-        self.optimizer = torch.optim.AdamW(self.params, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                                           weight_decay=tc.weight_decay, eps=tc.adam_eps)
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=tc.lr,
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            weight_decay=tc.weight_decay,
+            eps=tc.adam_eps,
+        )
         warm = tc.lr_warmup_steps
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda n: min(1.0, (n + 1) / warm) if warm > 0 else 1.0)
+            self.optimizer, lambda n: min(1.0, (n + 1) / warm) if warm > 0 else 1.0
+        )
 
         from b2diffurl.algos.common import RunContext
         from b2diffurl.sampling import TreeSampler
 
         s = cfg.sample
-        self.sampler = TreeSampler(policy, num_steps=s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta,
-                                   backend=s.backend, cuda_graphs=s.cuda_graphs)
+        self.sampler = TreeSampler(
+            policy,
+            num_steps=s.num_steps,
+            guidance_scale=s.guidance_scale,
+            eta=s.eta,
+            backend=s.backend,
+            cuda_graphs=s.cuda_graphs,
+        )
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.cpu_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.ctx = RunContext(cfg=cfg, policy=policy, reward_fn=self.reward_fn, sampler=self.sampler,
-                              params=self.params, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-                              train_prompts=self.train_prompts, device=self.device, noise_gen=self.noise_gen,
-                              cpu_gen=self.cpu_gen, progress=_progress(cfg.progress))
+        self.ctx = RunContext(
+            cfg=cfg,
+            policy=policy,
+            reward_fn=self.reward_fn,
+            sampler=self.sampler,
+            params=self.params,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            train_prompts=self.train_prompts,
+            device=self.device,
+            noise_gen=self.noise_gen,
+            cpu_gen=self.cpu_gen,
+            progress=_progress(cfg.progress),
+        )
         self.algo = algo_cls(self.ctx)
         self.start_stage = 0
         self.metrics: list[dict] = []
@@ -289,7 +331,9 @@ class Trainer:
         return params
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: q.detach().cpu().clone() for n, q in self.policy.unet.named_parameters() if q.requires_grad}
+        return {
+            n: q.detach().cpu().clone() for n, q in self.policy.unet.named_parameters() if q.requires_grad
+        }
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _ckpt_root(self) -> Path:
@@ -353,8 +397,10 @@ class Trainer:
                 cand = root / (root / "LATEST").read_text().strip()
                 if (cand / "state.pt").is_file():
                     return cand
-        raise C.ConfigError(f"--resume {path!r}: no checkpoint found (expected a run directory with "
-                            "checkpoints/LATEST or a checkpoint directory with state.pt)")
+        raise C.ConfigError(
+            f"--resume {path!r}: no checkpoint found (expected a run directory with "
+            "checkpoints/LATEST or a checkpoint directory with state.pt)"
+        )
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
@@ -363,9 +409,11 @@ class Trainer:
         named = dict(self.policy.unet.named_parameters())
         missing = [n for n in state["model"] if n not in named]
         if missing or set(state["model"]) != {n for n, q in named.items() if q.requires_grad}:
-            raise C.ConfigError(f"{ckpt}: the checkpoint's trainable parameters do not match this model "
-                                f"(lora={state['lora']} in the checkpoint vs {self.use_lora()} now; "
-                                f"{len(missing)} unknown names)")
+            raise C.ConfigError(
+                f"{ckpt}: the checkpoint's trainable parameters do not match this model "
+                f"(lora={state['lora']} in the checkpoint vs {self.use_lora()} now; "
+                f"{len(missing)} unknown names)"
+            )
         with torch.no_grad():
             for n, v in state["model"].items():
                 named[n].copy_(v)
@@ -377,7 +425,7 @@ class Trainer:
         # metrics logged after the checkpoint (a run killed between checkpoints) are dropped: they are redone
         path = self.out / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.is_file() else []
-        keep = lines[:int(state["metrics_lines"])]
+        keep = lines[: int(state["metrics_lines"])]
         self.metrics = [json.loads(ln) for ln in keep]
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
         log.info("resumed from %s at stage %d", ckpt, self.start_stage)
@@ -401,13 +449,24 @@ class Trainer:
         chosen = [self.heldout_prompts[(i * len(self.heldout_prompts)) // n] for i in range(n)]
         prompts = [p for p in chosen for _ in range(e.images_per_prompt)]
         t0 = time.perf_counter()
-        res = sample(self.policy, prompts, seed=e.seed, batch_size=self.cfg.sample.batch_size * self.cfg.sample.branches,
-                     sampler=self.sampler)
+        res = sample(
+            self.policy,
+            prompts,
+            seed=e.seed,
+            batch_size=self.cfg.sample.batch_size * self.cfg.sample.branches,
+            sampler=self.sampler,
+        )
         with torch.no_grad():
             r = self.reward_fn(res.images, prompts).float().cpu()
-        rec = {"kind": "eval", "stage": stage, "reward_mean": float(r.mean()),
-               "reward_std": float(r.std()) if r.numel() > 1 else 0.0, "n": len(prompts),
-               "eval_time_s": time.perf_counter() - t0, "rewards": [round(v, 6) for v in r.tolist()]}
+        rec = {
+            "kind": "eval",
+            "stage": stage,
+            "reward_mean": float(r.mean()),
+            "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+            "n": len(prompts),
+            "eval_time_s": time.perf_counter() - t0,
+            "rewards": [round(v, 6) for v in r.tolist()],
+        }
         first = next((m for m in self.metrics if m.get("kind") == "eval" and "rewards" in m), None)
         if first is not None and first["stage"] != stage and len(first["rewards"]) == r.numel():
             # same prompts and noise seeds as the first evaluation: a paired comparison, image by image
@@ -447,22 +506,39 @@ class Trainer:
                 if rec:
                     self._log(rec)
                     log.info("held-out reward before training: %.4f", rec["reward_mean"])
-            bar = self.ctx.progress(range(self.start_stage, cfg.stages), desc=f"{cfg.algo} stages",
-                                    initial=self.start_stage, total=cfg.stages)
+            bar = self.ctx.progress(
+                range(self.start_stage, cfg.stages),
+                desc=f"{cfg.algo} stages",
+                initial=self.start_stage,
+                total=cfg.stages,
+            )
             for stage in bar:
                 t0 = time.perf_counter()
                 data = self.algo.sample_stage(stage)
                 train_metrics = self.algo.train_stage(stage, data)
-                rec = {"kind": "stage", "stage": stage, **data.metrics, **train_metrics,
-                       "stage_time_s": time.perf_counter() - t0}
+                rec = {
+                    "kind": "stage",
+                    "stage": stage,
+                    **data.metrics,
+                    **train_metrics,
+                    "stage_time_s": time.perf_counter() - t0,
+                }
                 self._log(rec)
                 tol = 1e-5 if self.dtype == torch.float32 else 1e-3
                 if rec.get("ratio_dev_max", 0.0) > tol:
-                    log.warning("stage %d: max |ratio - 1| before the first update is %.2e > %.0e: sampling and "
-                                "training forwards disagree", stage, rec["ratio_dev_max"], tol)
+                    log.warning(
+                        "stage %d: max |ratio - 1| before the first update is %.2e > %.0e: sampling and "
+                        "training forwards disagree",
+                        stage,
+                        rec["ratio_dev_max"],
+                        tol,
+                    )
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", sel=rec.get("n_selected"),
-                                    dev=f"{rec.get('ratio_dev_max', 0):.1e}")
+                    bar.set_postfix(
+                        reward=f"{rec['reward_mean']:.3f}",
+                        sel=rec.get("n_selected"),
+                        dev=f"{rec.get('ratio_dev_max', 0):.1e}",
+                    )
                 if cfg.grid_every and (stage + 1) % cfg.grid_every == 0 and data.images is not None:
                     save_grid(data.images, data.captions, self.out / "grids" / f"stage_{stage:05d}.png")
                 last = stage + 1 == cfg.stages
@@ -474,7 +550,11 @@ class Trainer:
                     ev = self.evaluate(stage + 1)
                     if ev:
                         self._log(ev)
-                if last or self._stop_requested or (cfg.checkpoint_every and (stage + 1) % cfg.checkpoint_every == 0):
+                if (
+                    last
+                    or self._stop_requested
+                    or (cfg.checkpoint_every and (stage + 1) % cfg.checkpoint_every == 0)
+                ):
                     self.save_checkpoint(stage + 1)
                 if self._stop_requested and not last:
                     status = "interrupted"
@@ -484,15 +564,25 @@ class Trainer:
                 signal.signal(signal.SIGTERM, old_handler)
         plot_reward_curve(self.metrics, self.out / "reward_curve.png")
         evals = [m for m in self.metrics if m.get("kind") == "eval"]
-        summary = {"status": status, "stages_done": sum(m.get("kind") == "stage" for m in self.metrics),
-                   "wall_time_s": time.perf_counter() - t_start, "out": str(self.out)}
+        summary = {
+            "status": status,
+            "stages_done": sum(m.get("kind") == "stage" for m in self.metrics),
+            "wall_time_s": time.perf_counter() - t_start,
+            "out": str(self.out),
+        }
         if len(evals) >= 2:
             summary.update(heldout_before=evals[0]["reward_mean"], heldout_after=evals[-1]["reward_mean"])
             if "gain" in evals[-1]:
                 summary.update(heldout_gain=evals[-1]["gain"], heldout_gain_se=evals[-1]["gain_se"])
-                log.info("held-out reward %.4f -> %.4f: paired gain %+.4f ± %.4f (1 s.e.; %d images better, %d worse)",
-                         evals[0]["reward_mean"], evals[-1]["reward_mean"], evals[-1]["gain"], evals[-1]["gain_se"],
-                         evals[-1]["n_better"], evals[-1]["n_worse"])
+                log.info(
+                    "held-out reward %.4f -> %.4f: paired gain %+.4f ± %.4f (1 s.e.; %d images better, %d worse)",
+                    evals[0]["reward_mean"],
+                    evals[-1]["reward_mean"],
+                    evals[-1]["gain"],
+                    evals[-1]["gain_se"],
+                    evals[-1]["n_better"],
+                    evals[-1]["n_worse"],
+                )
         return summary
 
 
@@ -516,21 +606,41 @@ def add_train_subparser(subparsers) -> None:
     """Register ``b2diffurl train`` on an argparse subparsers object."""
     import argparse
 
-    p = subparsers.add_parser("train", help="RL fine-tuning (B²-DiffuRL or DDPO)", description=TRAIN_DESCRIPTION,
-                              epilog="config fields (default = official value; [toy: ...] = toy preset):\n"
-                                     + C.help_text(),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "train",
+        help="RL fine-tuning (B²-DiffuRL or DDPO)",
+        description=TRAIN_DESCRIPTION,
+        epilog="config fields (default = official value; [toy: ...] = toy preset):\n" + C.help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--algo", choices=sorted(C.ALGORITHMS), help="algorithm (config key: algo; default b2)")
     p.add_argument("--model", help="'toy' or a local diffusers folder (config key: model.path; default toy)")
-    p.add_argument("--reward", help="toy | clip | python:pkg.module:function (config key: reward; default toy)")
+    p.add_argument(
+        "--reward", help="toy | clip | python:pkg.module:function (config key: reward; default toy)"
+    )
     p.add_argument("--config", metavar="RUN.yaml", help="YAML file with config fields")
-    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                   help="override one config field, e.g. --set stages=10 --set b2.k_left=10 (repeatable)")
-    p.add_argument("--preset", choices=["auto", *C.PRESETS], help="value preset (config key: preset; default auto)")
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one config field, e.g. --set stages=10 --set b2.k_left=10 (repeatable)",
+    )
+    p.add_argument(
+        "--preset", choices=["auto", *C.PRESETS], help="value preset (config key: preset; default auto)"
+    )
     p.add_argument("--out", help="output directory (config key: out)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (run dir or checkpoint dir) exactly")
-    p.add_argument("--save-pairs", action="store_true", default=None, dest="save_pairs",
-                   help="D-Fusion: write reference | base | target | mask grids to <out>/pairs/ (dfusion.save_pairs)")
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR (run dir or checkpoint dir) exactly"
+    )
+    p.add_argument(
+        "--save-pairs",
+        action="store_true",
+        default=None,
+        dest="save_pairs",
+        help="D-Fusion: write reference | base | target | mask grids to <out>/pairs/ (dfusion.save_pairs)",
+    )
     p.set_defaults(func=train_main)
 
 
@@ -541,7 +651,9 @@ def config_from_args(args) -> tuple[C.RunConfig, str | None]:
         rp = Path(args.resume)
         run_dir = rp.parent.parent if (rp / "state.pt").is_file() else rp
         if not (run_dir / "config.yaml").is_file():
-            raise C.ConfigError(f"--resume {args.resume!r}: no config.yaml in {run_dir} (not a run directory)")
+            raise C.ConfigError(
+                f"--resume {args.resume!r}: no config.yaml in {run_dir} (not a run directory)"
+            )
         import yaml
 
         explicit.update(C._flatten(yaml.safe_load((run_dir / "config.yaml").read_text())))
@@ -553,8 +665,14 @@ def config_from_args(args) -> tuple[C.RunConfig, str | None]:
         if not os.path.isfile(args.config):
             raise C.ConfigError(f"--config {args.config!r} does not exist")
         explicit.update(C._flatten(yaml.safe_load(Path(args.config).read_text()) or {}))
-    for flag, key in (("algo", "algo"), ("model", "model.path"), ("reward", "reward"), ("preset", "preset"),
-                      ("out", "out"), ("save_pairs", "dfusion.save_pairs")):
+    for flag, key in (
+        ("algo", "algo"),
+        ("model", "model.path"),
+        ("reward", "reward"),
+        ("preset", "preset"),
+        ("out", "out"),
+        ("save_pairs", "dfusion.save_pairs"),
+    ):
         if getattr(args, flag, None) is not None:
             explicit[key] = getattr(args, flag)
     explicit.update(C.parse_set(args.overrides))

@@ -38,8 +38,13 @@ def report() -> str:
             devices.append(f"cuda:{i}")
     else:
         lines.append("cuda        not available")
-    env = {k: v for k, v in (("TRITON_INTERPRET", _dispatch.triton_interpret()),
-                             ("B2K_FORCE_REFERENCE", _dispatch.force_reference()))}
+    env = {
+        k: v
+        for k, v in (
+            ("TRITON_INTERPRET", _dispatch.triton_interpret()),
+            ("B2K_FORCE_REFERENCE", _dispatch.force_reference()),
+        )
+    }
     lines.append(f"env         {env}")
     lines.append("")
     lines.append("backend='auto' picks:")

@@ -47,8 +47,16 @@ def environment() -> dict:
             return None
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001
         commit = None
     return {
@@ -100,7 +108,9 @@ def copy_bandwidth_gbs(nbytes: int, device) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def write_results(suite: str, rows: list[dict], extra: dict | None = None, out_dir: Path | None = None) -> Path:
+def write_results(
+    suite: str, rows: list[dict], extra: dict | None = None, out_dir: Path | None = None
+) -> Path:
     out_dir = Path(out_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     date = _dt.date.today().isoformat()

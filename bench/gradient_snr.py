@@ -31,14 +31,25 @@ import yaml
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--estimator", choices=["b2", "ddpo"], default="b2",
-                    help="b2: best/worst branch selection; ddpo: every row with its clamped z-score (default b2)")
-    ap.add_argument("--k", type=int, default=14, help="branched (trained) steps; split step = T - k (default 14)")
-    ap.add_argument("--prompts", type=int, default=32, help="prompts (branch groups) in the stage (default 32)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--estimator",
+        choices=["b2", "ddpo"],
+        default="b2",
+        help="b2: best/worst branch selection; ddpo: every row with its clamped z-score (default b2)",
+    )
+    ap.add_argument(
+        "--k", type=int, default=14, help="branched (trained) steps; split step = T - k (default 14)"
+    )
+    ap.add_argument(
+        "--prompts", type=int, default=32, help="prompts (branch groups) in the stage (default 32)"
+    )
     ap.add_argument("--branches", type=int, default=8, help="branches per prompt (default 8)")
-    ap.add_argument("--lora", choices=["on", "off"], default="off", help="LoRA adapters or the full UNet (default off)")
+    ap.add_argument(
+        "--lora", choices=["on", "off"], default="off", help="LoRA adapters or the full UNet (default off)"
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="write the result JSON here")
@@ -51,9 +62,17 @@ def main(argv=None) -> int:
     from b2diffurl.algos.common import clamp_advantages, training_logprob
     from b2diffurl.trainer import Trainer
 
-    over = {"stages": 1, "sample.prompts_per_stage": a.prompts, "sample.branches": a.branches, "b2.k_left": a.k,
-            "b2.k_right": a.k, "eval.prompts": "none", "progress": False, "model.lora": a.lora,
-            "out": tempfile.mkdtemp(prefix="b2diffurl-gradient-snr-")}
+    over = {
+        "stages": 1,
+        "sample.prompts_per_stage": a.prompts,
+        "sample.branches": a.branches,
+        "b2.k_left": a.k,
+        "b2.k_right": a.k,
+        "eval.prompts": "none",
+        "progress": False,
+        "model.lora": a.lora,
+        "out": tempfile.mkdtemp(prefix="b2diffurl-gradient-snr-"),
+    }
     for kv in a.set:
         key, sep, value = kv.partition("=")
         if not sep:
@@ -66,7 +85,7 @@ def main(argv=None) -> int:
         clip = cfg.train.adv_clip
         algo.select = lambda z, stage: (np.arange(z.size), clamp_advantages(z, clip), {"n_selected": z.size})
     data = algo.sample_stage(0)
-    shutil.rmtree(over["out"], ignore_errors=True)   # nothing of the throwaway run is kept
+    shutil.rmtree(over["out"], ignore_errors=True)  # nothing of the throwaway run is kept
     ids, steps, cond_table = data.payload
     n, K = int(ids.numel()), int(steps.numel())
     if n < 2:
@@ -84,8 +103,12 @@ def main(argv=None) -> int:
             b = algo.arena.gather(torch.tensor([i]), torch.tensor([step]), device=ctx.device)
             lp = training_logprob(ctx, b, cond_table)
             (-(b.advantage.to(lp) * lp).sum()).backward()
-            g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double().cpu()
-                           for p in ctx.params])
+            g = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double().cpu()
+                    for p in ctx.params
+                ]
+            )
             S[j] += g
             sq[j] += g @ g
             g_i += g
@@ -97,13 +120,24 @@ def main(argv=None) -> int:
     def ratio(s, q):
         sig2 = (float(s @ s) - float(q)) / (n * (n - 1))
         noise2 = float(q) / n - sig2
-        return sig2 / noise2 if noise2 > 0 else float("nan")   # nan: every advantage was 0 (tied rewards)
+        return sig2 / noise2 if noise2 > 0 else float("nan")  # nan: every advantage was 0 (tied rewards)
 
-    res = {"estimator": a.estimator, "k": a.k, "split_step": int(data.metrics["split_step"]), "prompts": a.prompts,
-           "branches": a.branches, "lora": a.lora, "trainable_params": P, "samples": n, "steps": K,
-           "signal2_over_noise2": ratio(S_all, sq_all), "ratio_standard_error": float(np.sqrt(2.0) / n),
-           "per_step": {int(st): ratio(S[j], sq[j]) for j, st in enumerate(steps.tolist())},
-           "stage_reward_mean": data.metrics["reward_mean"], "time_s": time.perf_counter() - t0}
+    res = {
+        "estimator": a.estimator,
+        "k": a.k,
+        "split_step": int(data.metrics["split_step"]),
+        "prompts": a.prompts,
+        "branches": a.branches,
+        "lora": a.lora,
+        "trainable_params": P,
+        "samples": n,
+        "steps": K,
+        "signal2_over_noise2": ratio(S_all, sq_all),
+        "ratio_standard_error": float(np.sqrt(2.0) / n),
+        "per_step": {int(st): ratio(S[j], sq[j]) for j, st in enumerate(steps.tolist())},
+        "stage_reward_mean": data.metrics["reward_mean"],
+        "time_s": time.perf_counter() - t0,
+    }
     print(json.dumps(res, indent=1))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

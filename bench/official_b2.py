@@ -30,14 +30,18 @@ def ddim_step_with_logprob_unfused(scheduler, eps, t, x, eta: float, prev_sample
     (x_prev, log-prob [N] mean over C·H·W)."""
     T = scheduler.num_inference_steps
     n = x.shape[0]
-    t = torch.as_tensor(t, device=x.device).long().expand(n) if not torch.is_tensor(t) or t.dim() == 0 \
+    t = (
+        torch.as_tensor(t, device=x.device).long().expand(n)
+        if not torch.is_tensor(t) or t.dim() == 0
         else t.to(x.device).long()
+    )
     prev_t = t - scheduler.config.num_train_timesteps // T
     ac = scheduler.alphas_cumprod.to(x.device)
     shape = (n,) + (1,) * (x.dim() - 1)
     a_t = ac.gather(0, t).reshape(shape)
-    a_p = torch.where(prev_t >= 0, ac.gather(0, prev_t.clamp_min(0)),
-                      scheduler.final_alpha_cumprod.to(x.device)).reshape(shape)
+    a_p = torch.where(
+        prev_t >= 0, ac.gather(0, prev_t.clamp_min(0)), scheduler.final_alpha_cumprod.to(x.device)
+    ).reshape(shape)
     b_t = 1 - a_t
     x0 = (x - b_t.sqrt() * eps) / a_t.sqrt()
     var = (1 - a_p) / b_t * (1 - a_t / a_p)
@@ -47,7 +51,11 @@ def ddim_step_with_logprob_unfused(scheduler, eps, t, x, eta: float, prev_sample
     if prev_sample is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         prev_sample = mean + std * noise
-    lp = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    lp = (
+        -((prev_sample.detach() - mean) ** 2) / (2 * std**2)
+        - torch.log(std)
+        - math.log(math.sqrt(2 * math.pi))
+    )
     return prev_sample, lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
@@ -57,10 +65,28 @@ def _unet_cfg(policy, x, t, emb2, guidance):
     return u + guidance * (c - u)
 
 
-def official_stage(policy, prompts: list[str], *, branches: int, k: int, num_steps: int, reward_fn, optimizer,
-                   params, guidance: float = 5.0, eta: float = 1.0, batch_size: int = 8, train_batch: int = 2,
-                   grad_accum: int = 64, inner_epochs: int = 2, clip_range: float = 0.1, adv_clip: float = 5.0,
-                   pos_threshold: float = 0.5, neg_threshold: float = -0.5, generator=None) -> dict:
+def official_stage(
+    policy,
+    prompts: list[str],
+    *,
+    branches: int,
+    k: int,
+    num_steps: int,
+    reward_fn,
+    optimizer,
+    params,
+    guidance: float = 5.0,
+    eta: float = 1.0,
+    batch_size: int = 8,
+    train_batch: int = 2,
+    grad_accum: int = 64,
+    inner_epochs: int = 2,
+    clip_range: float = 0.1,
+    adv_clip: float = 5.0,
+    pos_threshold: float = 0.5,
+    neg_threshold: float = -0.5,
+    generator=None,
+) -> dict:
     """One official-style stage over ``prompts`` (P prompts × ``branches``). Returns timings and counts."""
     dev = next(policy.unet.parameters()).device
     T, B = num_steps, branches
@@ -74,7 +100,7 @@ def official_stage(policy, prompts: list[str], *, branches: int, k: int, num_ste
     records = []  # per branch record: prompt text, embeds, latents [T+1] host, log_probs [T] host
     with torch.no_grad():
         for a in range(0, len(prompts), batch_size):
-            batch_prompts = prompts[a:a + batch_size]
+            batch_prompts = prompts[a : a + batch_size]
             n = len(batch_prompts)
             emb = policy.encode_prompts(batch_prompts)
             emb2 = torch.cat([neg.expand(n, -1, -1), emb])
@@ -94,12 +120,17 @@ def official_stage(policy, prompts: list[str], *, branches: int, k: int, num_ste
                 images = policy.decode(lat_lists[j][T]).float().clamp(0, 1)
                 scores = reward_fn(images, batch_prompts).float()
                 lats = torch.stack(lat_lists[j], dim=1)
-                records.append({
-                    "prompts": batch_prompts, "embeds": emb.cpu(),
-                    "latents": lats[:, :-1].cpu(), "next_latents": lats[:, 1:].cpu(),  # both stored
-                    "log_probs": torch.stack(lp_lists[j], dim=1).cpu(), "scores": scores.cpu(),
-                    "timesteps": torch.tensor(ts).repeat(n, 1),
-                })
+                records.append(
+                    {
+                        "prompts": batch_prompts,
+                        "embeds": emb.cpu(),
+                        "latents": lats[:, :-1].cpu(),
+                        "next_latents": lats[:, 1:].cpu(),  # both stored
+                        "log_probs": torch.stack(lp_lists[j], dim=1).cpu(),
+                        "scores": scores.cpu(),
+                        "timesteps": torch.tensor(ts).repeat(n, 1),
+                    }
+                )
     sample_time = time.perf_counter() - t0
     stored_bytes = sum(r["latents"].numel() * 4 * 2 for r in records)
 
@@ -117,11 +148,13 @@ def official_stage(policy, prompts: list[str], *, branches: int, k: int, num_ste
     data = {k_: [] for k_ in ("embeds", "latents", "next_latents", "log_probs", "timesteps", "adv")}
     nb = math.ceil(len(prompts) / batch_size)
     for b in range(nb):
-        group_recs = records[b * B:(b + 1) * B]
+        group_recs = records[b * B : (b + 1) * B]
         n = len(group_recs[0]["prompts"])
         for row in range(n):
-            z = [(r["scores"][row].item() - stats[r["prompts"][row]][0]) / (stats[r["prompts"][row]][1] + 1e-8)
-                 for r in group_recs]
+            z = [
+                (r["scores"][row].item() - stats[r["prompts"][row]][0]) / (stats[r["prompts"][row]][1] + 1e-8)
+                for r in group_recs
+            ]
             best, worst = int(np.argmax(z)), int(np.argmin(z))
             for idx, ok in ((best, z[best] >= pos_threshold), (worst, z[worst] < neg_threshold)):
                 if not ok:
@@ -148,14 +181,15 @@ def official_stage(policy, prompts: list[str], *, branches: int, k: int, num_ste
         for key in ("latents", "next_latents", "log_probs", "timesteps"):
             d[key] = d[key][torch.arange(M)[:, None], perms]
         for s in range(0, M, train_batch):
-            mb = {k_: v[s:s + train_batch].to(dev) for k_, v in d.items()}  # host gather per micro-batch
+            mb = {k_: v[s : s + train_batch].to(dev) for k_, v in d.items()}  # host gather per micro-batch
             n = mb["adv"].shape[0]
             emb2 = torch.cat([neg.expand(n, -1, -1), mb["embeds"]])
             for j in range(k):
                 t_rows = mb["timesteps"][:, j]
                 eps = _unet_cfg(policy, mb["latents"][:, j], torch.cat([t_rows, t_rows]), emb2, guidance)
-                _, lp = ddim_step_with_logprob_unfused(sched, eps, t_rows, mb["latents"][:, j], eta,
-                                                       prev_sample=mb["next_latents"][:, j])
+                _, lp = ddim_step_with_logprob_unfused(
+                    sched, eps, t_rows, mb["latents"][:, j], eta, prev_sample=mb["next_latents"][:, j]
+                )
                 ratio = torch.exp(lp - mb["log_probs"][:, j])
                 adv = mb["adv"]
                 loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
@@ -171,6 +205,12 @@ def official_stage(policy, prompts: list[str], *, branches: int, k: int, num_ste
         optimizer.step()
         optimizer.zero_grad()
     train_time = time.perf_counter() - t2
-    return {"sample_time_s": sample_time, "select_time_s": select_time, "train_time_s": train_time,
-            "images": len(prompts) * B, "train_samples": M, "micro_steps": micro,
-            "traj_storage_mb": stored_bytes / 2**20}
+    return {
+        "sample_time_s": sample_time,
+        "select_time_s": select_time,
+        "train_time_s": train_time,
+        "images": len(prompts) * B,
+        "train_samples": M,
+        "micro_steps": micro,
+        "traj_storage_mb": stored_bytes / 2**20,
+    }

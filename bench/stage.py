@@ -27,19 +27,42 @@ from bench.common import sync
 from bench.official_b2 import official_stage
 
 UNETS = {
-    "tiny": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-                 norm_num_groups=8),
-    "small": dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128),
-                  layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-                  attention_head_dim=8, norm_num_groups=16),
+    "tiny": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ),
+    "small": dict(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    ),
     # Stable Diffusion 1.5's UNet config (860 M parameters), random init
-    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "sd15": dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
 }
 
 
@@ -54,20 +77,35 @@ class RandomPolicy:
         torch.manual_seed(0)
         self.unet = UNet2DConditionModel(**cfg).to(device, dtype)
         d = cfg["cross_attention_dim"]
-        self.text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=1000, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=1, num_attention_heads=4,
-            max_position_embeddings=77 if name == "sd15" else 8)).to(device, dtype)
+        self.text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=1000,
+                hidden_size=d,
+                intermediate_size=2 * d,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                max_position_embeddings=77 if name == "sd15" else 8,
+            )
+        ).to(device, dtype)
         self.seq = 77 if name == "sd15" else 8
-        self.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        self.scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
         self.latent_shape = (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
         self.vae = None
         self.device = torch.device(device)
 
     @torch.no_grad()
     def encode_prompts(self, prompts):
-        ids = torch.tensor([[(hash(w) % 997) + 2 for w in (p.split() + [""] * self.seq)[:self.seq]]
-                            for p in prompts], device=self.device)
+        ids = torch.tensor(
+            [[(hash(w) % 997) + 2 for w in (p.split() + [""] * self.seq)[: self.seq]] for p in prompts],
+            device=self.device,
+        )
         return self.text_encoder(ids).last_hidden_state
 
     def decode(self, latents):
@@ -79,15 +117,20 @@ def _dense_reward(images, prompts):
 
 
 def add_args(p):
-    p.add_argument("--models", default=None, help="comma list of tiny,small,toy,sd15 (default: quick tiny,toy; "
-                                                  "full tiny,small,toy,+sd15 on CUDA)")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma list of tiny,small,toy,sd15 (default: quick tiny,toy; full tiny,small,toy,+sd15 on CUDA)",
+    )
     p.add_argument("--prompts", type=int, default=None, help="P prompts per stage")
     p.add_argument("--branches", type=int, default=None, help="B branches")
     p.add_argument("--steps", type=int, default=None, help="T DDIM steps")
     p.add_argument("--k", type=int, default=None, help="branched/trained steps")
     p.add_argument("--micro-batch", type=int, default=None, help="our training micro-batch (official: 2)")
     p.add_argument("--force-sd15", action="store_true", help="run sd15 on CPU too (very slow)")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up stage of each implementation")
+    p.add_argument(
+        "--no-warmup", action="store_true", help="skip the untimed warm-up stage of each implementation"
+    )
 
 
 def _policy(name, device):
@@ -103,12 +146,28 @@ def _ours(policy, reward_fn, prompts, P, B, T, k, mb, device):
     from b2diffurl.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = C.load_config(overrides={
-            "preset": "official", "stages": 1, "sample.num_steps": T, "sample.prompts_per_stage": P,
-            "sample.branches": B, "sample.batch_size": P, "b2.k_left": k, "b2.k_right": k,
-            "b2.pos_threshold": -1e9, "b2.neg_threshold": 1e9, "train.micro_batch_size": mb,
-            "train.grad_accum_steps": 64, "eval.prompts": "none", "out": out, "progress": False,
-            "model.lora": "off", "reward": "toy", "model.device": str(device)})
+        cfg = C.load_config(
+            overrides={
+                "preset": "official",
+                "stages": 1,
+                "sample.num_steps": T,
+                "sample.prompts_per_stage": P,
+                "sample.branches": B,
+                "sample.batch_size": P,
+                "b2.k_left": k,
+                "b2.k_right": k,
+                "b2.pos_threshold": -1e9,
+                "b2.neg_threshold": 1e9,
+                "train.micro_batch_size": mb,
+                "train.grad_accum_steps": 64,
+                "eval.prompts": "none",
+                "out": out,
+                "progress": False,
+                "model.lora": "off",
+                "reward": "toy",
+                "model.device": str(device),
+            }
+        )
         tr = Trainer(cfg, policy=policy, reward_fn=reward_fn, train_prompts=prompts)
         sync(device)
         t0 = time.perf_counter()
@@ -118,9 +177,14 @@ def _ours(policy, reward_fn, prompts, P, B, T, k, mb, device):
         m = tr.algo.train_stage(0, data)
         sync(device)
         t2 = time.perf_counter()
-        return {"sample_time_s": t1 - t0, "train_time_s": t2 - t1, "train_samples": m["train_samples"],
-                "micro_steps": m["micro_steps"], "traj_storage_mb": tr.algo.arena.bytes_used / 2**20,
-                "ratio_dev_max": m["ratio_dev_max"]}
+        return {
+            "sample_time_s": t1 - t0,
+            "train_time_s": t2 - t1,
+            "train_samples": m["train_samples"],
+            "micro_steps": m["micro_steps"],
+            "traj_storage_mb": tr.algo.arena.bytes_used / 2**20,
+            "ratio_dev_max": m["ratio_dev_max"],
+        }
 
 
 def _official(policy, reward_fn, prompts, P, B, T, k, device):
@@ -129,8 +193,20 @@ def _official(policy, reward_fn, prompts, P, B, T, k, device):
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
     sync(device)
-    r = official_stage(policy, prompts, branches=B, k=k, num_steps=T, reward_fn=reward_fn, optimizer=opt,
-                       params=params, batch_size=min(8, P), pos_threshold=-1e9, neg_threshold=1e9, generator=gen)
+    r = official_stage(
+        policy,
+        prompts,
+        branches=B,
+        k=k,
+        num_steps=T,
+        reward_fn=reward_fn,
+        optimizer=opt,
+        params=params,
+        batch_size=min(8, P),
+        pos_threshold=-1e9,
+        neg_threshold=1e9,
+        generator=gen,
+    )
     sync(device)
     r["sample_time_s"] += r.pop("select_time_s")
     return r
@@ -139,8 +215,15 @@ def _official(policy, reward_fn, prompts, P, B, T, k, device):
 def run(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = getattr(args, "quick", False)
-    names = (args.models.split(",") if args.models else
-             (["tiny", "toy"] if quick else ["tiny", "small", "toy"] + (["sd15"] if device.type == "cuda" else [])))
+    names = (
+        args.models.split(",")
+        if args.models
+        else (
+            ["tiny", "toy"]
+            if quick
+            else ["tiny", "small", "toy"] + (["sd15"] if device.type == "cuda" else [])
+        )
+    )
     P = args.prompts or (4 if quick else 8)
     B = args.branches or (4 if quick else 5)
     T = args.steps or (10 if quick else 20)
@@ -164,11 +247,15 @@ def run(args) -> list[dict]:
         else:
             reward_fn, prompts = _dense_reward, [f"prompt number {i}" for i in range(P)]
         prompts = (prompts * P)[:P]
+
         def one(impl, policy=policy, reward_fn=reward_fn, prompts=prompts):
             with contextlib.suppress(Exception):
                 policy.unet.zero_grad(set_to_none=True)
-            return (_ours(policy, reward_fn, prompts, P, B, T, k, mb, device) if impl == "ours"
-                    else _official(policy, reward_fn, prompts, P, B, T, k, device))
+            return (
+                _ours(policy, reward_fn, prompts, P, B, T, k, mb, device)
+                if impl == "ours"
+                else _official(policy, reward_fn, prompts, P, B, T, k, device)
+            )
 
         if not args.no_warmup:  # one untimed stage each (lazy inits, kernel/primitive caches, autotuning)
             for impl in ("ours", "official"):
@@ -179,8 +266,18 @@ def run(args) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
             r = one(impl)
             stage = r["sample_time_s"] + r["train_time_s"]
-            row = {"model": name, "impl": impl, "P": P, "B": B, "T": T, "k": k, "images": P * B,
-                   "stage_s": stage, "images_per_s": P * B / stage, **r}
+            row = {
+                "model": name,
+                "impl": impl,
+                "P": P,
+                "B": B,
+                "T": T,
+                "k": k,
+                "images": P * B,
+                "stage_s": stage,
+                "images_per_s": P * B / stage,
+                **r,
+            }
             if device.type == "cuda":
                 row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
             rows.append(row)
@@ -201,6 +298,8 @@ def summary(rows: list[dict]) -> dict:
                 "storage_ratio": o["official"]["traj_storage_mb"] / max(o["ours"]["traj_storage_mb"], 1e-9),
             }
     for name, s in out.items():
-        print(f"{name}: stage speedup {s['stage_speedup']:.2f}× (sampling {s['sample_speedup']:.2f}×, training "
-              f"{s['train_speedup']:.2f}×), trajectory storage {s['storage_ratio']:.2f}× smaller")
+        print(
+            f"{name}: stage speedup {s['stage_speedup']:.2f}× (sampling {s['sample_speedup']:.2f}×, training "
+            f"{s['train_speedup']:.2f}×), trajectory storage {s['storage_ratio']:.2f}× smaller"
+        )
     return {"speedup": out}

@@ -401,13 +401,17 @@ def test_cuda_write_then_overwrite_source_in_place(backend):
     """The caller may overwrite its tensor right after write_latents (CUDA-graph static buffers do): the arena
     must store the values at call time, not whatever the buffer holds when the async D2H copy runs."""
     shape, T = (4, 64, 64), 2
-    arena = TrajectoryArena(shape, num_steps=T, max_trees=64, branches=1, dtype=torch.float32, backend=backend)
+    arena = TrajectoryArena(
+        shape, num_steps=T, max_trees=64, branches=1, dtype=torch.float32, backend=backend
+    )
     ids = arena.add_trees(list(range(64)), 0)
     buf = torch.empty((64, *shape), device="cuda")
     for i in range(T + 1):
         buf.fill_(float(i))
         torch.cuda._sleep(1_000_000)  # the side-stream copy can only start once this is done ...
         arena.write_latents(ids, i, buf)
-        buf.fill_(-1.0)  # ... and this fill runs right then on the current stream: a race without the snapshot
+        buf.fill_(
+            -1.0
+        )  # ... and this fill runs right then on the current stream: a race without the snapshot
     for i in range(T + 1):
         assert torch.all(arena.latents(ids, i) == float(i))

@@ -18,10 +18,24 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 
 
 def tiny_cfg(tmp_path, **over):
-    base = {"stages": 3, "sample.num_steps": T, "sample.prompts_per_stage": 3, "sample.branches": 3,
-            "sample.batch_size": 2, "b2.k_left": 2, "b2.k_right": 4, "eval.prompts": "none",
-            "train.micro_batch_size": 2, "train.grad_accum_steps": 3, "train.lr": 1e-3, "out": str(tmp_path),
-            "progress": False, "grid_every": 0, "checkpoint_every": 0, "preset": "toy"}
+    base = {
+        "stages": 3,
+        "sample.num_steps": T,
+        "sample.prompts_per_stage": 3,
+        "sample.branches": 3,
+        "sample.batch_size": 2,
+        "b2.k_left": 2,
+        "b2.k_right": 4,
+        "eval.prompts": "none",
+        "train.micro_batch_size": 2,
+        "train.grad_accum_steps": 3,
+        "train.lr": 1e-3,
+        "out": str(tmp_path),
+        "progress": False,
+        "grid_every": 0,
+        "checkpoint_every": 0,
+        "preset": "toy",
+    }
     base.update(over)
     return C.load_config(overrides=base)
 
@@ -72,7 +86,7 @@ def test_stat_tracker_against_numpy_with_history():
         z = tr.update(prompts, scores)
         k = len(stages) - 1
         for i, (p, s) in enumerate(zip(prompts, scores)):
-            pool = [v for pr, sc in stages[max(0, k - 2):k + 1] for q, v in zip(pr, sc) if q == p]
+            pool = [v for pr, sc in stages[max(0, k - 2) : k + 1] for q, v in zip(pr, sc) if q == p]
             if len(pool) < 2:
                 assert z[i] == 0.0
                 continue
@@ -98,12 +112,14 @@ def test_stat_tracker_hand_example():
 
 # ---------------------------------------------------------------------------------------------- selection
 def test_selection_hand_made_scores():
-    z = np.array([
-        [0.2, 0.9, -0.8, 0.9],   # best idx 1 (tie with 3 -> lowest), worst idx 2
-        [0.5, 0.1, -0.5, 0.0],   # best 0.5 >= 0.5 counts; worst -0.5 is not < -0.5
-        [0.4, 0.3, 0.2, 0.1],    # nothing passes
-        [-0.6, -0.6, -0.7, -0.7],  # no positive; worst idx 2 (tie with 3 -> lowest)
-    ])
+    z = np.array(
+        [
+            [0.2, 0.9, -0.8, 0.9],  # best idx 1 (tie with 3 -> lowest), worst idx 2
+            [0.5, 0.1, -0.5, 0.0],  # best 0.5 >= 0.5 counts; worst -0.5 is not < -0.5
+            [0.4, 0.3, 0.2, 0.1],  # nothing passes
+            [-0.6, -0.6, -0.7, -0.7],  # no positive; worst idx 2 (tie with 3 -> lowest)
+        ]
+    )
     rows, pos = select_branches(z, 0.5, -0.5)
     assert rows.tolist() == [1, 2, 4, 14]
     assert pos.tolist() == [True, False, True, False]
@@ -190,8 +206,16 @@ def test_one_update_moves_logprobs_along_the_advantages(tmp_path):
     """Direction check of the whole pipeline (selection → arena → PPO loss → optimizer): one small optimizer
     step must raise the advantage-weighted log-likelihood Σᵢ Aᵢ·Σⱼ log π(x_prev | x_t) of the trained rows
     (first order: the PPO surrogate at ratio 1 has gradient −Σ A ∇log π). A flipped sign anywhere fails it."""
-    tr = make_trainer(tmp_path, stages=1, **{"train.inner_epochs": 1, "train.grad_accum_steps": 10_000,
-                                             "train.lr": 1e-5, "train.lr_warmup_steps": 0})
+    tr = make_trainer(
+        tmp_path,
+        stages=1,
+        **{
+            "train.inner_epochs": 1,
+            "train.grad_accum_steps": 10_000,
+            "train.lr": 1e-5,
+            "train.lr_warmup_steps": 0,
+        },
+    )
     data = tr.algo.sample_stage(0)
     sel_ids, steps, cond_table = data.payload
     assert sel_ids.numel() > 0
@@ -202,7 +226,9 @@ def test_one_update_moves_logprobs_along_the_advantages(tmp_path):
 
     def weighted_loglik():
         with torch.no_grad():
-            return (batch.advantage.double() * training_logprob(tr.ctx, batch, cond_table).double()).sum().item()
+            return (
+                (batch.advantage.double() * training_logprob(tr.ctx, batch, cond_table).double()).sum().item()
+            )
 
     before = weighted_loglik()
     m = tr.algo.train_stage(0, data)

@@ -10,19 +10,54 @@ from b2diffurl.cli import build_parser, main
 
 def test_sample_writes_grid(tmp_path):
     out = tmp_path / "grid.png"
-    assert main(["sample", "--model", "toy", "--prompt", "a red circle", "--n", "4", "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "toy",
+                "--prompt",
+                "a red circle",
+                "--n",
+                "4",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     img = Image.open(out)
     assert img.size[0] >= 2 * 96 and img.mode == "RGB"
 
 
 def test_eval_reports_per_category(tmp_path, capsys):
     js, grid = tmp_path / "e.json", tmp_path / "e.png"
-    rc = main(["eval", "--model", "toy", "--reward", "toy", "--prompts", "heldout:single", "--n-per-prompt", "2",
-               "--steps", "2", "--out", str(grid), "--json", str(js)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            "toy",
+            "--reward",
+            "toy",
+            "--prompts",
+            "heldout:single",
+            "--n-per-prompt",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(grid),
+            "--json",
+            str(js),
+        ]
+    )
     assert rc == 0 and grid.is_file()
     rep = json.loads(js.read_text())
     assert set(rep["by_category"]) == {"single", "all"}
     from b2diffurl.toy.prompts import heldout_prompts
+
     assert rep["by_category"]["single"]["n"] == rep["n_images"] == 2 * len(heldout_prompts("single"))
     assert 0 <= rep["by_category"]["all"]["mean"] <= 1
     assert "single" in capsys.readouterr().out

@@ -194,7 +194,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"head dim D must be >= 1"):
         kv_inject_attention(z(q), z(k), z(v), k_ref=z(kr), v_ref=z(vr), mask=m)
     with pytest.raises(ValueError, match=r"at least one key token"):
-        kv_inject_attention(q, k[:, :, :0], v[:, :, :0], k_ref=kr[:, :, :0], v_ref=vr[:, :, :0], mask=m[:, :0])
+        kv_inject_attention(
+            q, k[:, :, :0], v[:, :, :0], k_ref=kr[:, :, :0], v_ref=vr[:, :, :0], mask=m[:, :0]
+        )
     with pytest.raises(ValueError, match=r"expected k_ref of shape .* batch 1 or 2"):
         kv_inject_attention(q, k, v, k_ref=torch.cat([kr, kr]), v_ref=vr, mask=m)
     with pytest.raises(TypeError, match=r"k has dtype torch.float16 but q has torch.float32"):

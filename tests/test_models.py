@@ -17,10 +17,17 @@ def toy():
 
 
 def test_shipped_checkpoint_layout_and_size():
-    for sub, f in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
-                   ("tokenizer", "tokenizer.json"), ("scheduler", "scheduler_config.json")):
+    for sub, f in (
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+        ("tokenizer", "tokenizer.json"),
+        ("scheduler", "scheduler_config.json"),
+    ):
         assert (CHECKPOINT_DIR / sub / f).is_file()
-    assert json.loads((CHECKPOINT_DIR / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
+    assert (
+        json.loads((CHECKPOINT_DIR / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        == "DDIMScheduler"
+    )
     size = sum(p.stat().st_size for p in CHECKPOINT_DIR.rglob("*") if p.is_file())
     assert size <= 20 * 2**20
 
@@ -64,23 +71,53 @@ def _tiny_sd_folder(root: Path, scheduler_cls="PNDMScheduler") -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                         block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(root / "unet")
-    CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=77,
-                                 bos_token_id=52, eos_token_id=53, pad_token_id=53)).save_pretrained(root / "text_encoder")
+    UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).save_pretrained(root / "unet")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=52,
+            eos_token_id=53,
+            pad_token_id=53,
+        )
+    ).save_pretrained(root / "text_encoder")
     chars = list(string.ascii_lowercase)
-    vocab = {w: i for i, w in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    vocab = {
+        w: i for i, w in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])
+    }
     (root / "v.json").write_text(json.dumps(vocab))
     (root / "m.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(root / "v.json"), str(root / "m.txt"), model_max_length=77).save_pretrained(root / "tokenizer")
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  sample_size=16).save_pretrained(root / "vae")
-    getattr(diffusers, scheduler_cls)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                      steps_offset=1).save_pretrained(root / "scheduler")
+    CLIPTokenizer(str(root / "v.json"), str(root / "m.txt"), model_max_length=77).save_pretrained(
+        root / "tokenizer"
+    )
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=16,
+    ).save_pretrained(root / "vae")
+    getattr(diffusers, scheduler_cls)(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    ).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return root
 
@@ -135,7 +172,9 @@ def _unet_out(pol, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, *pol.latent_shape, generator=g)
     with torch.no_grad():
-        return pol.unet(x, torch.tensor([500, 20]), pol.encode_prompts(["a red circle", "two blue squares"])).sample
+        return pol.unet(
+            x, torch.tensor([500, 20]), pol.encode_prompts(["a red circle", "two blue squares"])
+        ).sample
 
 
 def test_lora_save_load_round_trip_and_disable(tmp_path):
@@ -145,7 +184,7 @@ def test_lora_save_load_round_trip_and_disable(tmp_path):
     trainable = pol.lora_parameters()
     assert trainable and all("lora" in n for n, p in pol.unet.named_parameters() if p.requires_grad)
     assert all(p.dtype == torch.float32 for p in trainable)
-    assert torch.allclose(_unet_out(pol), base, atol=1e-6)        # B = 0: starts as the identity
+    assert torch.allclose(_unet_out(pol), base, atol=1e-6)  # B = 0: starts as the identity
     with torch.no_grad():
         for p in trainable:
             p.add_(0.05 * torch.randn_like(p))

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from b2diffurl.rewards import get_reward
 from b2diffurl.toy.render import render
 
-TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
 
 
@@ -22,23 +25,30 @@ def test_toy_reward_via_registry():
         get_reward("toy", foo=1)
 
 
-@pytest.mark.parametrize("spec,match", [("nope", "unknown reward 'nope'; expected one of"),
-                                        ("python:nodots", "expected 'python:package.module:function'"),
-                                        ("python:no_such_mod_xyz:f", "cannot import module"),
-                                        ("python:math:no_such_fn", "has no callable 'no_such_fn'")])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("nope", "unknown reward 'nope'; expected one of"),
+        ("python:nodots", "expected 'python:package.module:function'"),
+        ("python:no_such_mod_xyz:f", "cannot import module"),
+        ("python:math:no_such_fn", "has no callable 'no_such_fn'"),
+    ],
+)
 def test_registry_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         get_reward(spec)
 
 
 def test_python_reward(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_rewards.py").write_text(
+        textwrap.dedent("""
         import torch
         def brightness(images, prompts, scale=1.0):
             return images.mean((1, 2, 3)) * scale
         def bad(images, prompts):
             return torch.zeros(len(prompts) + 1)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     imgs = torch.rand(4, 3, 8, 8)
     s = get_reward("python:my_rewards:brightness", scale=2.0)(imgs, ["x"] * 4)
@@ -79,4 +89,4 @@ def test_clip_reward_random_tiny_model_and_weights_round_trip(tmp_path):
         im = F.normalize(net.encode_image((x - mean) / std), dim=-1)
         tx = F.normalize(net.encode_text(open_clip.get_tokenizer("tiny-test-clip")(PROMPTS)), dim=-1)
     assert torch.allclose(got, (im * tx).sum(-1), atol=1e-5)
-    assert torch.allclose(loaded(imgs[:1], PROMPTS[:1]), got[:1], atol=1e-6)   # batch and text cache invariant
+    assert torch.allclose(loaded(imgs[:1], PROMPTS[:1]), got[:1], atol=1e-6)  # batch and text cache invariant

@@ -34,13 +34,13 @@ def _oracle_tree(policy, cond, uncond, *, split, branches, gen, guidance, eta=1.
     for p in range(P):
         for b in range(B):
             r = p * B + b
-            xi = x[p:p + 1]
+            xi = x[p : p + 1]
             out_lat[r, 0] = xi[0]
             for i in range(T):
                 t = sched.timesteps[i]
-                nrow = noises[i][p:p + 1] if i < split else noises[i][r:r + 1]
+                nrow = noises[i][p : p + 1] if i < split else noises[i][r : r + 1]
                 e_u = policy.unet(xi, t, encoder_hidden_states=uncond).sample
-                e_c = policy.unet(xi, t, encoder_hidden_states=cond[p:p + 1]).sample
+                e_c = policy.unet(xi, t, encoder_hidden_states=cond[p : p + 1]).sample
                 eps = e_u + guidance * (e_c - e_u)
                 mean = sched.step(eps, t, xi, eta=eta, variance_noise=torch.zeros_like(xi)).prev_sample
                 prev_t = t - sched.config.num_train_timesteps // T
@@ -48,14 +48,18 @@ def _oracle_tree(policy, cond, uncond, *, split, branches, gen, guidance, eta=1.
                 a_p = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
                 sigma = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
                 xn = mean + sigma * nrow
-                lp = (-(xn - mean) ** 2 / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)).mean()
+                lp = (
+                    -((xn - mean) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+                ).mean()
                 out_lp[r, i] = lp
                 xi = xn
                 out_lat[r, i + 1] = xi[0]
     return out_lat, out_lp
 
 
-@pytest.mark.parametrize("split,branches", [(2, 3), (0, 2), (T, 1)], ids=["split2-B3", "split0-B2", "noBranch"])
+@pytest.mark.parametrize(
+    "split,branches", [(2, 3), (0, 2), (T, 1)], ids=["split2-B3", "split0-B2", "noBranch"]
+)
 def test_tree_sampler_matches_per_branch_oracle(split, branches):
     from b2kernels.buffer import TrajectoryArena
 
@@ -67,11 +71,24 @@ def test_tree_sampler_matches_per_branch_oracle(split, branches):
     s = TreeSampler(pol, num_steps=T, guidance_scale=5.0, eta=1.0)
     arena = TrajectoryArena(pol.latent_shape, num_steps=T, max_trees=2, branches=branches, backend="python")
     ids = arena.add_trees([0, 1], split)
-    out = s.sample_trees(cond, split_step=split, branches=branches, generator=torch.Generator().manual_seed(3),
-                         arena=arena, ids=ids)
+    out = s.sample_trees(
+        cond,
+        split_step=split,
+        branches=branches,
+        generator=torch.Generator().manual_seed(3),
+        arena=arena,
+        ids=ids,
+    )
     with torch.no_grad():
-        lat, lp = _oracle_tree(pol, cond, uncond, split=split, branches=branches,
-                               gen=torch.Generator().manual_seed(3), guidance=5.0)
+        lat, lp = _oracle_tree(
+            pol,
+            cond,
+            uncond,
+            split=split,
+            branches=branches,
+            gen=torch.Generator().manual_seed(3),
+            guidance=5.0,
+        )
     torch.testing.assert_close(out.latents, lat[:, T], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.logprobs, lp, rtol=1e-4, atol=1e-4)
     for i in range(T + 1):
@@ -80,8 +97,10 @@ def test_tree_sampler_matches_per_branch_oracle(split, branches):
     # branches share the prefix exactly and diverge after the split
     if branches > 1:
         stored = torch.stack([arena.latents(ids, i) for i in range(T + 1)], 1).view(2, branches, T + 1, -1)
-        assert torch.equal(stored[:, :1, :split + 1].expand_as(stored[:, :, :split + 1]), stored[:, :, :split + 1])
-        assert (stored[:, 0, split + 1:] - stored[:, 1, split + 1:]).abs().amax() > 1e-3
+        assert torch.equal(
+            stored[:, :1, : split + 1].expand_as(stored[:, :, : split + 1]), stored[:, :, : split + 1]
+        )
+        assert (stored[:, 0, split + 1 :] - stored[:, 1, split + 1 :]).abs().amax() > 1e-3
 
 
 def test_sample_plain_api():

@@ -29,12 +29,15 @@ def test_parse_and_categories():
     s = P.parse("a green triangle to the left of a yellow circle")
     assert s.objects == (("green", "triangle"), ("yellow", "circle")) and s.relation == "to the left of"
     assert P.parse("three red squares").objects == (("red", "square"),) * 3
-    assert [P.prompt_category(p) for p in ("a red circle", "two blue squares", "a red circle above a blue square")] \
-        == ["single", "count", "relation"]
+    assert [
+        P.prompt_category(p) for p in ("a red circle", "two blue squares", "a red circle above a blue square")
+    ] == ["single", "count", "relation"]
     assert set(P.OBJECT_WORDS) == {"circle", "square", "triangle", "circles", "squares", "triangles"}
 
 
-@pytest.mark.parametrize("bad", ["a purple circle", "two red circle", "a red circle near a blue square", "", "red"])
+@pytest.mark.parametrize(
+    "bad", ["a purple circle", "two red circle", "a red circle near a blue square", "", "red"]
+)
 def test_parse_rejects_with_expectation(bad):
     with pytest.raises(ValueError, match="expected"):
         P.parse(bad)
@@ -64,7 +67,9 @@ def test_connected_components_match_scipy():
     cls = pixel_classes(render(ps, seed=2))
     lab = connected_components(cls, len(P.COLOURS))
     for c, l in zip(cls, lab):
-        n_ref = sum(ndimage.label((c == k).numpy(), structure=[[1, 1, 1]] * 3)[1] for k in range(len(P.COLOURS)))
+        n_ref = sum(
+            ndimage.label((c == k).numpy(), structure=[[1, 1, 1]] * 3)[1] for k in range(len(P.COLOURS))
+        )
         assert len(torch.unique(l[l > 0])) == n_ref
 
 
@@ -75,7 +80,9 @@ def test_components_find_rendered_objects():
     assert torch.equal(obj["valid"].sum(1), lay[..., 5].sum(1).long())
     for i in range(len(ps)):
         m = int(lay[i, :, 5].sum())
-        found = sorted(zip(obj["colour"][i][obj["valid"][i]].tolist(), obj["shape"][i][obj["valid"][i]].tolist()))
+        found = sorted(
+            zip(obj["colour"][i][obj["valid"][i]].tolist(), obj["shape"][i][obj["valid"][i]].tolist())
+        )
         assert found == sorted(zip(lay[i, :m, 3].long().tolist(), lay[i, :m, 4].long().tolist())), ps[i]
 
 
@@ -86,11 +93,17 @@ def test_reward_of_rendered_images_is_high_for_own_prompt_low_for_mismatched():
     own = toy_score(imgs, ps)
     assert own.shape == (400,) and own.dtype == torch.float32
     assert own.min() >= 0.95
+
     # mismatched: a prompt sharing no colour and no shape with the rendered one
     def disjoint(p):
         cs, ss = {c for c, _ in P.parse(p).objects}, {s for _, s in P.parse(p).objects}
-        pool = [q for q in _all() if not ({c for c, _ in P.parse(q).objects} & cs or {s for _, s in P.parse(q).objects} & ss)]
+        pool = [
+            q
+            for q in _all()
+            if not ({c for c, _ in P.parse(q).objects} & cs or {s for _, s in P.parse(q).objects} & ss)
+        ]
         return rng.choice(pool)
+
     mism = toy_score(imgs, [disjoint(p) for p in ps])
     assert mism.max() <= 0.3
 
@@ -114,13 +127,17 @@ def test_reward_is_robust_to_blur_and_noise():
     ps = [rng.choice(_all()) for _ in range(200)]
     imgs = render(ps, seed=1)
     k = torch.tensor([0.25, 0.5, 0.25])
-    blur = F.conv2d(F.pad(imgs, (1, 1, 1, 1), mode="replicate"), (k[:, None] * k).expand(3, 1, 3, 3).contiguous(), groups=3)
+    blur = F.conv2d(
+        F.pad(imgs, (1, 1, 1, 1), mode="replicate"),
+        (k[:, None] * k).expand(3, 1, 3, 3).contiguous(),
+        groups=3,
+    )
     noisy = (blur + 0.04 * torch.randn(imgs.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     assert toy_score(noisy, ps).mean() >= 0.9
 
 
 def test_colour_classification_survives_dimming():
-    img = PALETTE[:, :, None, None].expand(-1, -1, 4, 4) * 0.6      # each palette colour at 60 % brightness
+    img = PALETTE[:, :, None, None].expand(-1, -1, 4, 4) * 0.6  # each palette colour at 60 % brightness
     cls = pixel_classes(img)
     assert torch.equal(cls[:, 0, 0], torch.arange(len(P.COLOURS)))
 

@@ -18,10 +18,25 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle", "three yellow
 
 
 def cfg_for(out, **over):
-    base = {"stages": 3, "sample.num_steps": T, "sample.prompts_per_stage": 3, "sample.branches": 3,
-            "sample.batch_size": 2, "b2.k_left": 2, "b2.k_right": 4, "eval.prompts": "none", "model.lora": "off",
-            "train.micro_batch_size": 2, "train.grad_accum_steps": 3, "train.lr": 1e-3, "out": str(out),
-            "progress": False, "grid_every": 1, "checkpoint_every": 1, "preset": "toy"}
+    base = {
+        "stages": 3,
+        "sample.num_steps": T,
+        "sample.prompts_per_stage": 3,
+        "sample.branches": 3,
+        "sample.batch_size": 2,
+        "b2.k_left": 2,
+        "b2.k_right": 4,
+        "eval.prompts": "none",
+        "model.lora": "off",
+        "train.micro_batch_size": 2,
+        "train.grad_accum_steps": 3,
+        "train.lr": 1e-3,
+        "out": str(out),
+        "progress": False,
+        "grid_every": 1,
+        "checkpoint_every": 1,
+        "preset": "toy",
+    }
     base.update(over)
     return C.load_config(overrides=base)
 
@@ -119,19 +134,25 @@ def test_crash_during_checkpoint_keeps_last_good(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints" / "stage_00002").exists()
     again = trainer(cfg, resume=str(tmp_path))
     assert again.start_stage == 1
-    assert all(torch.equal(dict(again.policy.unet.named_parameters())[n], v) for n, v in good["model"].items())
+    assert all(
+        torch.equal(dict(again.policy.unet.named_parameters())[n], v) for n, v in good["model"].items()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- bad configs
-@pytest.mark.parametrize("over,msg", [
-    ({"b2.k_lft": 3}, "unknown config key 'b2.k_lft'.*b2.k_left"),
-    ({"b2.k_right": 25}, "k_right=25 exceeds sample.num_steps=20"),
-    ({"sample.branches": 1}, "branches >= 2"),
-    ({"sample.eta": 0.0}, "eta must be > 0"),
-    ({"model.path": "/nonexistent/sd15"}, "neither 'toy' nor an existing diffusers folder"),
-    ({"reward": "imagereward"}, "reward 'imagereward' is unknown"),
-    ({"stages": "ten"}, "stages: expected int"),
-], ids=["unknown-key", "k_right>T", "B<2", "eta0", "model-path", "reward", "type"])
+@pytest.mark.parametrize(
+    "over,msg",
+    [
+        ({"b2.k_lft": 3}, "unknown config key 'b2.k_lft'.*b2.k_left"),
+        ({"b2.k_right": 25}, "k_right=25 exceeds sample.num_steps=20"),
+        ({"sample.branches": 1}, "branches >= 2"),
+        ({"sample.eta": 0.0}, "eta must be > 0"),
+        ({"model.path": "/nonexistent/sd15"}, "neither 'toy' nor an existing diffusers folder"),
+        ({"reward": "imagereward"}, "reward 'imagereward' is unknown"),
+        ({"stages": "ten"}, "stages: expected int"),
+    ],
+    ids=["unknown-key", "k_right>T", "B<2", "eta0", "model-path", "reward", "type"],
+)
 def test_bad_configs_fail_with_clear_message(over, msg):
     with pytest.raises(C.ConfigError, match=msg):
         C.load_config(overrides=over)
@@ -145,7 +166,12 @@ def test_preset_and_precedence(tmp_path):
     cfg = C.load_config(str(y), ["sample.branches=6"])
     assert cfg.stages == 7 and cfg.sample.branches == 6 and cfg.sample.prompts_per_stage == 8
     off = C.load_config(overrides={"preset": "official"})
-    assert (off.stages, off.sample.prompts_per_stage, off.sample.branches, off.train.grad_accum_steps) == (100, 256, 5, 64)
+    assert (off.stages, off.sample.prompts_per_stage, off.sample.branches, off.train.grad_accum_steps) == (
+        100,
+        256,
+        5,
+        64,
+    )
     assert C.from_dict(C.to_dict(cfg)) == cfg
 
 
@@ -179,12 +205,32 @@ def test_cli_smoke_one_stage(tmp_path, monkeypatch, capsys):
         return real(cfg, policy=TinyPolicy(), reward_fn=brightness_reward, train_prompts=PROMPTS, **kw)
 
     monkeypatch.setattr(trainer_mod, "Trainer", patched)
-    rc = _cli(["train", "--algo", "ddpo", "--out", str(tmp_path), "--set", "stages=1", "--set", "sample.num_steps=4",
-               "--set", "sample.prompts_per_stage=2", "--set", "sample.branches=2", "--set", "eval.prompts=none",
-               "--set", "progress=false", "--set", "model.lora=off"])
+    rc = _cli(
+        [
+            "train",
+            "--algo",
+            "ddpo",
+            "--out",
+            str(tmp_path),
+            "--set",
+            "stages=1",
+            "--set",
+            "sample.num_steps=4",
+            "--set",
+            "sample.prompts_per_stage=2",
+            "--set",
+            "sample.branches=2",
+            "--set",
+            "eval.prompts=none",
+            "--set",
+            "progress=false",
+            "--set",
+            "model.lora=off",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
-    summary = json.loads(out[out.index("{"):])
+    summary = json.loads(out[out.index("{") :])
     assert summary["status"] == "finished" and summary["stages_done"] == 1
     assert stage_metrics(tmp_path)[0]["stage"] == 0
     assert (tmp_path / "checkpoints" / "LATEST").is_file() and (tmp_path / "config.yaml").is_file()
@@ -197,7 +243,7 @@ def test_cli_smoke_one_stage(tmp_path, monkeypatch, capsys):
 def test_paired_gain_hand_values():
     from b2diffurl.trainer import paired_gain
 
-    g = paired_gain([0.5, 0.5, 1.0, 0.0], [0.75, 0.5, 0.5, 0.5])   # differences 0.25, 0, -0.5, 0.5
+    g = paired_gain([0.5, 0.5, 1.0, 0.0], [0.75, 0.5, 0.5, 0.5])  # differences 0.25, 0, -0.5, 0.5
     assert g["gain"] == pytest.approx(0.0625)
     # unbiased std of the differences = sqrt(0.546875 / 3); s.e. = that / 2
     assert g["gain_se"] == pytest.approx((0.546875 / 3) ** 0.5 / 2)
@@ -205,21 +251,29 @@ def test_paired_gain_hand_values():
 
 
 def test_final_eval_is_paired_with_the_first(tmp_path):
-    cfg = cfg_for(tmp_path, **{"stages": 1, "eval.prompts": "toy", "eval.num_prompts": 3,
-                               "eval.images_per_prompt": 2})
-    tr = Trainer(cfg, policy=TinyPolicy(), reward_fn=brightness_reward, train_prompts=PROMPTS,
-                 heldout_prompts=PROMPTS[1:])
+    cfg = cfg_for(
+        tmp_path, **{"stages": 1, "eval.prompts": "toy", "eval.num_prompts": 3, "eval.images_per_prompt": 2}
+    )
+    tr = Trainer(
+        cfg,
+        policy=TinyPolicy(),
+        reward_fn=brightness_reward,
+        train_prompts=PROMPTS,
+        heldout_prompts=PROMPTS[1:],
+    )
     summary = tr.run()
     ev = [r for r in stage_metrics(tmp_path) if r["kind"] == "eval"]
     assert len(ev) == 2 and len(ev[0]["rewards"]) == 6 and "gain" not in ev[0]
     # the mean of the per-image differences is the difference of the means (same images, same order)
-    assert summary["heldout_gain"] == pytest.approx(summary["heldout_after"] - summary["heldout_before"], abs=1e-5)
+    assert summary["heldout_gain"] == pytest.approx(
+        summary["heldout_after"] - summary["heldout_before"], abs=1e-5
+    )
     assert ev[1]["n_better"] + ev[1]["n_worse"] <= 6 and summary["heldout_gain_se"] >= 0
 
 
 def test_keep_checkpoints_prunes_old_ones_and_resume_still_works(tmp_path):
     out = tmp_path / "run"
-    trainer(cfg_for(out, keep_checkpoints=2)).run()   # checkpoints after stages 1, 2, 3
+    trainer(cfg_for(out, keep_checkpoints=2)).run()  # checkpoints after stages 1, 2, 3
     kept = sorted(p.name for p in (out / "checkpoints").glob("stage_*"))
     assert kept == ["stage_00002", "stage_00003"]
     tr = trainer(cfg_for(out, stages=4, keep_checkpoints=2), resume=str(out))

@@ -23,16 +23,37 @@ class TinyPolicy:
     def __init__(self, seed: int = 0, dtype=torch.float32, device="cpu"):
         torch.manual_seed(seed)
         self.unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
-            norm_num_groups=4).to(device, dtype)
-        self.text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=MAX_LEN, projection_dim=16)).to(device, dtype)
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=4,
+            norm_num_groups=4,
+        ).to(device, dtype)
+        self.text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=MAX_LEN,
+                projection_dim=16,
+            )
+        ).to(device, dtype)
         self.tokenizer = None
-        self.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        self.scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
         self.vae = None
         self.latent_shape = LATENT_SHAPE
         self.device = torch.device(device)
@@ -41,7 +62,7 @@ class TinyPolicy:
     def _tokens(self, prompts):
         ids = torch.zeros(len(prompts), MAX_LEN, dtype=torch.long)
         for i, p in enumerate(prompts):
-            words = p.split()[:MAX_LEN - 1]
+            words = p.split()[: MAX_LEN - 1]
             ids[i, 0] = 1
             for j, w in enumerate(words):
                 ids[i, j + 1] = 2 + zlib.crc32(w.encode()) % 62
@@ -56,8 +77,9 @@ class TinyPolicy:
     def add_lora(self, rank=4, alpha=4, targets=("to_q", "to_k", "to_v", "to_out.0")):
         from peft import LoraConfig
 
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                         init_lora_weights="gaussian"))
+        self.unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
+        )
         self._lora = True
 
     @contextlib.contextmanager

@@ -39,8 +39,9 @@ class B2Algorithm(TreePPOAlgorithm):
 
     def __init__(self, ctx: RunContext):
         c = ctx.cfg
-        super().__init__(ctx, history=c.b2.history, max_trees=c.sample.prompts_per_stage,
-                         branches=c.sample.branches)
+        super().__init__(
+            ctx, history=c.b2.history, max_trees=c.sample.prompts_per_stage, branches=c.sample.branches
+        )
 
     def k_for_stage(self, stage: int) -> int:
         b2 = self.ctx.cfg.b2
@@ -54,8 +55,16 @@ class B2Algorithm(TreePPOAlgorithm):
         b2, tc = self.ctx.cfg.b2, self.ctx.cfg.train
         rows, positive = select_branches(z.reshape(-1, self.branches), b2.pos_threshold, b2.neg_threshold)
         adv = clamp_advantages(z[rows], tc.adv_clip, b2.beta1, b2.beta2) if len(rows) else np.zeros(0)
-        return rows, adv, {"n_pos": int(positive.sum()), "n_neg": int((~positive).sum()), "n_selected": len(rows),
-                           "k": self.k_for_stage(stage)}
+        return (
+            rows,
+            adv,
+            {
+                "n_pos": int(positive.sum()),
+                "n_neg": int((~positive).sum()),
+                "n_selected": len(rows),
+                "k": self.k_for_stage(stage),
+            },
+        )
 
     def trained_steps(self, stage: int, split_step: int) -> torch.Tensor:
         return torch.arange(split_step, self.T, dtype=torch.long)  # only the branched steps

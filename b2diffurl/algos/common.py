@@ -105,7 +105,7 @@ class PromptStatTracker:
         for p, s in zip(prompts, scores):
             current.setdefault(p, []).append(s)
         cur = {p: np.asarray(v) for p, v in current.items()}
-        past = self.past[-self.history:] if self.history > 0 else []
+        past = self.past[-self.history :] if self.history > 0 else []
         mean, std = {}, {}
         for p, v in cur.items():
             pool = np.concatenate([d[p] for d in past if p in d] + [v])
@@ -114,7 +114,7 @@ class PromptStatTracker:
         z = np.array([(s - mean[p]) / (std[p] + 1e-8) for p, s in zip(prompts, scores)])
         z = np.where(np.isnan(z), 0.0, z)
         self.past.append(cur)
-        self.past = self.past[-self.history:] if self.history > 0 else []
+        self.past = self.past[-self.history :] if self.history > 0 else []
         return z
 
     def state_dict(self) -> dict:
@@ -158,11 +158,22 @@ def training_logprob(ctx: RunContext, batch, cond_table: torch.Tensor) -> torch.
         gs = sampler.guidance_scale
     else:
         eps, uncond, gs = ctx.policy.unet(x_t, t, encoder_hidden_states=cond).sample, None, None
-    return ddim_step_logprob(sampler.table, step, x_t, eps, batch.x_prev.to(sampler.dtype), eta=sampler.eta,
-                             model_output_uncond=uncond, guidance_scale=gs, backend=ctx.cfg.sample.backend)
+    return ddim_step_logprob(
+        sampler.table,
+        step,
+        x_t,
+        eps,
+        batch.x_prev.to(sampler.dtype),
+        eta=sampler.eta,
+        model_output_uncond=uncond,
+        guidance_scale=gs,
+        backend=ctx.cfg.sample.backend,
+    )
 
 
-def ppo_update(ctx: RunContext, arena, ids: torch.Tensor, steps: torch.Tensor, cond_table: torch.Tensor) -> dict:
+def ppo_update(
+    ctx: RunContext, arena, ids: torch.Tensor, steps: torch.Tensor, cond_table: torch.Tensor
+) -> dict:
     """PPO-clip epochs over trajectories ``ids`` [M] at trained step indices ``steps`` [K].
 
     Per inner epoch: shuffle samples, draw a random permutation of the K trained steps per sample, then for each
@@ -174,7 +185,12 @@ def ppo_update(ctx: RunContext, arena, ids: torch.Tensor, steps: torch.Tensor, c
     M, K = int(ids.numel()), int(steps.numel())
     dev = ctx.device
     zero = torch.zeros((), device=dev)
-    stats = {"loss": zero.clone(), "approx_kl": zero.clone(), "clipfrac": zero.clone(), "grad_norm": zero.clone()}
+    stats = {
+        "loss": zero.clone(),
+        "approx_kl": zero.clone(),
+        "clipfrac": zero.clone(),
+        "grad_norm": zero.clone(),
+    }
     ratio_dev, n_micro, n_opt = zero.clone(), 0, 0
     if M == 0 or K == 0:
         return {"train_samples": M, "optimizer_steps": 0, "ratio_dev_max": 0.0, "train_time_s": 0.0}
@@ -190,7 +206,7 @@ def ppo_update(ctx: RunContext, arena, ids: torch.Tensor, steps: torch.Tensor, c
         done = 0  # micro-steps done in this epoch
         group = 0
         for b in range(n_mb):
-            mb_ids, mb_steps = ids_e[b * mb:(b + 1) * mb], steps_e[b * mb:(b + 1) * mb]
+            mb_ids, mb_steps = ids_e[b * mb : (b + 1) * mb], steps_e[b * mb : (b + 1) * mb]
             for j in range(K):
                 if group == 0:
                     left = per_epoch - done
@@ -217,9 +233,15 @@ def ppo_update(ctx: RunContext, arena, ids: torch.Tensor, steps: torch.Tensor, c
                     group = 0
                     pre_update = False
     out = {k: (v / (n_opt if k == "grad_norm" else n_micro)).item() for k, v in stats.items()}
-    out.update(train_samples=M, trained_steps=K, optimizer_steps=n_opt, micro_steps=n_micro,
-               ratio_dev_max=ratio_dev.item(), train_time_s=time.perf_counter() - t0,
-               lr=ctx.optimizer.param_groups[0]["lr"])
+    out.update(
+        train_samples=M,
+        trained_steps=K,
+        optimizer_steps=n_opt,
+        micro_steps=n_micro,
+        ratio_dev_max=ratio_dev.item(),
+        train_time_s=time.perf_counter() - t0,
+        lr=ctx.optimizer.param_groups[0]["lr"],
+    )
     out["train_rows_per_s"] = n_micro * mb / max(out["train_time_s"], 1e-9)
     return out
 
@@ -238,8 +260,13 @@ class TreePPOAlgorithm:
         self.T = ctx.cfg.sample.num_steps
         self.branches = branches
         self.tracker = PromptStatTracker(history)
-        self.arena = TrajectoryArena(tuple(ctx.policy.latent_shape), num_steps=self.T, max_trees=max_trees,
-                                     branches=branches, dtype=ctx.sampler.dtype)
+        self.arena = TrajectoryArena(
+            tuple(ctx.policy.latent_shape),
+            num_steps=self.T,
+            max_trees=max_trees,
+            branches=branches,
+            dtype=ctx.sampler.dtype,
+        )
 
     # hooks ------------------------------------------------------------------------------------------------
     def layout(self, stage: int) -> tuple[list[str], int]:
@@ -271,11 +298,17 @@ class TreePPOAlgorithm:
         for a in range(0, n_trees, bs):
             b = min(a + bs, n_trees)
             cond = cond_table[torch.tensor([pid[p] for p in tree_prompts[a:b]], device=cond_table.device)]
-            out = ctx.sampler.sample_trees(cond, split_step=split, branches=B, generator=ctx.noise_gen,
-                                           arena=self.arena, ids=ids[a * B:b * B])
+            out = ctx.sampler.sample_trees(
+                cond,
+                split_step=split,
+                branches=B,
+                generator=ctx.noise_gen,
+                arena=self.arena,
+                ids=ids[a * B : b * B],
+            )
             with torch.no_grad():
                 images = ctx.policy.decode(out.latents).float().clamp(0, 1)
-                rewards.append(ctx.reward_fn(images, rows_prompts[a * B:b * B]).float().reshape(-1))
+                rewards.append(ctx.reward_fn(images, rows_prompts[a * B : b * B]).float().reshape(-1))
             if grid is None:
                 grid = images[:16].cpu()
         rewards_t = torch.cat(rewards).cpu()  # the stage's one host sync for scores
@@ -288,15 +321,21 @@ class TreePPOAlgorithm:
             self.arena.set_advantages(sel_ids, torch.as_tensor(adv, dtype=torch.float32))
         steps = self.trained_steps(stage, split)
         metrics = {
-            "split_step": split, "trained_steps": int(steps.numel()),
-            "images": len(rows_prompts), "reward_mean": float(rewards_t.mean()),
+            "split_step": split,
+            "trained_steps": int(steps.numel()),
+            "images": len(rows_prompts),
+            "reward_mean": float(rewards_t.mean()),
             "reward_std": float(rewards_t.std()) if rewards_t.numel() > 1 else 0.0,
-            "reward_max": float(rewards_t.max()), "reward_min": float(rewards_t.min()),
-            "sample_time_s": sample_time, "sample_images_per_s": len(rows_prompts) / max(sample_time, 1e-9),
-            "arena_mb": self.arena.bytes_used / 2**20, **sel_metrics,
+            "reward_max": float(rewards_t.max()),
+            "reward_min": float(rewards_t.min()),
+            "sample_time_s": sample_time,
+            "sample_images_per_s": len(rows_prompts) / max(sample_time, 1e-9),
+            "arena_mb": self.arena.bytes_used / 2**20,
+            **sel_metrics,
         }
-        return StageData(metrics=metrics, images=grid, captions=rows_prompts[:16],
-                         payload=(sel_ids, steps, cond_table))
+        return StageData(
+            metrics=metrics, images=grid, captions=rows_prompts[:16], payload=(sel_ids, steps, cond_table)
+        )
 
     def train_stage(self, stage: int, data: StageData) -> dict:
         sel_ids, steps, cond_table = data.payload

@@ -20,8 +20,9 @@ class DDPOAlgorithm(TreePPOAlgorithm):
     def __init__(self, ctx: RunContext):
         c = ctx.cfg
         self.per_prompt = c.sample.branches
-        super().__init__(ctx, history=c.ddpo.history, max_trees=c.sample.prompts_per_stage * self.per_prompt,
-                         branches=1)
+        super().__init__(
+            ctx, history=c.ddpo.history, max_trees=c.sample.prompts_per_stage * self.per_prompt, branches=1
+        )
 
     def layout(self, stage: int):
         prompts = self.ctx.draw_prompts(self.ctx.cfg.sample.prompts_per_stage)

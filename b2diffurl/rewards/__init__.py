@@ -30,8 +30,10 @@ def _checked(fn: RewardFn, name: str) -> RewardFn:
     def reward(images: torch.Tensor, prompts) -> torch.Tensor:
         prompts = list(prompts)
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
-            raise ValueError(f"reward {name!r}: expected images [N,3,H,W] with N = len(prompts) = {len(prompts)}, "
-                             f"got {tuple(images.shape)}")
+            raise ValueError(
+                f"reward {name!r}: expected images [N,3,H,W] with N = len(prompts) = {len(prompts)}, "
+                f"got {tuple(images.shape)}"
+            )
         out = torch.as_tensor(fn(images, prompts))
         if out.shape != (len(prompts),):
             raise ValueError(f"reward {name!r} returned shape {tuple(out.shape)}; expected [{len(prompts)}]")
@@ -42,7 +44,7 @@ def _checked(fn: RewardFn, name: str) -> RewardFn:
 
 
 def _python_reward(spec: str, options: dict) -> RewardFn:
-    target = spec[len("python:"):]
+    target = spec[len("python:") :]
     mod_name, _, fn_name = target.partition(":")
     if not mod_name or not fn_name:
         raise ValueError(f"bad reward spec {spec!r}; expected 'python:package.module:function'")
@@ -63,7 +65,9 @@ def get_reward(spec: str, **options) -> RewardFn:
     if spec.startswith("python:"):
         return _checked(_python_reward(spec, options), spec)
     if spec not in _REGISTRY:
-        raise ValueError(f"unknown reward {spec!r}; expected one of {sorted(_REGISTRY)} or 'python:package.module:function'")
+        raise ValueError(
+            f"unknown reward {spec!r}; expected one of {sorted(_REGISTRY)} or 'python:package.module:function'"
+        )
     return _checked(_REGISTRY[spec](**options), spec)
 
 
@@ -71,11 +75,13 @@ def _toy_factory(**options) -> RewardFn:
     if options:
         raise TypeError(f"the toy reward takes no options, got {sorted(options)}")
     from b2diffurl.toy.score import toy_score
+
     return toy_score
 
 
 def _clip_factory(**options) -> RewardFn:
     from b2diffurl.rewards.clip import ClipReward
+
     return ClipReward(**options)
 
 

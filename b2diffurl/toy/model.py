@@ -15,7 +15,7 @@ from b2diffurl.toy.prompts import VOCAB
 
 IMAGE_SIZE = 32
 PATCH = 2
-LATENT_SHAPE = (3 * PATCH * PATCH, IMAGE_SIZE // PATCH, IMAGE_SIZE // PATCH)   # (12, 16, 16)
+LATENT_SHAPE = (3 * PATCH * PATCH, IMAGE_SIZE // PATCH, IMAGE_SIZE // PATCH)  # (12, 16, 16)
 MAX_TOKENS = 16
 SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>")
 TEXT_DIM = 64
@@ -32,18 +32,34 @@ def build_tokenizer():
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>", pad_token="<pad>", model_max_length=MAX_TOKENS)
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=MAX_TOKENS,
+    )
 
 
 def build_text_encoder():
     """Tiny ``CLIPTextModel``: 2 layers, width 64, 16 positions."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = CLIPTextConfig(vocab_size=len(SPECIAL) + len(VOCAB), hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3, projection_dim=TEXT_DIM)
+    cfg = CLIPTextConfig(
+        vocab_size=len(SPECIAL) + len(VOCAB),
+        hidden_size=TEXT_DIM,
+        intermediate_size=4 * TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        projection_dim=TEXT_DIM,
+    )
     return CLIPTextModel(cfg)
 
 
@@ -52,11 +68,17 @@ def build_unet(block_out_channels=(64, 96, 128)):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=LATENT_SHAPE[1], in_channels=LATENT_SHAPE[0], out_channels=LATENT_SHAPE[0],
+        sample_size=LATENT_SHAPE[1],
+        in_channels=LATENT_SHAPE[0],
+        out_channels=LATENT_SHAPE[0],
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=tuple(block_out_channels), layers_per_block=1, cross_attention_dim=TEXT_DIM,
-        attention_head_dim=4, norm_num_groups=16)
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
 
 
 def build_schedulers(prediction_type: str = "v_prediction"):
@@ -67,8 +89,12 @@ def build_schedulers(prediction_type: str = "v_prediction"):
     error by √ᾱ, and the measured x̂₀ error (RMS 1.5) derailed sampling from pure noise; v keeps x̂₀ bounded."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    common = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
-                  clip_sample=False)
+    common = dict(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction_type,
+        clip_sample=False,
+    )
     ddim = DDIMScheduler(**common, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
     return DDPMScheduler(**common), ddim
 

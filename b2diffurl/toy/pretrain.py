@@ -35,8 +35,9 @@ P_UNCOND = 0.1
 
 def encode(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """Prompts -> text embeddings [N, MAX_TOKENS, TEXT_DIM]."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
-                    return_tensors="pt").input_ids.to(text_encoder.device)
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=M.MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids.to(text_encoder.device)
     return text_encoder(ids)[0]
 
 
@@ -47,8 +48,9 @@ def sample_prompts(rng: random.Random, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def ddim_sample(unet, text_encoder, tokenizer, scheduler, prompts, *, num_steps=20, guidance_scale=5.0,
-                eta=1.0, seed=0) -> torch.Tensor:
+def ddim_sample(
+    unet, text_encoder, tokenizer, scheduler, prompts, *, num_steps=20, guidance_scale=5.0, eta=1.0, seed=0
+) -> torch.Tensor:
     """Reference DDIM sampler on ``DDIMScheduler.step`` -> images [N, 3, 32, 32] in [0, 1]."""
     dev = unet.device
     g = torch.Generator().manual_seed(seed)
@@ -75,15 +77,28 @@ def save_checkpoint(out: Path, unet, text_encoder, tokenizer, ddim, meta: dict) 
     tokenizer.save_pretrained(tmp / "tokenizer")
     ddim.save_pretrained(tmp / "scheduler")
     import diffusers
-    index = {"_class_name": "B2DiffuRLToyPipeline", "_diffusers_version": diffusers.__version__,
-             "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "scheduler": ["diffusers", "DDIMScheduler"],
-             "vae": [None, None],
-             "b2diffurl_toy": {"latent_shape": list(M.LATENT_SHAPE), "image_size": M.IMAGE_SIZE, "patch": M.PATCH,
-                               "decode": "pixel_shuffle(latents, patch) * 0.5 + 0.5", **meta}}
+
+    index = {
+        "_class_name": "B2DiffuRLToyPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "vae": [None, None],
+        "b2diffurl_toy": {
+            "latent_shape": list(M.LATENT_SHAPE),
+            "image_size": M.IMAGE_SIZE,
+            "patch": M.PATCH,
+            "decode": "pixel_shuffle(latents, patch) * 0.5 + 0.5",
+            **meta,
+        },
+    }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    keep = {p.name: p for p in out.glob("*.png")} | {p.name: p for p in out.glob("*.json") if p.name != "model_index.json"}
-    for name, p in keep.items():      # artefacts from earlier evaluations survive a checkpoint rewrite
+    keep = {p.name: p for p in out.glob("*.png")} | {
+        p.name: p for p in out.glob("*.json") if p.name != "model_index.json"
+    }
+    for name, p in keep.items():  # artefacts from earlier evaluations survive a checkpoint rewrite
         shutil.copy2(p, tmp / name)
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -103,28 +118,38 @@ def evaluate(unet, text_encoder, tokenizer, ddim, out: Path | None, *, n_per_pro
             ps = [p for p in prompts if prompt_category(p) == cat]
             ps = rng.sample(ps, min(len(ps), 24)) if cat == "relation" else ps
             ps = [p for p in ps for _ in range(n_per_prompt)]
-            imgs = torch.cat([ddim_sample(unet, text_encoder, tokenizer, ddim, ps[i:i + 64], seed=seed + i)
-                              for i in range(0, len(ps), 64)])
+            imgs = torch.cat(
+                [
+                    ddim_sample(unet, text_encoder, tokenizer, ddim, ps[i : i + 64], seed=seed + i)
+                    for i in range(0, len(ps), 64)
+                ]
+            )
             r = toy_score(imgs, ps)
             report[f"{split}/{cat}"] = {"mean": r.mean().item(), "std": r.std().item(), "n": len(ps)}
             if split == "train":
-                grid_rows.append(imgs[::n_per_prompt][:8])   # first sample of 8 prompts
+                grid_rows.append(imgs[::n_per_prompt][:8])  # first sample of 8 prompts
     if out is not None:
         from torchvision.utils import save_image
-        grid = F.interpolate(torch.cat(grid_rows).cpu(), scale_factor=3, mode="nearest")   # rows: single, count, relation
+
+        grid = F.interpolate(
+            torch.cat(grid_rows).cpu(), scale_factor=3, mode="nearest"
+        )  # rows: single, count, relation
         save_image(grid, out / "samples.png", nrow=8, padding=2, pad_value=1.0)
         (out / "quality.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def plot_losses(losses: list[float], path: Path, prior: list[float] | None = None, label: str = "v-MSE") -> None:
+def plot_losses(
+    losses: list[float], path: Path, prior: list[float] | None = None, label: str = "v-MSE"
+) -> None:
     """Loss curve PNG; ``prior`` = the losses of the run this one was initialised from (drawn first)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     def smooth(v, k=50):
-        return [sum(v[max(0, i - k):i + 1]) / len(v[max(0, i - k):i + 1]) for i in range(len(v))]
+        return [sum(v[max(0, i - k) : i + 1]) / len(v[max(0, i - k) : i + 1]) for i in range(len(v))]
 
     prior = prior or []
     fig, ax = plt.subplots(figsize=(5.5, 3))
@@ -134,7 +159,9 @@ def plot_losses(losses: list[float], path: Path, prior: list[float] | None = Non
         ax.axvline(len(prior), color="k", lw=0.5, ls="--")
     xs = range(len(prior), len(prior) + len(losses))
     ax.plot(xs, losses, alpha=0.3, lw=0.5, color="C0")
-    ax.plot(xs, smooth(losses), lw=1.5, color="C1", label=f"{'phase 2: ' if prior else ''}{label} (mean of 50)")
+    ax.plot(
+        xs, smooth(losses), lw=1.5, color="C1", label=f"{'phase 2: ' if prior else ''}{label} (mean of 50)"
+    )
     ax.set(yscale="log", xlabel="step (batch 64)", ylabel="loss")
     ax.legend()
     fig.tight_layout()
@@ -158,8 +185,12 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     ap.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out and exit")
     ap.add_argument("--prediction", default="v_prediction", choices=["v_prediction", "epsilon"])
-    ap.add_argument("--init-from", type=Path, default=None,
-                    help="continue from the weights of this checkpoint folder (fresh optimizer; --channels ignored)")
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="continue from the weights of this checkpoint folder (fresh optimizer; --channels ignored)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,12 +201,14 @@ def main(argv=None) -> None:
     ddpm, ddim = M.build_schedulers(args.prediction)
     if args.eval_only:
         from b2diffurl.toy.checkpoint_io import load_toy_components
+
         unet, te, tokenizer, ddim = load_toy_components(args.out, device=dev)
         print(json.dumps(evaluate(unet, te, tokenizer, ddim, args.out), indent=2))
         return
     init_info, prior_losses = None, None
     if args.init_from is not None:
         from b2diffurl.toy.checkpoint_io import load_toy_components
+
         index = json.loads((args.init_from / "model_index.json").read_text()).get("b2diffurl_toy", {})
         init_info = {k: index.get(k) for k in ("train_steps", "prediction_type", "init_from", "wall_minutes")}
         if (args.init_from / "losses.json").is_file():
@@ -193,10 +226,14 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     acp = ddpm.alphas_cumprod.to(dev)
-    print(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder "
-          f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M; threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder "
+        f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M; threads {torch.get_num_threads()}",
+        flush=True,
+    )
     losses, t0 = [], time.time()
     from tqdm import tqdm
+
     bar = tqdm(range(args.steps), mininterval=20, dynamic_ncols=False, ncols=100)
     step = 0
     for step in bar:
@@ -219,16 +256,32 @@ def main(argv=None) -> None:
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         losses.append(loss.item())
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", s_per_step=f"{(time.time() - t0) / (step + 1):.2f}")
+            bar.set_postfix(
+                loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}",
+                s_per_step=f"{(time.time() - t0) / (step + 1):.2f}",
+            )
         last = step + 1 == args.steps or (args.max_minutes and time.time() - t0 > 60 * args.max_minutes)
         if (step + 1) % args.save_every == 0 or last:
-            meta = {"train_steps": step + 1, "prediction_type": args.prediction, "init_from": init_info, "batch": args.batch, "lr": args.lr, "ema": args.ema, "seed": args.seed,
-                    "channels": args.channels, "wall_minutes": round((time.time() - t0) / 60, 1),
-                    "final_loss_mean100": sum(losses[-100:]) / len(losses[-100:])}
+            meta = {
+                "train_steps": step + 1,
+                "prediction_type": args.prediction,
+                "init_from": init_info,
+                "batch": args.batch,
+                "lr": args.lr,
+                "ema": args.ema,
+                "seed": args.seed,
+                "channels": args.channels,
+                "wall_minutes": round((time.time() - t0) / 60, 1),
+                "final_loss_mean100": sum(losses[-100:]) / len(losses[-100:]),
+            }
             save_checkpoint(args.out, ema_unet, ema_te, tokenizer, ddim, meta)
             (args.out / "losses.json").write_text(json.dumps([round(v, 5) for v in losses]))
-            plot_losses(losses, args.out / "loss_curve.png", prior_losses,
-                        "v-MSE" if args.prediction == "v_prediction" else "ε-MSE")
+            plot_losses(
+                losses,
+                args.out / "loss_curve.png",
+                prior_losses,
+                "v-MSE" if args.prediction == "v_prediction" else "ε-MSE",
+            )
             print(f"\nsaved step {step + 1} to {args.out} ({(time.time() - t0) / 60:.1f} min)", flush=True)
         if last:
             break

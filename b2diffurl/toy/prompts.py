@@ -26,8 +26,9 @@ CATEGORIES = ("single", "count", "relation")
 #: shape nouns (singular and plural) — the object tokens D-Fusion builds its masks from
 OBJECT_WORDS = SHAPES + tuple(PLURALS.values())
 #: every word the grammar can produce (the tokenizer's vocabulary)
-VOCAB = tuple(dict.fromkeys(
-    list(COUNT_WORDS) + list(COLOURS) + list(OBJECT_WORDS) + " ".join(RELATIONS).split()))
+VOCAB = tuple(
+    dict.fromkeys(list(COUNT_WORDS) + list(COLOURS) + list(OBJECT_WORDS) + " ".join(RELATIONS).split())
+)
 
 _HELDOUT_FRACTION = 0.2
 _SPLIT_SEED = 1234
@@ -92,8 +93,15 @@ def prompt_category(prompt: str) -> str:
 def _all_prompts() -> dict[str, list[str]]:
     singles = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
     counts = [f"{n} {c} {PLURALS[s]}" for n in ("two", "three") for c in COLOURS for s in SHAPES]
-    relations = [f"a {c1} {s1} {r} a {c2} {s2}" for r in RELATIONS for c1 in COLOURS for s1 in SHAPES
-                 for c2 in COLOURS for s2 in SHAPES if c1 != c2]
+    relations = [
+        f"a {c1} {s1} {r} a {c2} {s2}"
+        for r in RELATIONS
+        for c1 in COLOURS
+        for s1 in SHAPES
+        for c2 in COLOURS
+        for s2 in SHAPES
+        if c1 != c2
+    ]
     return {"single": singles, "count": counts, "relation": relations}
 
 
@@ -132,4 +140,6 @@ def get_prompts(name: str) -> list[str]:
         return heldout_prompts(cat)
     if split == "all":
         return train_prompts(cat) + heldout_prompts(cat)
-    raise ValueError(f"unknown prompt set {name!r}; expected 'train', 'heldout' or 'all' (optionally ':<category>')")
+    raise ValueError(
+        f"unknown prompt set {name!r}; expected 'train', 'heldout' or 'all' (optionally ':<category>')"
+    )

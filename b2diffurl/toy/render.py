@@ -24,19 +24,25 @@ def _place(scene, rng: random.Random, size: int) -> list[tuple[float, float, flo
     holds; rejection sampling over a few hundred tries."""
     k = size / 32.0
     n = len(scene.objects)
-    lo, hi = ((10.0, 16.0) if n == 1 else (8.0, 11.0))
+    lo, hi = (10.0, 16.0) if n == 1 else (8.0, 11.0)
     for _ in range(1000):
         objs = []
         for _ in range(n):
             s = rng.uniform(lo, hi) * k
-            objs.append((rng.uniform(s / 2 + k, size - s / 2 - k), rng.uniform(s / 2 + k, size - s / 2 - k), s))
-        ok = all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= (a[2] + b[2]) / 2 + _GAP * k
-                 for i, a in enumerate(objs) for b in objs[i + 1:])
+            objs.append(
+                (rng.uniform(s / 2 + k, size - s / 2 - k), rng.uniform(s / 2 + k, size - s / 2 - k), s)
+            )
+        ok = all(
+            max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= (a[2] + b[2]) / 2 + _GAP * k
+            for i, a in enumerate(objs)
+            for b in objs[i + 1 :]
+        )
         if ok and scene.relation is not None:
             (xa, ya, sa), (xb, yb, sb) = objs
             need = (sa + sb) / 2 + _GAP * k
-            ok = {"to the left of": xb - xa, "to the right of": xa - xb,
-                  "above": yb - ya, "below": ya - yb}[scene.relation] >= need
+            ok = {"to the left of": xb - xa, "to the right of": xa - xb, "above": yb - ya, "below": ya - yb}[
+                scene.relation
+            ] >= need
         if ok:
             return objs
     raise RuntimeError(f"could not place {scene} in a {size}x{size} image")
@@ -70,8 +76,8 @@ def _sdf(layout: torch.Tensor, size: int) -> torch.Tensor:
 
 def render_layout(layout: torch.Tensor, size: int = 32) -> torch.Tensor:
     """Draw a layout [N, M, 6] (see :func:`sample_layout`) -> images [N, 3, size, size] in [0, 1]."""
-    cover = (0.5 - _sdf(layout, size)).clamp(0, 1) * layout[..., 5, None, None]   # [N, M, H, W]
-    colour = PALETTE[layout[..., 3].long()]                                           # [N, M, 3]
+    cover = (0.5 - _sdf(layout, size)).clamp(0, 1) * layout[..., 5, None, None]  # [N, M, H, W]
+    colour = PALETTE[layout[..., 3].long()]  # [N, M, 3]
     img = torch.zeros(layout.shape[0], 3, size, size)
     for m in range(layout.shape[1]):
         a = cover[:, m, None]

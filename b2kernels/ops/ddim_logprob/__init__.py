@@ -189,8 +189,10 @@ def _validate(
     if x_t.dim() < 2:
         raise ValueError(f"{op}: expected x_t of shape [N, C, H, W] (at least 2 dims), got {_shape(x_t)}")
     if math.prod(x_t.shape[1:]) == 0:
-        raise ValueError(f"{op}: each sample needs at least one element (the log-prob is a mean over C·H·W), "
-                         f"got x_t of shape {_shape(x_t)}")
+        raise ValueError(
+            f"{op}: each sample needs at least one element (the log-prob is a mean over C·H·W), "
+            f"got x_t of shape {_shape(x_t)}"
+        )
     if x_t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: x_t must be float32/float16/bfloat16/float64, got {x_t.dtype}")
     for name, t in tensors.items():

@@ -125,7 +125,9 @@ def _validate(q, k, v, k_ref, v_ref, mask, q_ref, ref_index):
     if D == 0:
         raise ValueError(f"kv_inject_attention: head dim D must be >= 1, got q of shape {list(q.shape)}")
     if NK == 0:
-        raise ValueError(f"kv_inject_attention: need at least one key token (Nk >= 1), got k of shape {list(k.shape)}")
+        raise ValueError(
+            f"kv_inject_attention: need at least one key token (Nk >= 1), got k of shape {list(k.shape)}"
+        )
     if not q.dtype.is_floating_point:
         raise TypeError(f"kv_inject_attention: q must be floating point, got {q.dtype}")
     named = [("k", k), ("v", v), ("k_ref", k_ref), ("v_ref", v_ref)] + (
