@@ -1,0 +1,245 @@
+"""Does training raise the held-out reward? ``python -m bench.learning SUITE [--seeds N] [--jobs J]``.
+
+Every run is a real ``b2diffurl train`` subprocess (one torch thread each, at most ``--jobs`` at once), so what is
+measured is what a user gets. Each run evaluates the same held-out prompts with the same noise seeds before and
+after training; the paired per-image gain and its standard error come from the run's ``metrics.jsonl``. Across
+seeds we report the mean gain, its standard error over seeds, and every seed's own number.
+
+Suites (each compares arms at the same sample budget, same held-out set, same seeds):
+
+* ``default``    — ``b2diffurl train`` with no arguments, per seed (the README's learning claim).
+* ``b2_vs_ddpo`` — B² against DDPO (its own official-style settings) on the exact, end-only toy reward.
+* ``dpo_pairs``  — DPO on D-Fusion (target, base) pairs against DPO on plain best/worst pairs, same pair count.
+
+Outputs: ``<out>/<suite>.json`` (per-run and per-arm numbers, reward curves) and ``<out>/<suite>.png``.
+``python -m bench.learning table`` prints the README table from every ``learning-*.json`` in ``bench/results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# arm name -> extra ``b2diffurl train`` arguments (the run seed is added per run)
+SUITES: dict[str, dict[str, list[str]]] = {
+    "default": {"b2 (default run)": []},
+    "b2_vs_ddpo": {
+        "b2": ["--algo", "b2"],
+        "ddpo": ["--algo", "ddpo"],
+    },
+    "dpo_pairs": {
+        "dpo on d-fusion pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=fused"],
+        "dpo on best/worst pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=plain"],
+    },
+}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarise_run(metrics: list[dict]) -> dict:
+    """Held-out before/after, the paired gain (recomputed from the stored per-image rewards) and the curve."""
+    evals = [m for m in metrics if m.get("kind") == "eval" and "rewards" in m]
+    stages = [m for m in metrics if m.get("kind") == "stage"]
+    out: dict = {
+        "stages": len(stages),
+        "train_reward_curve": [m.get("reward_mean") for m in stages],
+        "eval_curve": [(m["stage"], m["reward_mean"]) for m in evals],
+    }
+    if len(evals) >= 2 and len(evals[0]["rewards"]) == len(evals[-1]["rewards"]):
+        d = [a - b for a, b in zip(evals[-1]["rewards"], evals[0]["rewards"])]
+        n = len(d)
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else math.nan
+        out.update(
+            heldout_before=evals[0]["reward_mean"],
+            heldout_after=evals[-1]["reward_mean"],
+            gain=mean,
+            gain_se=math.sqrt(var / n),
+            n_images=n,
+            n_better=sum(x > 1e-6 for x in d),
+            n_worse=sum(x < -1e-6 for x in d),
+            per_image_gain=d,
+        )
+    return out
+
+
+def run_one(args: list[str], seed: int, out_dir: Path, log_path: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "b2diffurl.cli",
+        "train",
+        *args,
+        "--set",
+        f"seed={seed}",
+        "--out",
+        str(out_dir),
+    ]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    res = {"cmd": " ".join(cmd[1:]), "seed": seed, "rc": rc, "wall_s": round(wall, 1)}
+    res.update(summarise_run(read_metrics(out_dir)))
+    return res
+
+
+def pool_arm(runs: list[dict]) -> dict:
+    """Mean of the per-seed paired gains with its s.e. across seeds, plus the pooled per-image comparison."""
+    ok = [r for r in runs if "gain" in r]
+    if not ok:
+        return {"seeds": 0}
+    g = [r["gain"] for r in ok]
+    k = len(g)
+    mean = sum(g) / k
+    se_seeds = math.sqrt(sum((x - mean) ** 2 for x in g) / (k - 1) / k) if k > 1 else math.nan
+    d = [x for r in ok for x in r["per_image_gain"]]
+    n = len(d)
+    dm = sum(d) / n
+    se_pool = math.sqrt(sum((x - dm) ** 2 for x in d) / (n - 1) / n) if n > 1 else math.nan
+    return {
+        "seeds": k,
+        "gain_mean": mean,
+        "gain_se_over_seeds": se_seeds,
+        "pooled_gain": dm,
+        "pooled_gain_se": se_pool,
+        "per_seed": [(r["seed"], r["gain"], r["gain_se"]) for r in ok],
+        "seeds_above_3se": sum(r["gain"] >= 3 * r["gain_se"] for r in ok),
+        "before_mean": sum(r["heldout_before"] for r in ok) / k,
+        "after_mean": sum(r["heldout_after"] for r in ok) / k,
+        "wall_s_mean": sum(r["wall_s"] for r in ok) / k,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (arm, data) in enumerate(result["arms"].items()):
+        for j, run in enumerate(data["runs"]):
+            curve = [c for c in run.get("train_reward_curve", []) if c is not None]
+            ax.plot(curve, color=f"C{i}", alpha=0.7, label=arm if j == 0 else None)
+    ax.set_xlabel("stage")
+    ax.set_ylabel("training reward (stage mean)")
+    ax.set_title(f"bench.learning {result['suite']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_suite(suite: str, seeds: list[int], jobs: int, out: Path, extra: list[str], keep: bool) -> dict:
+    arms = SUITES[suite]
+    work = Path(tempfile.mkdtemp(prefix=f"learning-{suite}-"))
+    tasks = [(arm, args + extra, s) for arm, args in arms.items() for s in seeds]
+
+    def go(task):
+        arm, args, seed = task
+        tag = f"{arm.replace(' ', '_').replace('/', '-')}-seed{seed}"
+        res = run_one(args, seed, work / tag, work / f"{tag}.log")
+        print(
+            f"[{suite}] {arm} seed {seed}: rc {res['rc']}, "
+            + (f"gain {res['gain']:+.4f} ± {res['gain_se']:.4f}" if "gain" in res else "no paired eval")
+            + f", {res['wall_s']:.0f} s",
+            flush=True,
+        )
+        return arm, res
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as ex:
+        results = list(ex.map(go, tasks))
+    by_arm: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for arm, res in results:
+        by_arm[arm].append(res)
+    result = {
+        "suite": suite,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {jobs} runs at once, 1 torch thread each",
+        "extra_args": extra,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "arms": {arm: {"summary": pool_arm(runs), "runs": runs} for arm, runs in by_arm.items()},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"learning-{suite}.json"
+    path.write_text(json.dumps(result, indent=1))
+    plot(result, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    if not keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"run directories kept in {work}")
+    return result
+
+
+def table(results_dir: Path = RESULTS) -> str:
+    """Markdown table of every committed learning result (the README's learning section)."""
+    lines = [
+        "| suite | arm | seeds | held-out before → after | paired gain (mean ± s.e. over seeds) "
+        "| seeds with gain ≥ 3 s.e. | wall / run |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in sorted(results_dir.glob("learning-*.json")):
+        res = json.loads(path.read_text())
+        for arm, data in res["arms"].items():
+            s = data["summary"]
+            if not s.get("seeds"):
+                lines.append(f"| {res['suite']} | {arm} | 0 | – | – | – | – |")
+                continue
+            lines.append(
+                f"| {res['suite']} | {arm} | {s['seeds']} | {s['before_mean']:.3f} → {s['after_mean']:.3f} "
+                f"| {s['gain_mean']:+.4f} ± {s['gain_se_over_seeds']:.4f} | {s['seeds_above_3se']}/{s['seeds']} "
+                f"| {s['wall_s_mean']:.0f} s |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.learning",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("suite", choices=[*SUITES, "table"])
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (run seeds 0..N-1 offset by --seed0)")
+    p.add_argument("--seed0", type=int, default=42)
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one torch thread)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--keep", action="store_true", help="keep the run directories (printed at the end)")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train arguments for every arm")
+    a = p.parse_args(argv)
+    if a.suite == "table":
+        print(table(a.out))
+        return 0
+    if a.seeds < 1 or a.jobs < 1:
+        p.error("--seeds and --jobs must be >= 1")
+    extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
+    run_suite(a.suite, [a.seed0 + i for i in range(a.seeds)], a.jobs, a.out, extra, a.keep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
