@@ -2,7 +2,7 @@
 
 The trainer owns what is common (device/dtype, policy + LoRA, optimizer and LR schedule, random generators,
 held-out evaluation, JSONL metrics, sample grids, reward curve, checkpoints, exact resume, SIGTERM); an
-algorithm (``b2diffurl.algos.common.Algorithm``, registered in ``b2diffurl.config.ALGORITHMS``) owns the stage.
+algorithm (``b2diffurl.algos.api.Algorithm``, registered in ``b2diffurl.config.ALGORITHMS``) owns the stage.
 
 Output directory::
 
@@ -266,7 +266,7 @@ class Trainer:
             self.optimizer, lambda n: min(1.0, (n + 1) / warm) if warm > 0 else 1.0
         )
 
-        from b2diffurl.algos.common import RunContext
+        from b2diffurl.algos.api import RunContext
         from b2diffurl.sampling import TreeSampler
 
         s = cfg.sample

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
 
     from b2diffurl import config as C
-    from b2diffurl.algos.common import clamp_advantages, training_logprob
+    from b2diffurl.algos.ppo import clamp_advantages, training_logprob
     from b2diffurl.trainer import Trainer
 
     over = {

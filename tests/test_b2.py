@@ -11,7 +11,7 @@ from tiny_policy import TinyPolicy, brightness_reward
 
 from b2diffurl import config as C
 from b2diffurl.algos.b2 import select_branches, split_k
-from b2diffurl.algos.common import PromptStatTracker, clamp_advantages, ppo_clip_loss, training_logprob
+from b2diffurl.algos.ppo import PromptStatTracker, clamp_advantages, ppo_clip_loss, training_logprob
 
 T = 4
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from b2diffurl.algos.common import RunContext, TreePPOAlgorithm, clamp_advantages
+from b2diffurl.algos.api import RunContext
+from b2diffurl.algos.ppo import TreePPOAlgorithm, clamp_advantages
 
 
 def split_k(stage: int, stages: int, k_left: int, k_right: int) -> int:

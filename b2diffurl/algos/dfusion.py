@@ -715,7 +715,7 @@ class DFusionAlgorithm:
         )
 
     def sample_stage(self, stage: int):
-        from b2diffurl.algos.common import StageData
+        from b2diffurl.algos.api import StageData
 
         ctx = self.ctx
         t0 = time.perf_counter()
@@ -791,7 +791,7 @@ class DFusionAlgorithm:
     def _train_ppo(self, st: DFusionStage) -> dict:
         """D-Fusion pairs into DDPO: targets and bases, advantage = per-prompt z-score of their rewards; the
         targets' old log-probs are re-evaluated under the plain policy (they were sampled by the fused one)."""
-        from b2diffurl.algos.common import ppo_update, training_logprob
+        from b2diffurl.algos.ppo import ppo_update, training_logprob
 
         ctx = self.ctx
         ids = torch.cat([st.target_ids, st.base_ids])

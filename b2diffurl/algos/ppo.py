@@ -1,90 +1,26 @@
-"""Pieces shared by the policy-gradient algorithms (B², DDPO) and the algorithm plug-in API of the trainer.
-
-Plug-in API (what ``b2diffurl.trainer`` calls; register a new algorithm in ``b2diffurl.config.ALGORITHMS``)::
-
-    class MyAlgorithm:                      # satisfies the Algorithm protocol below
-        name = "mine"
-        def __init__(self, ctx: RunContext): ...
-        def sample_stage(self, stage: int) -> StageData: ...     # sample, score, select (no optimizer use)
-        def train_stage(self, stage: int, data: StageData) -> dict: ...   # update ctx.params via ctx.optimizer_step
-        def state_dict(self) -> dict: ...    # run state beyond model/optimizer/RNG (e.g. stat-tracker history)
-        def load_state_dict(self, state: dict) -> None: ...
-
-The trainer owns the loop (stages, evaluation, checkpoints, exact resume, SIGTERM, logging, grids, plots);
-``RunContext`` hands the algorithm everything it may use: config, policy, reward, sampler, optimizer step,
-random generators (checkpointed by the trainer), prompt draws, device.
-"""
+"""Policy-gradient machinery shared by B² and DDPO: per-prompt stat tracker, advantages, PPO-clip loss and
+update, and the tree-PPO algorithm base (sample trees → reward → z-scores → select → PPO)."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-
-# ----------------------------------------------------------------------------------------------- plug-in API
-@dataclass
-class StageData:
-    """What ``sample_stage`` hands to ``train_stage`` (``payload`` is algorithm-specific)."""
-
-    metrics: dict
-    images: torch.Tensor | None = None  # a few images for the sample grid [n, 3, H, W] in [0, 1]
-    captions: list[str] = field(default_factory=list)
-    payload: Any = None
+from b2diffurl.algos.api import RunContext, StageData
 
 
-class Algorithm(Protocol):
-    name: str
+class PPOPayload(NamedTuple):
+    """What a tree-PPO stage hands from sampling to training."""
 
-    def sample_stage(self, stage: int) -> StageData: ...
-
-    def train_stage(self, stage: int, data: StageData) -> dict: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
+    ids: torch.Tensor  # [M] selected trajectory ids in the arena
+    steps: torch.Tensor  # [K] trained step indices
+    cond_table: torch.Tensor  # [P, L, D] prompt embeddings indexed by the arena's prompt ids
 
 
-@dataclass
-class RunContext:
-    """Everything an algorithm may use. Built by the trainer; the generators are part of the checkpoint."""
-
-    cfg: Any  # b2diffurl.config.RunConfig
-    policy: Any
-    reward_fn: Any  # (images [N,3,H,W] in [0,1], prompts) -> Tensor [N]
-    sampler: Any  # b2diffurl.sampling.TreeSampler
-    params: list  # trainable parameters
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: Any
-    train_prompts: list[str]
-    device: torch.device
-    noise_gen: torch.Generator  # on ``device``: x_T and per-step noise
-    cpu_gen: torch.Generator  # prompt draws, shuffles, timestep permutations
-    progress: Any = None  # callable(iterable, **tqdm kwargs) -> iterable
-
-    def draw_prompts(self, n: int) -> list[str]:
-        """n training prompts drawn uniformly with replacement (official ``prompt_random_choose``)."""
-        idx = torch.randint(len(self.train_prompts), (n,), generator=self.cpu_gen)
-        return [self.train_prompts[i] for i in idx.tolist()]
-
-    def optimizer_step(self) -> torch.Tensor:
-        """Clip, step, schedule, zero grads. Returns the pre-clip grad norm (device tensor, no sync)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        with torch.no_grad():
-            return self.policy.encode_prompts(prompts)
-
-
-# ----------------------------------------------------------------------------------------------- statistics
 class PromptStatTracker:
     """Per-prompt z-scores pooled by prompt *text* over the current stage plus the raw scores of the last
     ``history`` stages (official B²-DiffuRL). Unbiased (N−1) std, z = (r − mean) / (std + 1e-8).
@@ -125,7 +61,6 @@ class PromptStatTracker:
         self.past = [{p: np.asarray(v, dtype=np.float64) for p, v in d.items()} for d in state["past"]]
 
 
-# ----------------------------------------------------------------------------------------------- PPO
 def ppo_clip_loss(advantage: torch.Tensor, ratio: torch.Tensor, clip_range: float) -> torch.Tensor:
     """mean( max( −A·r, −A·clamp(r, 1−ε, 1+ε) ) )."""
     unclipped = -advantage * ratio
@@ -246,7 +181,6 @@ def ppo_update(
     return out
 
 
-# ----------------------------------------------------------------------------------------------- tree PPO base
 class TreePPOAlgorithm:
     """Sample trees → reward → per-prompt z-scores → select → PPO. B² and DDPO differ only in the tree layout
     (split step, branches), the selection rule and the trained steps (subclass hooks)."""
@@ -281,7 +215,7 @@ class TreePPOAlgorithm:
         raise NotImplementedError
 
     # the stage ------------------------------------------------------------------------------------------
-    def sample_stage(self, stage: int) -> StageData:
+    def sample_stage(self, stage: int) -> StageData[PPOPayload]:
         ctx, B = self.ctx, self.branches
         t0 = time.perf_counter()
         tree_prompts, split = self.layout(stage)
@@ -334,10 +268,13 @@ class TreePPOAlgorithm:
             **sel_metrics,
         }
         return StageData(
-            metrics=metrics, images=grid, captions=rows_prompts[:16], payload=(sel_ids, steps, cond_table)
+            metrics=metrics,
+            images=grid,
+            captions=rows_prompts[:16],
+            payload=PPOPayload(sel_ids, steps, cond_table),
         )
 
-    def train_stage(self, stage: int, data: StageData) -> dict:
+    def train_stage(self, stage: int, data: StageData[PPOPayload]) -> dict:
         sel_ids, steps, cond_table = data.payload
         return ppo_update(self.ctx, self.arena, sel_ids, steps, cond_table)
 

@@ -1,0 +1,94 @@
+"""The algorithm plug-in API: what ``b2diffurl.trainer`` calls and what it hands an algorithm.
+
+Register a new algorithm in ``b2diffurl.config.ALGORITHMS`` (``"name": "package.module:Class"``)::
+
+    class MyAlgorithm:                      # satisfies the Algorithm protocol below
+        name = "mine"
+        def __init__(self, ctx: RunContext): ...
+        def sample_stage(self, stage: int) -> StageData[MyPayload]: ...  # sample, score, select (no optimizer use)
+        def train_stage(self, stage: int, data: StageData[MyPayload]) -> dict: ...  # update via ctx.optimizer_step
+        def state_dict(self) -> dict: ...    # run state beyond model/optimizer/RNG (e.g. stat-tracker history)
+        def load_state_dict(self, state: dict) -> None: ...
+
+The trainer owns the loop (stages, evaluation, checkpoints, exact resume, SIGTERM, logging, grids, plots);
+:class:`RunContext` hands the algorithm everything it may use: config, policy, reward, sampler, optimizer step,
+random generators (checkpointed by the trainer), prompt draws, device. The metrics an algorithm returns are
+logged as they are: the trainer names no algorithm's metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from b2diffurl.config import RunConfig
+    from b2diffurl.models import Policy
+    from b2diffurl.sampling import TreeSampler
+
+PayloadT = TypeVar("PayloadT")
+
+
+@dataclass
+class StageData(Generic[PayloadT]):
+    """What ``sample_stage`` hands to ``train_stage``: metrics to log, a few images for the sample grid
+    ([n, 3, H, W] in [0, 1]) with their captions, and the algorithm's own ``payload`` (its type is the
+    algorithm's: e.g. :class:`b2diffurl.algos.ppo.PPOPayload`)."""
+
+    metrics: dict
+    images: torch.Tensor | None = None
+    captions: list[str] = field(default_factory=list)
+    payload: PayloadT | None = None
+
+
+class Algorithm(Protocol):
+    name: str
+
+    def sample_stage(self, stage: int) -> StageData: ...
+
+    def train_stage(self, stage: int, data: StageData) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (images [N,3,H,W] in [0,1], prompts) -> [N]
+
+
+@dataclass
+class RunContext:
+    """Everything an algorithm may use. Built by the trainer; the generators are part of the checkpoint."""
+
+    cfg: RunConfig
+    policy: Policy
+    reward_fn: RewardFn
+    sampler: TreeSampler
+    params: list[torch.nn.Parameter]  # trainable parameters
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_prompts: list[str]
+    device: torch.device
+    noise_gen: torch.Generator  # on ``device``: x_T and per-step noise
+    cpu_gen: torch.Generator  # prompt draws, shuffles, timestep permutations
+    progress: Callable | None = None  # callable(iterable, **tqdm kwargs) -> iterable
+
+    def draw_prompts(self, n: int) -> list[str]:
+        """n training prompts drawn uniformly with replacement (official ``prompt_random_choose``)."""
+        idx = torch.randint(len(self.train_prompts), (n,), generator=self.cpu_gen)
+        return [self.train_prompts[i] for i in idx.tolist()]
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step, schedule, zero grads. Returns the pre-clip grad norm (device tensor, no sync)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.policy.encode_prompts(prompts)
