@@ -24,9 +24,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-# torch-free: the toy prompt grammar is plain Python, so config stays importable without torch
-from b2diffurl.toy.prompts import CATEGORIES as TOY_CATEGORIES
-
 
 class ConfigError(ValueError):
     """A bad configuration, reported before anything is loaded or sampled."""
@@ -84,8 +81,19 @@ class TrainConfig:
     micro_batch_size: int = _f(2, "samples per training micro-step (UNet rows = 2× with CFG)")
     grad_accum_steps: int = _f(
         64,
-        "micro-steps (one micro-batch at one trained timestep) per optimizer step; a "
-        "partial group is flushed at the end of each inner epoch",
+        "micro-batches per optimizer step, each with ALL its trained timesteps (the official unit: one "
+        "optimizer step covers grad_accum_steps × micro_batch_size samples × every trained step); the count "
+        "runs on across inner epochs",
+    )
+    flush_partial_accum: bool = _f(
+        False,
+        "apply a partial accumulation group left at the end of a stage (official: False, its gradient is "
+        "dropped)",
+    )
+    min_step_sigma: float = _f(
+        0.0,
+        "train only DDIM steps whose noise scale sigma_t >= this (0 = every branched step, official); the "
+        "last low-sigma steps carry most of the gradient noise and little of the image",
     )
     clip_range: float = _f(0.1, "PPO clip epsilon")
     adv_clip: float = _f(5.0, "advantages are clamped to [-adv_clip, adv_clip]")
@@ -101,11 +109,25 @@ class B2Config:
     neg_threshold: float = _f(-0.5, "worst branch is a negative sample if its z-score < this")
     beta1: float = _f(1.0, "weight of positive advantages")
     beta2: float = _f(1.0, "weight of negative advantages")
+    group_centering: bool = _f(
+        False,
+        "subtract each branch group's mean z-score before selection (official: False); groups whose "
+        "branches tie (outcome fixed by the shared prefix) then give no sample",
+    )
 
 
 @dataclass
 class DDPOConfig:
-    history: int = _f(8, "earlier stages whose raw scores join the per-prompt statistics")
+    buffer_size: int = _f(
+        16,
+        "per-prompt statistics over the last N rewards of that prompt (ddpo-pytorch: 16); 0 = the current "
+        "stage's rewards only",
+    )
+    min_count: int = _f(
+        16,
+        "until a prompt has this many rewards in its buffer, normalise with the whole stage's mean/std "
+        "(ddpo-pytorch: 16)",
+    )
 
 
 def dfusion_pairing_sizes(n: int, ref_fraction: float, base_fraction: float, reuse: int) -> tuple[int, int]:
@@ -323,6 +345,29 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Values for one algorithm under a preset, applied right after the preset (YAML and --set still win).
+# DDPO is the baseline B² claims to beat, so under ``official`` it runs as its authors run it
+# (kvablack/ddpo-pytorch, config/base.py + dgx.py): PPO clip 1e-4, lr 3e-4, one inner epoch, LoRA, 256 samples
+# per epoch drawn one per prompt draw, 64 samples per optimizer step (4 per epoch), a 16-reward per-prompt buffer.
+ALGO_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("official", "ddpo"): {
+        "sample.prompts_per_stage": 256,
+        "sample.branches": 1,
+        "train.lr": 3e-4,
+        "train.clip_range": 1e-4,
+        "train.inner_epochs": 1,
+        "train.micro_batch_size": 4,
+        "train.grad_accum_steps": 16,
+        "model.lora": "on",
+    },
+    # same sample budget and model parametrisation as toy B²; DDPO's own PPO settings and statistics
+    ("toy", "ddpo"): {
+        "train.clip_range": 1e-4,
+        "train.inner_epochs": 1,
+    },
+}
+
+
 # ----------------------------------------------------------------------------------------------- tree helpers
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
@@ -412,16 +457,11 @@ def set_value(cfg: RunConfig, key: str, value: Any) -> None:
     setattr(obj, f.name, _coerce(key, value, typ))
 
 
-def get_value(cfg: RunConfig, key: str) -> Any:
-    obj, f, _ = _lookup(cfg, key)
-    return getattr(obj, f.name)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and not (prefix + k).endswith("reward_options"):
-            out.update(_flatten(v, prefix + k + "."))
+            out.update(flatten(v, prefix + k + "."))
         else:
             out[prefix + k] = v
     return out
@@ -459,7 +499,7 @@ def load_config(
             data = yaml.safe_load(fh) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {yaml_path!r} must hold a mapping, got {type(data).__name__}")
-        explicit.update(_flatten(data))
+        explicit.update(flatten(data))
     if isinstance(overrides, list):
         overrides = parse_set(overrides)
     explicit.update(overrides or {})
@@ -470,6 +510,8 @@ def load_config(
     preset = resolve_preset(cfg)
     cfg = RunConfig()
     for k, v in PRESETS[preset].items():
+        set_value(cfg, k, v)
+    for k, v in ALGO_PRESETS.get((preset, explicit.get("algo", cfg.algo)), {}).items():
         set_value(cfg, k, v)
     for k, v in explicit.items():
         set_value(cfg, k, v)
@@ -529,17 +571,12 @@ def validate(cfg: RunConfig) -> None:
         r in ("toy", "clip") or (r.startswith("python:") and r.count(":") == 2 and all(r.split(":")[1:]))
     ):
         errs.append(f"reward {r!r} is unknown: use toy, clip or python:pkg.module:function")
-    for key, spec in (("prompts", cfg.prompts), ("eval.prompts", cfg.eval.prompts)):
-        if spec.startswith("toy:"):
-            if spec[4:] not in TOY_CATEGORIES:
-                errs.append(f"{key}={spec!r}: toy categories are {', '.join(TOY_CATEGORIES)}")
-        elif spec not in ("toy", "none") and not os.path.isfile(spec):
-            errs.append(
-                f"{key}={spec!r}: expected 'toy', 'toy:<category>'{', none' if key != 'prompts' else ''} "
-                "or an existing .txt/.json prompt file"
-            )
-    if cfg.prompts == "none":
-        errs.append("prompts='none': training needs prompts")
+    from b2diffurl.prompts import check_spec
+
+    for key, spec, allow_none in (("prompts", cfg.prompts, False), ("eval.prompts", cfg.eval.prompts, True)):
+        problem = check_spec(spec, allow_none=allow_none)
+        if problem:
+            errs.append(f"{key}: {problem}")
     if cfg.algo == "dfusion":
         errs += cfg.dfusion.errors() + cfg.dpo.errors()
     if s.backend not in ("auto", "triton", "reference"):
@@ -555,7 +592,7 @@ def to_dict(cfg: RunConfig) -> dict:
 
 def from_dict(d: dict) -> RunConfig:
     cfg = RunConfig()
-    for k, v in _flatten(d).items():
+    for k, v in flatten(d).items():
         set_value(cfg, k, v)
     return cfg
 

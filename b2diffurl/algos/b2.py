@@ -1,5 +1,5 @@
 """B²-DiffuRL: backward progressive schedule + branch-based sampling, per-prompt z-scores with history,
-best/worst branch selection, PPO-clip over the branched steps (see /work/shared/ALGORITHMS.md)."""
+best/worst branch selection, PPO-clip over the branched steps (docs/ALGORITHMS.md, "B²-DiffuRL")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from b2diffurl.algos.api import RunContext
-from b2diffurl.algos.ppo import TreePPOAlgorithm, clamp_advantages
+from b2diffurl.algos.ppo import PromptStatTracker, TreePPOAlgorithm, clamp_advantages
 
 
 def split_k(stage: int, stages: int, k_left: int, k_right: int) -> int:
@@ -41,7 +41,10 @@ class B2Algorithm(TreePPOAlgorithm):
     def __init__(self, ctx: RunContext):
         c = ctx.cfg
         super().__init__(
-            ctx, history=c.b2.history, max_trees=c.sample.prompts_per_stage, branches=c.sample.branches
+            ctx,
+            tracker=PromptStatTracker(c.b2.history),
+            max_trees=c.sample.prompts_per_stage,
+            branches=c.sample.branches,
         )
 
     def k_for_stage(self, stage: int) -> int:
@@ -54,6 +57,10 @@ class B2Algorithm(TreePPOAlgorithm):
 
     def select(self, z: np.ndarray, stage: int):
         b2, tc = self.ctx.cfg.b2, self.ctx.cfg.train
+        z = z.reshape(-1, self.branches)
+        if b2.group_centering:
+            z = z - z.mean(axis=1, keepdims=True)
+        z = z.reshape(-1)
         rows, positive = select_branches(z.reshape(-1, self.branches), b2.pos_threshold, b2.neg_threshold)
         adv = clamp_advantages(z[rows], tc.adv_clip, b2.beta1, b2.beta2) if len(rows) else np.zeros(0)
         return (

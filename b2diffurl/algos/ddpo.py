@@ -2,8 +2,10 @@
 
 Equal sample budget with B²: each stage draws ``sample.prompts_per_stage`` prompts and samples
 ``sample.branches`` *independent* trajectories per prompt (trees with B = 1 and split step T). Per-prompt
-z-scores use the same tracker (pooled by prompt text with ``ddpo.history`` earlier stages); every trajectory
-is trained with advantage clamp(z, ±adv_clip) over all T steps with PPO-clip.
+z-scores come from ddpo-pytorch's tracker (the last ``ddpo.buffer_size`` rewards of each prompt, the stage's
+statistics until a prompt has ``ddpo.min_count``); every trajectory is trained with advantage
+clamp(z, ±adv_clip) over all T steps with PPO-clip. The ``official`` preset for this algorithm takes
+ddpo-pytorch's training values (clip 1e-4, lr 3e-4, one inner epoch, LoRA; docs/ALGORITHMS.md, "DDPO").
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 
 from b2diffurl.algos.api import RunContext
-from b2diffurl.algos.ppo import TreePPOAlgorithm, clamp_advantages
+from b2diffurl.algos.ppo import BufferStatTracker, TreePPOAlgorithm, clamp_advantages
 
 
 class DDPOAlgorithm(TreePPOAlgorithm):
@@ -22,7 +24,10 @@ class DDPOAlgorithm(TreePPOAlgorithm):
         c = ctx.cfg
         self.per_prompt = c.sample.branches
         super().__init__(
-            ctx, history=c.ddpo.history, max_trees=c.sample.prompts_per_stage * self.per_prompt, branches=1
+            ctx,
+            tracker=BufferStatTracker(c.ddpo.buffer_size, c.ddpo.min_count),
+            max_trees=c.sample.prompts_per_stage * self.per_prompt,
+            branches=1,
         )
 
     def layout(self, stage: int):

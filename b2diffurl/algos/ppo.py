@@ -3,6 +3,7 @@ update, and the tree-PPO algorithm base (sample trees → reward → z-scores �
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import NamedTuple
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 
 from b2diffurl.algos.api import RunContext, StageData
+
+log = logging.getLogger(__name__)
 
 
 class PPOPayload(NamedTuple):
@@ -61,6 +64,59 @@ class PromptStatTracker:
         self.past = [{p: np.asarray(v, dtype=np.float64) for p, v in d.items()} for d in state["past"]]
 
 
+class BufferStatTracker:
+    """ddpo-pytorch's per-prompt statistics: each prompt keeps its last ``buffer_size`` raw rewards (the
+    current stage's included); z = (r − mean) / (std + 1e-6) with the biased (N) std of that buffer. Until a
+    prompt's buffer holds ``min_count`` rewards, the whole stage's mean/std stand in. ``buffer_size`` 0 keeps no
+    memory: the current stage's rewards of that prompt only."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size = int(buffer_size)
+        self.min_count = int(min_count)
+        self.buffers: dict[str, list[float]] = {}
+
+    def update(self, prompts: list[str], scores) -> np.ndarray:
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if len(prompts) != scores.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {scores.shape[0]} scores")
+        prompts_arr = np.asarray(prompts, dtype=object)
+        z = np.empty_like(scores)
+        for p in dict.fromkeys(prompts):
+            mask = prompts_arr == p
+            mine = scores[mask]
+            if self.buffer_size > 0:
+                buf = (self.buffers.get(p, []) + mine.tolist())[-self.buffer_size :]
+                self.buffers[p] = buf
+            else:
+                buf = mine.tolist()
+            pool = np.asarray(buf) if len(buf) >= self.min_count else scores
+            z[mask] = (mine - pool.mean()) / (pool.std() + 1e-6)
+        return z
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "buffers": self.buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer_size, self.min_count = int(state["buffer_size"]), int(state["min_count"])
+        self.buffers = {p: [float(x) for x in v] for p, v in state["buffers"].items()}
+
+
+def lopsided_warning(adv: np.ndarray, stage: int, fraction: float = 0.9, minimum: int = 8) -> str | None:
+    """A message when at least ``fraction`` of a stage's (≥ ``minimum``) advantages share one sign: the
+    baseline has drifted away from what the policy does (a stale history mean, or a reward shift), and the
+    update pushes the policy away from (or towards) everything it does."""
+    adv = np.asarray(adv)
+    if adv.size < minimum:
+        return None
+    for name, frac in (("negative", float((adv < 0).mean())), ("positive", float((adv > 0).mean()))):
+        if frac >= fraction:
+            return (
+                f"stage {stage}: {frac:.0%} of {adv.size} advantages are {name}: the per-prompt baseline "
+                "lags the policy; consider per-stage statistics (b2.history=0 / ddpo.buffer_size=0)"
+            )
+    return None
+
+
 def ppo_clip_loss(advantage: torch.Tensor, ratio: torch.Tensor, clip_range: float) -> torch.Tensor:
     """mean( max( −A·r, −A·clamp(r, 1−ε, 1+ε) ) )."""
     unclipped = -advantage * ratio
@@ -74,38 +130,6 @@ def clamp_advantages(z, clip: float, beta_pos: float = 1.0, beta_neg: float = 1.
     return np.clip(z, -clip, clip) * np.where(z > 0, beta_pos, beta_neg)
 
 
-def training_logprob(ctx: RunContext, batch, cond_table: torch.Tensor) -> torch.Tensor:
-    """log π_θ(x_prev | x_t) of gathered rows with the *same* UNet call layout and DDIM function as sampling
-    (CFG as one 2N-row call, ``ddim_step_logprob``), so the first pre-update pass reproduces the sampling
-    log-probs. cond_table [P, L, D] is indexed by ``batch.prompt_id``."""
-    from b2kernels import ddim_step_logprob
-
-    sampler = ctx.sampler
-    use_cfg = sampler.use_cfg and ctx.cfg.train.cfg
-    cond = cond_table[batch.prompt_id.to(cond_table.device)].to(sampler.dtype)
-    x_t = batch.x_t.to(sampler.dtype)
-    step = batch.step.to(ctx.device)
-    t = sampler.timesteps[step]
-    if use_cfg:
-        emb = torch.cat([sampler.uncond.expand(cond.shape[0], -1, -1), cond])
-        out = ctx.policy.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=emb).sample
-        uncond, eps = out.chunk(2)
-        gs = sampler.guidance_scale
-    else:
-        eps, uncond, gs = ctx.policy.unet(x_t, t, encoder_hidden_states=cond).sample, None, None
-    return ddim_step_logprob(
-        sampler.table,
-        step,
-        x_t,
-        eps,
-        batch.x_prev.to(sampler.dtype),
-        eta=sampler.eta,
-        model_output_uncond=uncond,
-        guidance_scale=gs,
-        backend=ctx.cfg.sample.backend,
-    )
-
-
 def ppo_update(
     ctx: RunContext, arena, ids: torch.Tensor, steps: torch.Tensor, cond_table: torch.Tensor
 ) -> dict:
@@ -113,8 +137,12 @@ def ppo_update(
 
     Per inner epoch: shuffle samples, draw a random permutation of the K trained steps per sample, then for each
     micro-batch and each column j of the permutation gather (id, step) rows from the arena, forward, backward.
-    An optimizer step every ``grad_accum_steps`` micro-steps (loss = mean over the group's micro-steps); a
-    partial group is flushed at the end of each epoch. All statistics stay on the device until the end.
+
+    Accumulation in the official unit (B²-DiffuRL's and ddpo-pytorch's accelerate setting): one optimizer step
+    per ``grad_accum_steps`` micro-batches × all K trained steps, the loss being the mean over those micro-steps.
+    The count runs on across inner epochs; a partial group left at the end of the stage is dropped, as there
+    (``train.flush_partial_accum`` applies it instead). Optimizer steps per stage:
+    floor(E·ceil(M/mb)/A), or ceil(...) when flushing. All statistics stay on the device until the end.
     """
     tc = ctx.cfg.train
     M, K = int(ids.numel()), int(steps.numel())
@@ -133,21 +161,23 @@ def ppo_update(
     pre_update = True
     mb = tc.micro_batch_size
     n_mb = math.ceil(M / mb)
-    per_epoch = n_mb * K
+    full_group = tc.grad_accum_steps * K  # micro-steps per optimizer step
+    total = tc.inner_epochs * n_mb * K
+    done = 0  # micro-steps done in this stage
+    group = 0
     for _epoch in range(tc.inner_epochs):
         perm = torch.randperm(M, generator=ctx.cpu_gen)
         col = torch.stack([torch.randperm(K, generator=ctx.cpu_gen) for _ in range(M)])  # [M, K]
         ids_e, steps_e = ids[perm], steps[col]
-        done = 0  # micro-steps done in this epoch
-        group = 0
         for b in range(n_mb):
             mb_ids, mb_steps = ids_e[b * mb : (b + 1) * mb], steps_e[b * mb : (b + 1) * mb]
             for j in range(K):
                 if group == 0:
-                    left = per_epoch - done
-                    group_size = min(tc.grad_accum_steps, left)
+                    left = total - done
+                    # the last, partial group: its mean when it will be applied, else the official scale
+                    group_size = min(full_group, left) if tc.flush_partial_accum else full_group
                 batch = arena.gather(mb_ids, mb_steps[:, j], device=dev)
-                logp = training_logprob(ctx, batch, cond_table)
+                logp = ctx.sampler.batch_logprob(batch, cond_table)
                 old = batch.logprob.to(dev)
                 ratio = torch.exp(logp - old)
                 adv = batch.advantage.to(dev)
@@ -162,17 +192,21 @@ def ppo_update(
                 n_micro += 1
                 done += 1
                 group += 1
-                if group == group_size:
+                if group == group_size or (tc.flush_partial_accum and done == total):
                     stats["grad_norm"] += ctx.optimizer_step()
                     n_opt += 1
                     group = 0
                     pre_update = False
-    out = {k: (v / (n_opt if k == "grad_norm" else n_micro)).item() for k, v in stats.items()}
+    dropped = group  # micro-steps of a partial group whose gradient is never applied
+    if dropped:
+        ctx.optimizer.zero_grad(set_to_none=True)
+    out = {k: (v / max(n_opt if k == "grad_norm" else n_micro, 1)).item() for k, v in stats.items()}
     out.update(
         train_samples=M,
         trained_steps=K,
         optimizer_steps=n_opt,
         micro_steps=n_micro,
+        dropped_micro_steps=dropped,
         ratio_dev_max=ratio_dev.item(),
         train_time_s=time.perf_counter() - t0,
         lr=ctx.optimizer.param_groups[0]["lr"],
@@ -187,13 +221,13 @@ class TreePPOAlgorithm:
 
     name = "tree-ppo"
 
-    def __init__(self, ctx: RunContext, *, history: int, max_trees: int, branches: int):
+    def __init__(self, ctx: RunContext, *, tracker, max_trees: int, branches: int):
         from b2kernels.buffer import TrajectoryArena
 
         self.ctx = ctx
         self.T = ctx.cfg.sample.num_steps
         self.branches = branches
-        self.tracker = PromptStatTracker(history)
+        self.tracker = tracker  # PromptStatTracker (B²) or BufferStatTracker (DDPO)
         self.arena = TrajectoryArena(
             tuple(ctx.policy.latent_shape),
             num_steps=self.T,
@@ -254,6 +288,12 @@ class TreePPOAlgorithm:
         if len(sel):
             self.arena.set_advantages(sel_ids, torch.as_tensor(adv, dtype=torch.float32))
         steps = self.trained_steps(stage, split)
+        if ctx.cfg.train.min_step_sigma > 0:
+            sigma = ctx.sampler.table.sigmas(ctx.sampler.eta).to(steps.device)
+            steps = steps[sigma[steps] >= ctx.cfg.train.min_step_sigma]
+        warning = lopsided_warning(adv, stage)
+        if warning:
+            log.warning(warning)
         metrics = {
             "split_step": split,
             "trained_steps": int(steps.numel()),
@@ -265,6 +305,8 @@ class TreePPOAlgorithm:
             "sample_time_s": sample_time,
             "sample_images_per_s": len(rows_prompts) / max(sample_time, 1e-9),
             "arena_mb": self.arena.bytes_used / 2**20,
+            "adv_neg_frac": float((np.asarray(adv) < 0).mean()) if len(adv) else 0.0,
+            "lopsided": warning is not None,
             **sel_metrics,
         }
         return StageData(

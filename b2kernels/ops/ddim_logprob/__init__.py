@@ -1,7 +1,7 @@
 """Fused DDIM step log-probability and sampling (``b2kernels.ddim_step_logprob`` / ``ddim_step_sample``).
 
 One DDIM step x_t → x_prev per row of a batch, with the row's own step index, so one launch serves all steps of
-many trajectories (ALGORITHMS.md "Common")::
+many trajectories (docs/ALGORITHMS.md, "Common")::
 
     table = DDIMTable.from_scheduler(scheduler, device="cuda")   # after scheduler.set_timesteps(T)
     x_prev, logp = ddim_step_sample(table, i, x_t, eps_cond, noise, eta=1.0,
@@ -56,6 +56,11 @@ class DDIMTable:
     @property
     def device(self) -> torch.device:
         return self.alpha_prod_t.device
+
+    def sigmas(self, eta: float) -> torch.Tensor:
+        """σ_i [T] fp32 of every step: η·sqrt((1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev)) (DDIM, eq. 16)."""
+        a_t, a_p = self.alpha_prod_t.float(), self.alpha_prod_t_prev.float()
+        return float(eta) * (((1 - a_p) / (1 - a_t)) * (1 - a_t / a_p)).clamp_min(0).sqrt()
 
     def to(self, device) -> DDIMTable:
         return DDIMTable(
@@ -337,7 +342,7 @@ def ddim_step_logprob(
     guidance_scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """log π(x_prev | x_t, c) of one DDIM step per row: mean over the non-batch dims (ALGORITHMS.md "Common").
+    """log π(x_prev | x_t, c) of one DDIM step per row: mean over the non-batch dims (docs/ALGORITHMS.md, "Common").
 
     ``step_idx``: int or LongTensor [N] (position in ``scheduler.timesteps``). ``x_t``, ``model_output``,
     ``x_prev`` (and ``model_output_uncond``): [N, ...] of one dtype (fp32/fp16/bf16; fp64 on the reference).
