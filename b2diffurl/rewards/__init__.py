@@ -1,91 +1,234 @@
-"""Reward registry: ``get_reward(spec, **options)`` -> ``reward_fn(images, prompts) -> scores``.
+"""Reward registry: ``get_reward(spec, **options)`` -> a :class:`Reward`.
 
-``images`` [N, 3, H, W] float in [0, 1], ``prompts`` a list of N strings; ``scores`` float32 [N] on
-``images.device``. Specs:
+A reward is called as ``reward(images, prompts) -> scores``: ``images`` [N, 3, H, W] float in [0, 1],
+``prompts`` a list of N strings, ``scores`` float32 [N] on ``images.device``. ``reward.score(images,
+prompts)`` returns a :class:`RewardResult` with the same total plus each component (one for a single reward),
+so a weighted multi-reward can be logged term by term.
 
-* ``"toy"``  — the exact toy-world reward (:mod:`b2diffurl.toy.score`), partial credit in [0, 1];
-* ``"clip"`` — open_clip image–text cosine similarity (B²-DiffuRL's reward); options ``model``
-  (default ``"ViT-H-14"``), ``checkpoint`` (local weights file, required), ``device``, ``dtype``,
-  ``batch_size``; see :mod:`b2diffurl.rewards.clip`;
-* ``"python:pkg.module:function"`` — any function ``f(images, prompts, **options)``.
+Specs (every model is read from local files; nothing is ever downloaded):
+
+* ``toy`` - the exact toy-world reward (:mod:`b2diffurl.toy.score`), partial credit in [0, 1];
+* ``clip`` - open_clip image-text cosine similarity, B²-DiffuRL's reward (:mod:`.clip`);
+* ``aesthetic`` - LAION aesthetic predictor: CLIP ViT-L/14 embedding + MLP head (:mod:`.aesthetic`);
+* ``pickscore`` - PickScore, a transformers CLIPModel folder (:mod:`.pickscore`);
+* ``hpsv2`` - HPS v2 / v2.1, an open_clip ViT-H-14 checkpoint file (:mod:`.hpsv2`);
+* ``jpeg_compressibility`` / ``jpeg_incompressibility`` - DDPO's JPEG size rewards, no weights (:mod:`.jpeg`);
+* ``python:pkg.module:function`` - any ``f(images, prompts, **options)`` (:mod:`.callable`; ImageReward
+  plugs in this way);
+* ``name:weight,name:weight`` - a weighted sum of the above (:mod:`.multi`), e.g. ``aesthetic:0.7,clip:0.3``.
+
+Torch is imported lazily so that the torch-free configuration can validate specs with
+:func:`check_reward_spec`.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-RewardFn = Callable[[torch.Tensor, list], torch.Tensor]
+
+class RewardError(ValueError):
+    """A reward that cannot be built or run as asked; the message is one line naming the fix."""
+
+
+class RewardFileError(RewardError, FileNotFoundError):
+    """A local weights/config file or folder the reward needs does not exist (nothing is downloaded)."""
+
+
+def require_file(path, what: str, hint: str) -> Path:
+    """``Path(path)`` if it is an existing file, else :class:`RewardFileError` naming ``what`` and ``hint``."""
+    if path is None:
+        raise RewardError(f"{what}: no path given; {hint} (downloads are disabled)")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise RewardFileError(f"{what} {str(p)!r} not found; {hint} (nothing is downloaded)")
+    return p
+
+
+def require_dir(path, what: str, hint: str, needs: tuple[str, ...] = ()) -> Path:
+    """``Path(path)`` if it is a folder holding every file in ``needs``, else :class:`RewardFileError`."""
+    if path is None:
+        raise RewardError(f"{what}: no folder given; {hint} (downloads are disabled)")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise RewardFileError(f"{what} {str(p)!r} is not a folder; {hint} (nothing is downloaded)")
+    missing = [n for n in needs if not (p / n).is_file()]
+    if missing:
+        raise RewardFileError(f"{what} {str(p)!r} has no {', '.join(missing)}; {hint}")
+    return p
+
+
+@dataclasses.dataclass
+class RewardResult:
+    """``total`` [N] float32 (what training uses under reward aggregation) and ``components`` {name: [N]}
+    (the unweighted score of every term; a single reward has one component equal to ``total``)."""
+
+    total: torch.Tensor
+    components: dict[str, torch.Tensor]
+
+
+RewardFn = Callable[["torch.Tensor", list], "torch.Tensor"]
+
+
+class Reward:
+    """A checked, batched reward. ``weights`` maps component name -> weight; ``aggregate`` is ``"reward"``
+    (weighted sum of scores, then normalisation) or ``"advantage"`` (normalise each component, then weighted
+    sum: :func:`b2diffurl.rewards.multi.aggregate_advantages`). ``name`` is the spec it was built from."""
+
+    def __init__(self, name: str, fn, *, weights: dict[str, float] | None = None, aggregate: str = "reward"):
+        self.name, self._fn = name, fn
+        self.weights = dict(weights) if weights else {name: 1.0}
+        self.aggregate = aggregate
+        self.__name__ = f"reward_{name.replace(':', '_').replace('.', '_').replace(',', '_')}"
+
+    def _check(self, images, prompts: list):
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
+            raise RewardError(
+                f"reward {self.name!r}: expected images [N,3,H,W] with N = len(prompts) = {len(prompts)}, "
+                f"got {tuple(images.shape)}"
+            )
+
+    def _as_scores(self, out, images, label: str):
+        import torch
+
+        out = torch.as_tensor(out)
+        if out.shape != (images.shape[0],):
+            raise RewardError(
+                f"reward {label!r} returned shape {tuple(out.shape)}; expected [{images.shape[0]}]"
+            )
+        return out.to(device=images.device, dtype=torch.float32)
+
+    def score(self, images, prompts) -> RewardResult:
+        prompts = list(prompts)
+        self._check(images, prompts)
+        out = self._fn(images, prompts)
+        if isinstance(out, RewardResult):  # a multi-reward scores its own components
+            return out
+        total = self._as_scores(out, images, self.name)
+        return RewardResult(total=total, components={self.name: total})
+
+    def __call__(self, images, prompts):
+        return self.score(images, prompts).total
+
+    def __repr__(self) -> str:
+        return f"Reward({self.name!r}, aggregate={self.aggregate!r})"
+
+
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
 
 
 def register_reward(name: str, factory: Callable[..., RewardFn]) -> None:
-    """Make ``get_reward(name, **options)`` return ``factory(**options)``."""
+    """Make ``get_reward(name, **options)`` return a :class:`Reward` around ``factory(**options)``."""
+    if any(c in name for c in ":,"):
+        raise ValueError(
+            f"reward names cannot contain ':' or ',' (they separate multi-reward terms): {name!r}"
+        )
     _REGISTRY[name] = factory
 
 
-def _checked(fn: RewardFn, name: str) -> RewardFn:
-    def reward(images: torch.Tensor, prompts) -> torch.Tensor:
-        prompts = list(prompts)
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
-            raise ValueError(
-                f"reward {name!r}: expected images [N,3,H,W] with N = len(prompts) = {len(prompts)}, "
-                f"got {tuple(images.shape)}"
-            )
-        out = torch.as_tensor(fn(images, prompts))
-        if out.shape != (len(prompts),):
-            raise ValueError(f"reward {name!r} returned shape {tuple(out.shape)}; expected [{len(prompts)}]")
-        return out.to(device=images.device, dtype=torch.float32)
-
-    reward.__name__ = f"reward_{name.replace(':', '_').replace('.', '_')}"
-    return reward
+def known_rewards() -> list[str]:
+    return sorted(_REGISTRY)
 
 
-def _python_reward(spec: str, options: dict) -> RewardFn:
-    target = spec[len("python:") :]
-    mod_name, _, fn_name = target.partition(":")
-    if not mod_name or not fn_name:
-        raise ValueError(f"bad reward spec {spec!r}; expected 'python:package.module:function'")
+def check_reward_spec(spec: str) -> str | None:
+    """The one-line problem with ``spec`` (unknown name, bad weight, bad ``python:`` target), or None.
+    Torch-free and file-free, for configuration checks before anything loads."""
+    from b2diffurl.rewards.multi import parse_multi_spec
+
+    if not isinstance(spec, str) or not spec:
+        return f"reward spec must be a non-empty string, got {spec!r}"
     try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ValueError(f"reward {spec!r}: cannot import module {mod_name!r} ({e})") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r}: module {mod_name!r} has no callable {fn_name!r}")
-    return (lambda images, prompts: fn(images, prompts, **options)) if options else fn
+        parse_multi_spec(spec) if _is_multi(spec) else check_single_spec(spec)
+    except RewardError as e:
+        return str(e)
+    return None
 
 
-def get_reward(spec: str, **options) -> RewardFn:
-    """Build a batched reward function from ``spec`` (see module docs); unknown specs raise ValueError."""
+def check_single_spec(name: str) -> None:
+    """RewardError unless ``name`` is a registered reward or a well-formed ``python:`` target."""
+    if name.startswith("python:"):
+        from b2diffurl.rewards.callable import split_python_spec
+
+        split_python_spec(name)
+    elif name not in _REGISTRY:
+        raise RewardError(_unknown(name))
+
+
+def _is_multi(spec: str) -> bool:
+    """Weighted terms: a comma, or a colon that is not one of the two in a lone ``python:mod:fn``."""
+    if "," in spec:
+        return True
+    return spec.count(":") >= 3 if spec.startswith("python:") else ":" in spec
+
+
+def _unknown(name: str) -> str:
+    return (
+        f"unknown reward {name!r}; expected one of {', '.join(known_rewards())}, "
+        "'python:package.module:function' or weighted terms like 'aesthetic:0.7,clip:0.3'"
+    )
+
+
+def get_reward(spec: str, **options) -> Reward:
+    """Build a batched reward from ``spec`` (see module docs). Problems raise :class:`RewardError` (a
+    ValueError; :class:`RewardFileError` for a missing local file) with a one-line message.
+
+    A multi-reward spec takes per-term options either nested (``clip={"checkpoint": ...}``) or dotted
+    (``**{"clip.checkpoint": ...}``), plus ``aggregate="reward" | "advantage"``."""
     if not isinstance(spec, str):
         raise TypeError(f"reward spec must be a string, got {type(spec).__name__}")
+    if _is_multi(spec):
+        from b2diffurl.rewards.multi import build_multi_reward
+
+        return build_multi_reward(spec, options)
     if spec.startswith("python:"):
-        return _checked(_python_reward(spec, options), spec)
+        from b2diffurl.rewards.callable import python_reward
+
+        return Reward(spec, python_reward(spec, options))
     if spec not in _REGISTRY:
-        raise ValueError(
-            f"unknown reward {spec!r}; expected one of {sorted(_REGISTRY)} or 'python:package.module:function'"
-        )
-    return _checked(_REGISTRY[spec](**options), spec)
+        raise RewardError(_unknown(spec))
+    return Reward(spec, _REGISTRY[spec](**options))
 
 
-def _toy_factory(**options) -> RewardFn:
-    if options:
-        raise TypeError(f"the toy reward takes no options, got {sorted(options)}")
-    from b2diffurl.toy.score import toy_score
+def _lazy(module: str, attr: str) -> Callable[..., RewardFn]:
+    """Import the reward's module only when it is built (open_clip, transformers and PIL are heavy), and
+    reject unknown options by name instead of with a TypeError from deep inside a constructor."""
 
-    return toy_score
+    def factory(**options):
+        import importlib
+        import inspect
+
+        target = getattr(importlib.import_module(f"b2diffurl.rewards.{module}"), attr)
+        params = inspect.signature(target).parameters
+        takes = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        unknown = sorted(set(options) - set(takes))
+        if unknown:
+            allowed = f"its options are {', '.join(takes)}" if takes else "it takes no options"
+            raise RewardError(f"reward {attr}: unknown option(s) {', '.join(unknown)}; {allowed}")
+        return target(**options)
+
+    return factory
 
 
-def _clip_factory(**options) -> RewardFn:
-    from b2diffurl.rewards.clip import ClipReward
+register_reward("toy", _lazy("toy", "toy_reward"))
+register_reward("clip", _lazy("clip", "ClipReward"))
+register_reward("aesthetic", _lazy("aesthetic", "AestheticReward"))
+register_reward("pickscore", _lazy("pickscore", "PickScoreReward"))
+register_reward("hpsv2", _lazy("hpsv2", "HPSv2Reward"))
+register_reward("jpeg_compressibility", _lazy("jpeg", "jpeg_compressibility"))
+register_reward("jpeg_incompressibility", _lazy("jpeg", "jpeg_incompressibility"))
 
-    return ClipReward(**options)
-
-
-register_reward("toy", _toy_factory)
-register_reward("clip", _clip_factory)
-
-__all__ = ["get_reward", "register_reward"]
+__all__ = [
+    "Reward",
+    "RewardError",
+    "RewardFileError",
+    "RewardResult",
+    "check_reward_spec",
+    "get_reward",
+    "known_rewards",
+    "register_reward",
+]
