@@ -12,8 +12,10 @@ class Arena:
     """Trajectory arena core: layout, indices and metadata of branch trees in one host block.
 
     Implements the buffer protocol: ``memoryview(arena)`` / ``torch.frombuffer(arena, dtype=torch.uint8)`` is the
-    whole block (``capacity_slots * latent_nbytes`` bytes), zero-copy, writable. Arguments are validated and
-    raise ``ValueError`` before anything changes. ``ids``/``steps`` are int64 arrays; latent data are raw bytes.
+    whole block (``capacity_slots * latent_nbytes`` bytes), zero-copy, writable. Arguments are validated before
+    anything changes: an index out of range raises ``IndexError``, any other bad argument ``ValueError``, and a
+    read of a latent not written since its tree was added ``RuntimeError``. ``ids``/``steps`` are int64 arrays;
+    latent data are raw bytes.
     """
 
     def __init__(
@@ -45,6 +47,8 @@ class Arena:
         """Append one tree per prompt; returns the first new trajectory id (ids are tree-major)."""
     def reset(self) -> None: ...
     def write_latents(self, ids: npt.ArrayLike, latent_idx: int, src: Buffer) -> None: ...
+    def mark_written(self, slots: npt.ArrayLike) -> None:
+        """Record that the caller filled these slots through the buffer (asynchronous device copies)."""
     def read_latents(self, ids: npt.ArrayLike, latent_idx: int, out: Buffer) -> None: ...
     def write_logprobs(self, ids: npt.ArrayLike, step: int, values: npt.ArrayLike) -> None: ...
     def set_rewards(self, ids: npt.ArrayLike, values: npt.ArrayLike) -> None: ...

@@ -1,4 +1,4 @@
-"""Backend choice for every public op, with reasons.
+"""Backend choice for every public op and for the trajectory arena, with reasons.
 
 Each op takes ``backend="auto" | "triton" | "reference"``:
 
@@ -11,6 +11,10 @@ Environment switches (documented in ENVs.md):
 * ``B2K_FORCE_REFERENCE=1`` — master switch: ``auto`` never picks Triton, ``triton`` raises.
 * ``TRITON_INTERPRET=1`` — Triton's interpreter; lets ``backend="triton"`` run on CPU tensors (tests only,
   ~10⁴× slower than a GPU). ``auto`` still picks the reference on CPU.
+
+The arena (:class:`b2kernels.buffer.TrajectoryArena`) takes ``backend="auto" | "cpp" | "python"`` with the same
+rules: ``auto`` picks the compiled core when ``b2kernels._C`` imports and falls back quietly, ``cpp`` raises
+with the reason. Both cores are exact (byte copies), so the master switch above does not apply to it.
 """
 
 from __future__ import annotations
@@ -82,3 +86,40 @@ def explain(op: str, device: torch.device | str) -> tuple[str, str]:
     if not reasons:
         reasons = [f"auto picks the reference on '{device.type}' (Triton is only picked for CUDA tensors)"]
     return choice, "; ".join(reasons)
+
+
+ARENA_BACKENDS = ("auto", "cpp", "python")
+
+
+def cpp_arena_reasons() -> list[str]:
+    """Why the C++ arena core can't be used (empty list: it can)."""
+    try:
+        from b2kernels import _C
+    except ImportError as exc:
+        return [
+            f"b2kernels._C is not built or failed to import ({exc}); build it with "
+            "`python setup.py build_ext --inplace` or `pip install .`"
+        ]
+    if not hasattr(_C, "Arena"):
+        return ["b2kernels._C was built without the arena (rebuild it)"]
+    return []
+
+
+def resolve_arena(backend: str) -> str:
+    """Return ``"cpp"`` or ``"python"`` for a ``TrajectoryArena(backend=...)``."""
+    if backend not in ARENA_BACKENDS:
+        raise ValueError(f"TrajectoryArena: backend must be one of {ARENA_BACKENDS}, got {backend!r}")
+    if backend == "python":
+        return "python"
+    reasons = cpp_arena_reasons()
+    if backend == "cpp" and reasons:
+        raise RuntimeError("TrajectoryArena: backend='cpp' unavailable: " + "; ".join(reasons))
+    return "python" if reasons else "cpp"
+
+
+def explain_arena() -> tuple[str, str]:
+    """(choice, why) that ``TrajectoryArena(backend="auto")`` makes — used by ``b2kernels.info``."""
+    reasons = cpp_arena_reasons()
+    if reasons:
+        return "python", "; ".join(reasons)
+    return "cpp", "b2kernels._C imports (threaded gather with the GIL released)"

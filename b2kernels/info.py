@@ -52,6 +52,8 @@ def report() -> str:
         for dev in devices:
             choice, why = _dispatch.explain(op, dev)
             lines.append(f"  {op:<22}{dev:<8}-> {choice:<10}({why})")
+    choice, why = _dispatch.explain_arena()
+    lines.append(f"  {'TrajectoryArena':<22}{'host':<8}-> {choice:<10}({why})")
     return "\n".join(lines)
 
 

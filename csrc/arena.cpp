@@ -7,6 +7,11 @@
 // owns one contiguous segment [prefix: latents 0..s][branch 0: latents s+1..T]...[branch B-1], carved by a
 // bump pointer (reset rewinds it). Trajectory j is branch j % B of tree j / B. Capacity is the worst case,
 // max_trees * (1 + B*T) latents (split 0), so add_trees only fails when max_trees is reached.
+//
+// Errors: an index out of range (trajectory id, latent index, step) throws std::out_of_range (IndexError in
+// Python, as the b2kernels ops raise for step_idx / ref_index); any other bad argument std::invalid_argument
+// (ValueError); reading a latent that no write_latents stored since its tree was added std::runtime_error
+// (RuntimeError) instead of returning whatever an earlier tree left in that slot.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -145,6 +150,7 @@ class Arena {
     mem_ = static_cast<uint8_t*>(std::aligned_alloc(kPage, alloc_bytes_));
     if (!mem_) throw std::bad_alloc();
     std::memset(mem_, 0, alloc_bytes_);
+    written_.assign(capacity_slots_, 0);
     tree_prompt_.assign(max_trees_, 0);
     tree_split_.assign(max_trees_, 0);
     tree_offset_.assign(max_trees_, 0);
@@ -182,13 +188,20 @@ class Arena {
     i64 n = num_trajectories();
     for (i64 k = 0; k < m; ++k)
       if (ids[k] < 0 || ids[k] >= n)
-        throw std::invalid_argument("trajectory id " + std::to_string(ids[k]) + " out of range: the arena holds " +
+        throw std::out_of_range("trajectory id " + std::to_string(ids[k]) + " out of range: the arena holds " +
                                     std::to_string(n) + " trajectories (ids 0.." + std::to_string(n - 1) + ")");
   }
   void check_latent_idx(i64 i) const {
     if (i < 0 || i > T_)
-      throw std::invalid_argument("latent index out of range: expected 0.." + std::to_string(T_) + " (T=" +
+      throw std::out_of_range("latent index out of range: expected 0.." + std::to_string(T_) + " (T=" +
                                   std::to_string(T_) + "), got " + std::to_string(i));
+  }
+  // Under the caller's lock: every slot a read touches must have been written since its tree was added.
+  void check_written(i64 j, i64 i) const {
+    if (!written_[slot(j, i)])
+      throw std::runtime_error("latent " + std::to_string(i) + " of trajectory " + std::to_string(j) +
+                               " was not written since its tree was added (the slot holds stale data); "
+                               "write_latents it before reading or gathering");
   }
   // Under the caller's lock (shared to read, unique to write): check the ids and the latent index, then call
   // copy(k, pointer to latent `latent_idx` of trajectory ids[k]) for every k < m, rows split over the threads.
@@ -242,6 +255,7 @@ class Arena {
     std::fill(reward_.begin() + num_trees_ * B_, reward_.begin() + (num_trees_ + p) * B_, NAN);
     std::fill(adv_.begin() + num_trees_ * B_, adv_.begin() + (num_trees_ + p) * B_, NAN);
     std::fill(logp_.begin() + num_trees_ * B_ * T_, logp_.begin() + (num_trees_ + p) * B_ * T_, NAN);
+    std::fill(written_.begin() + used_slots_, written_.begin() + used_slots_ + p * size, 0);
     i64 first = num_trees_ * B_;
     num_trees_ += p;
     used_slots_ += p * size;
@@ -268,6 +282,20 @@ class Arena {
     py::gil_scoped_release nogil;
     std::unique_lock lk(mu_);
     each_latent(id, m, latent_idx, [&](i64 k, uint8_t* latent) { std::memcpy(latent, in + k * nbytes_, nbytes_); });
+    for (i64 k = 0; k < m; ++k) written_[slot(id[k], latent_idx)] = 1;
+  }
+
+  // Record that the caller filled these slots itself (the facade's asynchronous device-to-host copies write
+  // through the buffer protocol, not through write_latents).
+  void mark_written(IdArray slot_ids) {
+    std::unique_lock lk(mu_);
+    i64 m = slot_ids.size();
+    const i64* sl = slot_ids.data();
+    for (i64 k = 0; k < m; ++k)
+      if (sl[k] < 0 || sl[k] >= used_slots_)
+        throw std::out_of_range("slot " + std::to_string(sl[k]) + " out of range: " + std::to_string(used_slots_) +
+                                " slots in use");
+    for (i64 k = 0; k < m; ++k) written_[sl[k]] = 1;
   }
 
   void read_latents(IdArray ids, i64 latent_idx, py::buffer dst) const {
@@ -276,6 +304,9 @@ class Arena {
     const i64* id = ids.data();
     py::gil_scoped_release nogil;
     std::shared_lock lk(mu_);
+    check_ids(id, m);
+    check_latent_idx(latent_idx);
+    for (i64 k = 0; k < m; ++k) check_written(id[k], latent_idx);
     each_latent(id, m, latent_idx, [&](i64 k, uint8_t* latent) { std::memcpy(out + k * nbytes_, latent, nbytes_); });
   }
 
@@ -288,7 +319,7 @@ class Arena {
     const float* v = values.data();
     check_ids(id, m);
     if (step < 0 || step >= T_)
-      throw std::invalid_argument("step must be in [0, T=" + std::to_string(T_) + "), got " + std::to_string(step));
+      throw std::out_of_range("step must be in [0, T=" + std::to_string(T_) + "), got " + std::to_string(step));
     for (i64 k = 0; k < m; ++k) {
       i64 tree = id[k] / B_;
       if (step < tree_split_[tree]) {  // both latents of the step are in the shared prefix
@@ -343,8 +374,12 @@ class Arena {
     check_ids(id, m);
     for (i64 k = 0; k < m; ++k)
       if (sp[k] < 0 || sp[k] >= T_)
-        throw std::invalid_argument("step out of range: expected 0.." + std::to_string(T_ - 1) + " (T=" +
+        throw std::out_of_range("step out of range: expected 0.." + std::to_string(T_ - 1) + " (T=" +
                                     std::to_string(T_) + "), got " + std::to_string(sp[k]));
+    for (i64 k = 0; k < m; ++k) {
+      check_written(id[k], sp[k]);
+      check_written(id[k], sp[k] + 1);
+    }
     parallel_rows(m, threads_, 2 * nbytes_, [&](i64 b, i64 e) {
       for (i64 k = b; k < e; ++k) {
         i64 j = id[k], i = sp[k];
@@ -514,6 +549,8 @@ class Arena {
     std::memcpy(logp_.data(), p + n * 8, n * T_ * 4);
     p += n * 8 + n * T_ * 4;
     std::memcpy(mem_, p, used * nbytes_);
+    // the file stores no per-slot written flags: every slot it carries counts as written
+    std::fill(written_.begin(), written_.begin() + used, 1);
     num_trees_ = static_cast<i64>(nt);
     used_slots_ = static_cast<i64>(used);
   }
@@ -585,6 +622,7 @@ class Arena {
   i64 num_trees_ = 0, used_slots_ = 0;
   std::vector<i64> tree_prompt_, tree_split_, tree_offset_;
   std::vector<float> reward_, adv_, logp_;
+  std::vector<uint8_t> written_;  // per slot: stored by write_latents / mark_written since its tree was added
   int threads_ = 1;
   mutable std::shared_mutex mu_;  // gathers share it; writes, add_trees, reset and load take it exclusively
 };
@@ -613,6 +651,7 @@ void register_arena(py::module_& m) {
       .def("add_trees", &Arena::add_trees, py::arg("prompt_ids"), py::arg("split_step"))
       .def("reset", &Arena::reset)
       .def("write_latents", &Arena::write_latents, py::arg("ids"), py::arg("latent_idx"), py::arg("src"))
+      .def("mark_written", &Arena::mark_written, py::arg("slots"))
       .def("read_latents", &Arena::read_latents, py::arg("ids"), py::arg("latent_idx"), py::arg("out"))
       .def("write_logprobs", &Arena::write_logprobs, py::arg("ids"), py::arg("step"), py::arg("values"))
       .def("set_rewards", &Arena::set_rewards, py::arg("ids"), py::arg("values"))

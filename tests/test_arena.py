@@ -305,23 +305,28 @@ def test_concurrent_gather_two_threads():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_arguments_raise_value_error(backend):
+def test_bad_arguments_raise_index_or_value_error(backend):
+    """Out-of-range indices raise IndexError (as the ops do for step_idx), other bad arguments ValueError;
+    neither changes the arena."""
     T, B, shape = 4, 2, (2, 3, 3)
     arena = TrajectoryArena(shape, num_steps=T, max_trees=2, branches=B, dtype=torch.float16, backend=backend)
     ids = arena.add_trees([0], 1)
     x = torch.zeros(2, *shape, dtype=torch.float16)
-    cases = [
+    out_of_range = [
         (lambda: arena.gather([2], [0]), r"trajectory id 2 out of range.*ids 0\.\.1"),
         (lambda: arena.gather([-1], [0]), "trajectory id -1 out of range"),
         (lambda: arena.gather([0], [T]), "step out of range"),
-        (lambda: arena.gather([0, 1], [0]), "same length"),
-        (lambda: arena.gather(torch.tensor([0.0]), [0]), "integer trajectory ids"),
-        (lambda: arena.write_latents(ids, 0, x.float()), "expected dtype torch.float16"),
-        (lambda: arena.write_latents(ids, 0, x[:, :1]), r"expected shape \[2, 2, 3, 3\]"),
         (lambda: arena.write_latents(ids, T + 1, x), "latent index out of range"),
         (lambda: arena.write_latents([0, 5], 0, x), "trajectory id 5 out of range"),
         (lambda: arena.latents(ids, -1), "latent index out of range"),
         (lambda: arena.write_logprobs(ids, T, torch.zeros(2)), r"step must be in \[0, T=4\)"),
+        (lambda: arena.rewards([7]), "trajectory id 7 out of range"),
+    ]
+    cases = [
+        (lambda: arena.gather([0, 1], [0]), "same length"),
+        (lambda: arena.gather(torch.tensor([0.0]), [0]), "integer trajectory ids"),
+        (lambda: arena.write_latents(ids, 0, x.float()), "expected dtype torch.float16"),
+        (lambda: arena.write_latents(ids, 0, x[:, :1]), r"expected shape \[2, 2, 3, 3\]"),
         (lambda: arena.write_logprobs(ids, 0, torch.zeros(3)), r"expected a float tensor of shape \[2\]"),
         (lambda: arena.set_rewards(ids, torch.zeros(1)), "rewards"),
         (lambda: arena.add_trees([1], T + 1), r"split_step must be in \[0, T=4\]"),
@@ -338,6 +343,9 @@ def test_bad_arguments_raise_value_error(backend):
         ),
     ]
     before = _snapshot(arena)
+    for fn, match in out_of_range:
+        with pytest.raises(IndexError, match=match):
+            fn()
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
             fn()
@@ -364,6 +372,7 @@ def test_cpp_memory_is_zero_copy():
     assert view.size == core.capacity_slots * 4
     first = core.add_trees(np.array([0]), 2)
     core.write_latents(np.array([first]), 1, np.arange(4, dtype=np.float32))
+    core.write_latents(np.array([first]), 2, np.zeros(4, dtype=np.float32))
     assert view[4:8].tolist() == [0.0, 1.0, 2.0, 3.0]
     view[8:12] = 7.0  # writes through the view land in the arena
     out = np.empty(4, dtype=np.float32)
@@ -415,3 +424,68 @@ def test_cuda_write_then_overwrite_source_in_place(backend):
         )  # ... and this fill runs right then on the current stream: a race without the snapshot
     for i in range(T + 1):
         assert torch.all(arena.latents(ids, i) == float(i))
+
+
+def test_out_of_range_index_is_the_same_error_in_ops_and_arena():
+    """One exception type for an index out of range, whichever component checks it."""
+    from b2kernels import DDIMTable, ddim_step_logprob
+
+    arena = TrajectoryArena((2,), num_steps=2, max_trees=1, branches=1, backend="python")
+    arena.add_trees([0], 0)
+    table = DDIMTable.from_alphas(torch.linspace(0.99, 0.1, 10), [9, 4], 1.0, 10)
+    x = torch.zeros(1, 2)
+    with pytest.raises(IndexError):
+        arena.gather([3], [0])
+    with pytest.raises(IndexError):
+        ddim_step_logprob(table, 5, x, x, x, backend="reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reading_unwritten_latents_raises_instead_of_returning_stale_ones(backend):
+    T, B, shape = 2, 2, (3,)
+    arena = TrajectoryArena(shape, num_steps=T, max_trees=2, branches=B, backend=backend)
+    ids = arena.add_trees([0], 0)
+    for i in range(T + 1):
+        arena.write_latents(ids, i, torch.full((B, *shape), float(i + 1)))
+    arena.gather(ids, [0, 1])  # fully written: fine
+    arena.reset()
+    ids = arena.add_trees([1], 0)  # the same slots as before the reset, still holding the old bytes
+    arena.write_latents(ids, 0, torch.zeros(B, *shape))
+    with pytest.raises(RuntimeError, match="latent 1 of trajectory 0 was not written"):
+        arena.gather(ids, [0, 0])
+    with pytest.raises(RuntimeError, match="not written"):
+        arena.latents(ids, 2)
+    arena.write_latents(ids, 1, torch.ones(B, *shape))
+    b = arena.gather(ids, [0, 0])
+    assert torch.equal(b.x_prev, torch.ones(B, *shape))
+    assert torch.equal(arena.latents(ids, 0), torch.zeros(B, *shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_during_write_never_sees_a_torn_row(backend):
+    """Every write stores rows of one constant; a gather that overlaps a write must see each row whole."""
+    shape, T, n = (4, 64, 64), 1, 32
+    arena = TrajectoryArena(shape, num_steps=T, max_trees=n, branches=1, backend=backend)
+    ids = arena.add_trees(list(range(n)), 0)
+    arena.write_latents(ids, 0, torch.zeros(n, *shape))
+    arena.write_latents(ids, 1, torch.zeros(n, *shape))
+    stop, torn = threading.Event(), []
+
+    def writer():
+        v = 0.0
+        while not stop.is_set():
+            v += 1.0
+            arena.write_latents(ids, 1, torch.full((n, *shape), v))
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for _ in range(60):
+            xp = arena.gather(ids, torch.zeros(n, dtype=torch.long)).x_prev.reshape(n, -1)
+            bad = (xp != xp[:, :1]).any(dim=1)
+            if bool(bad.any()):
+                torn.append(int(bad.sum()))
+    finally:
+        stop.set()
+        t.join()
+    assert torn == []

@@ -49,7 +49,7 @@ def _poison(monkeypatch):
 
 
 def closed_form(sched, steps, x_t, m, x_prev, eta, uncond=None, w=None):
-    """Independent float64 DDIM step density (ALGORITHMS.md "Common"); returns (mean, sigma[N], logp[N])."""
+    """Independent float64 DDIM step density (docs/ALGORITHMS.md, "Common"); returns (mean, sigma[N], logp[N])."""
     ac = sched.alphas_cumprod.double()
     final = float(sched.final_alpha_cumprod)
     ratio = sched.config.num_train_timesteps // sched.num_inference_steps
@@ -252,7 +252,7 @@ def test_triton_grads_equal_reference_autograd(pred, cfg, split, monkeypatch):
     # 16-element blocks: 7 chunks per 105-element row plus a masked tail, under the interpreter too; the
     # forward either loops over a whole row per program, splits rows 3 ways (3+3+1 chunks) or one chunk each
     monkeypatch.setattr(tri, "_block", lambda d: (16, 1))
-    monkeypatch.setattr(tri, "_n_split", lambda n, n_chunks, device: min(split, n_chunks))
+    monkeypatch.setattr(tri, "_progs_per_row", lambda n, n_chunks, device: min(split, n_chunks))
     s = make_scheduler(20, pred, False)
     table = DDIMTable.from_scheduler(s)
     steps = torch.tensor([2, 19, 9])

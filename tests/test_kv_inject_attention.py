@@ -141,6 +141,32 @@ def test_fully_injected_rows_and_unread_sources():
     )  # logits ~1e3: ill-conditioned
 
 
+def test_nan_propagates_alike_in_both_backends():
+    """A NaN query poisons its own output row and nothing else; a NaN in a used key poisons its (batch, head).
+    Both backends agree (torch's CPU SDPA alone would return 0 for the NaN query row)."""
+    B, H, N, D = 2, 2, 33, 40
+    q, k, v, kr, vr, _, _ = make(B, H, N, D, torch.float32)
+    m = torch.zeros(B, N, dtype=torch.bool)
+    m[:, :5] = True
+    q[0, 1, 7, 3] = float("nan")
+    k_bad = k.clone()
+    k_bad[1, 0, 20, 0] = float("nan")  # token 20 is not injected: K (not K_ref) is what attention reads
+    outs = {}
+    for backend in ("reference", "triton"):
+        out = kv_inject_attention(q, k_bad, v, k_ref=kr, v_ref=vr, mask=m, backend=backend)
+        nan_rows = out.isnan().any(-1)
+        want = torch.zeros_like(nan_rows)
+        want[0, 1, 7] = True
+        want[1, 0] = True
+        assert torch.equal(nan_rows, want), backend
+        assert not out.isnan().all(-1).logical_xor(nan_rows).any(), (
+            backend
+        )  # a poisoned row is NaN throughout
+        outs[backend] = out
+    ok = ~outs["reference"].isnan()
+    torch.testing.assert_close(outs["triton"][ok], outs["reference"][ok], atol=2e-6, rtol=0)
+
+
 def test_ref_index_cfg_mask_and_strided_inputs():
     """References taken in place from rows of the same batch, one mask shared by both CFG halves,
     q/k/v as the transposed [B, N, H, D] views diffusers produces."""

@@ -70,6 +70,9 @@ class CppArenaCore:
     def write_latents(self, ids, latent_idx: int, src) -> None:
         self._a.write_latents(_np(ids), int(latent_idx), _np(src))
 
+    def mark_written(self, slots) -> None:
+        self._a.mark_written(_np(slots))
+
     def read_latents(self, ids, latent_idx: int, dst) -> None:
         self._a.read_latents(_np(ids), int(latent_idx), _np(dst))
 

@@ -7,16 +7,31 @@ Same layout and file format as the C++ core. Latents are raw bytes (``latent_nby
 
 allocated by a bump pointer (``reset`` rewinds it). Trajectory ``j`` is branch ``j % B`` of tree ``j // B``.
 The capacity is the worst case, ``max_trees * (1 + B*T)`` latents (split 0).
-Every method validates its arguments and raises ``ValueError`` before changing anything.
+Every method validates its arguments before changing anything: an index out of range (trajectory id, latent
+index, step) raises ``IndexError`` (as the ops do for ``step_idx``), any other bad argument ``ValueError``, and
+reading a latent not written since its tree was added ``RuntimeError`` (the slot would hold stale bytes of an
+earlier tree). One lock serialises every method, as the C++ core's lock does for writes: a gather running while
+another thread writes latents never sees a half-written row.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 
 import torch
 
 from b2kernels.buffer import _format
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class PythonArenaCore:
@@ -49,6 +64,8 @@ class PythonArenaCore:
         self._mem = torch.zeros(
             self.capacity_slots, self.latent_nbytes, dtype=torch.uint8, pin_memory=pin_memory
         )
+        self._written = torch.zeros(self.capacity_slots, dtype=torch.bool)
+        self._lock = threading.RLock()
         n = self.max_trees * self.branches
         self._tree_prompt = torch.zeros(self.max_trees, dtype=torch.int64)
         self._tree_split = torch.zeros(self.max_trees, dtype=torch.int64)
@@ -72,7 +89,7 @@ class PythonArenaCore:
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_trajectories):
             bad = ids[(ids < 0) | (ids >= self.num_trajectories)][0].item()
-            raise ValueError(
+            raise IndexError(
                 f"trajectory id {bad} out of range: the arena holds {self.num_trajectories} "
                 f"trajectories (ids 0..{self.num_trajectories - 1})"
             )
@@ -83,11 +100,21 @@ class PythonArenaCore:
             raise ValueError(f"{name}: expected {dtype} of shape {list(want)}, got {t.dtype} {list(t.shape)}")
 
     # ---- layout ------------------------------------------------------------------------------------------
+    def _check_written(self, ids: torch.Tensor, slots: torch.Tensor, latent_idx: torch.Tensor) -> None:
+        stale = ~self._written[slots]
+        if bool(stale.any()):
+            k = int(torch.nonzero(stale)[0])
+            raise RuntimeError(
+                f"latent {int(latent_idx[k])} of trajectory {int(ids[k])} was not written since its tree was "
+                "added (the slot holds stale data); write_latents it before reading or gathering"
+            )
+
+    @_locked
     def slots(self, ids: torch.Tensor, latent_idx: torch.Tensor) -> torch.Tensor:
         """Slot (row of ``memory().view(capacity_slots, latent_nbytes)``) of latent ``latent_idx[k]`` of ``ids[k]``."""
         self._check_ids(ids)
         if latent_idx.numel() and (int(latent_idx.min()) < 0 or int(latent_idx.max()) > self.num_steps):
-            raise ValueError(
+            raise IndexError(
                 f"latent index out of range: expected 0..{self.num_steps} (T={self.num_steps}), "
                 f"got {latent_idx.min().item()}..{latent_idx.max().item()}"
             )
@@ -98,6 +125,7 @@ class PythonArenaCore:
         branch_slot = off + (s + 1) + b * (self.num_steps - s) + (latent_idx - s - 1)
         return torch.where(latent_idx <= s, off + latent_idx, branch_slot)
 
+    @_locked
     def add_trees(self, prompt_ids: torch.Tensor, split_step: int) -> int:
         p, s, T, B = prompt_ids.numel(), int(split_step), self.num_steps, self.branches
         if not 0 <= s <= T:
@@ -119,36 +147,52 @@ class PythonArenaCore:
         self._reward[t0 * B : t1 * B] = float("nan")
         self._adv[t0 * B : t1 * B] = float("nan")
         self._logp[t0 * B : t1 * B] = float("nan")
+        self._written[self.used_slots : self.used_slots + p * size] = False
         self.num_trees, self.used_slots = t1, self.used_slots + p * size
         return t0 * B
 
+    @_locked
     def reset(self) -> None:
         self.num_trees = 0
         self.used_slots = 0
 
     # ---- writes ------------------------------------------------------------------------------------------
+    @_locked
     def write_latents(self, ids: torch.Tensor, latent_idx: int, src: torch.Tensor) -> None:
         self._check_rows("latents", src, ids.numel(), self.latent_nbytes, torch.uint8)
         slots = self.slots(ids, torch.full_like(ids, int(latent_idx)))
         self._mem.index_copy_(0, slots, src)
+        self._written[slots] = True
 
+    @_locked
+    def mark_written(self, slots: torch.Tensor) -> None:
+        """Record that the caller filled these slots itself (the facade's asynchronous device copies)."""
+        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= self.used_slots):
+            raise IndexError(f"slot out of range: {self.used_slots} slots in use, got {slots.tolist()}")
+        self._written[slots] = True
+
+    @_locked
     def read_latents(self, ids: torch.Tensor, latent_idx: int, dst: torch.Tensor) -> None:
         self._check_rows("out", dst, ids.numel(), self.latent_nbytes, torch.uint8)
-        slots = self.slots(ids, torch.full_like(ids, int(latent_idx)))
+        idx = torch.full_like(ids, int(latent_idx))
+        slots = self.slots(ids, idx)
+        self._check_written(ids, slots, idx)
         torch.index_select(self._mem, 0, slots, out=dst)
 
+    @_locked
     def write_logprobs(self, ids: torch.Tensor, step: int, values: torch.Tensor) -> None:
         self._check_ids(ids)
         self._check_rows("logprob", values, ids.numel(), None, torch.float32)
         step = int(step)
         if not 0 <= step < self.num_steps:
-            raise ValueError(f"step must be in [0, T={self.num_steps}), got {step}")
+            raise IndexError(f"step must be in [0, T={self.num_steps}), got {step}")
         B = self.branches
         tree = ids // B
         shared = step < self._tree_split[tree]  # both latents of the step are in the shared prefix
         rows = torch.where(shared.unsqueeze(1), tree.unsqueeze(1) * B + torch.arange(B), ids.unsqueeze(1))
         self._logp[rows.reshape(-1), step] = values.unsqueeze(1).expand(-1, B).reshape(-1)
 
+    @_locked
     def _set(self, name: str, target: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
         self._check_ids(ids)
         self._check_rows(name, values, ids.numel(), None, torch.float32)
@@ -161,26 +205,32 @@ class PythonArenaCore:
         self._set("advantages", self._adv, ids, values)
 
     # ---- reads -------------------------------------------------------------------------------------------
+    @_locked
     def prompt_ids(self, ids):
         self._check_ids(ids)
         return self._tree_prompt[ids // self.branches].clone()
 
+    @_locked
     def split_steps(self, ids):
         self._check_ids(ids)
         return self._tree_split[ids // self.branches].clone()
 
+    @_locked
     def rewards(self, ids):
         self._check_ids(ids)
         return self._reward[ids].clone()
 
+    @_locked
     def advantages(self, ids):
         self._check_ids(ids)
         return self._adv[ids].clone()
 
+    @_locked
     def logprobs(self, ids):
         self._check_ids(ids)
         return self._logp[ids].clone()
 
+    @_locked
     def gather(
         self, ids, steps, out_xt, out_xprev, out_logp, out_reward, out_adv, out_step, out_prompt
     ) -> None:
@@ -189,7 +239,7 @@ class PythonArenaCore:
         self._check_ids(ids)
         self._check_rows("steps", steps, m, None, torch.int64)
         if m and (int(steps.min()) < 0 or int(steps.max()) >= self.num_steps):
-            raise ValueError(
+            raise IndexError(
                 f"step out of range: expected 0..{self.num_steps - 1} (T={self.num_steps}), "
                 f"got {steps.min().item()}..{steps.max().item()}"
             )
@@ -203,8 +253,11 @@ class PythonArenaCore:
             ("out_prompt", out_prompt, None, torch.int64),
         ):
             self._check_rows(name, t, m, w, dt)
-        torch.index_select(self._mem, 0, self.slots(ids, steps), out=out_xt)
-        torch.index_select(self._mem, 0, self.slots(ids, steps + 1), out=out_xprev)
+        slots_t, slots_prev = self.slots(ids, steps), self.slots(ids, steps + 1)
+        self._check_written(ids, slots_t, steps)
+        self._check_written(ids, slots_prev, steps + 1)
+        torch.index_select(self._mem, 0, slots_t, out=out_xt)
+        torch.index_select(self._mem, 0, slots_prev, out=out_xprev)
         out_logp.copy_(self._logp[ids, steps])
         out_reward.copy_(self._reward[ids])
         out_adv.copy_(self._adv[ids])
@@ -227,6 +280,7 @@ class PythonArenaCore:
         h.payload_len = h.expected_payload_len()
         return h
 
+    @_locked
     def save(self, path) -> None:
         nt, n = self.num_trees, self.num_trajectories
         arrays = (
@@ -241,6 +295,7 @@ class PythonArenaCore:
         chunks = [self._header().pack()] + [memoryview(a.contiguous().numpy()).cast("B") for a in arrays]
         _format.write_atomic(path, chunks)
 
+    @_locked
     def load(self, path) -> None:
         path = os.fspath(path)
         with open(path, "rb") as f:
@@ -271,6 +326,9 @@ class PythonArenaCore:
         self._tree_prompt[:nt], self._tree_split[:nt], self._tree_offset[:nt] = prompt, split, offset
         self._reward[:n], self._adv[:n], self._logp[:n] = reward, adv, logp.view(n, T)
         self._mem[: h.used_slots] = lat.view(h.used_slots, self.latent_nbytes)
+        self._written[: h.used_slots] = (
+            True  # no per-slot flags in the file: what it carries counts as written
+        )
         self.num_trees, self.used_slots = nt, h.used_slots
 
     def _check_compatible(self, h: _format.Header, path: str) -> None:

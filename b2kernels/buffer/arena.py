@@ -15,37 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
+from b2kernels import _dispatch
 from b2kernels.buffer._python import PythonArenaCore
 
 # dtype <-> code stored in saved files (never renumber).
 DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4, torch.uint8: 5}
-BACKENDS = ("auto", "cpp", "python")
+BACKENDS = _dispatch.ARENA_BACKENDS
 _ALIGN = 64  # byte alignment of each section of the gather staging block
 
 
 def cpp_unavailable_reason() -> str | None:
-    """Why the C++ backend can't be used (None: it can)."""
-    try:
-        from b2kernels import _C
-    except ImportError as exc:
-        return (
-            f"b2kernels._C is not built or failed to import ({exc}); build it with "
-            "`python setup.py build_ext --inplace` or `pip install .`"
-        )
-    if not hasattr(_C, "Arena"):
-        return "b2kernels._C was built without the arena (rebuild it)"
-    return None
-
-
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    reason = cpp_unavailable_reason()
-    if backend == "cpp" and reason:
-        raise RuntimeError(f"TrajectoryArena: backend='cpp' unavailable: {reason}")
-    if backend == "auto":
-        return "python" if reason else "cpp"
-    return backend
+    """Why the C++ backend can't be used (None: it can). The choice itself is ``b2kernels._dispatch``'s."""
+    return "; ".join(_dispatch.cpp_arena_reasons()) or None
 
 
 @dataclass
@@ -103,7 +84,7 @@ class TrajectoryArena:
         self.latent_shape, self.dtype = shape, dtype
         self._numel = math.prod(shape)
         self.num_steps, self.max_trees, self.branches = int(num_steps), int(max_trees), int(branches)
-        self.backend = resolve_backend(backend)
+        self.backend = _dispatch.resolve_arena(backend)
         self.backend_reason = cpp_unavailable_reason() if self.backend == "python" else None
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
@@ -196,6 +177,7 @@ class TrajectoryArena:
                 # a private copy (device-to-device, on the current stream): the caller may overwrite its tensor
                 # in place (e.g. a CUDA-graph static buffer on the next replay) before the D2H copy has run
                 self._write_async(slots, latents.detach().clone(memory_format=torch.contiguous_format))
+                self._core.mark_written(slots)  # reads synchronize() first, so the copy lands before any read
             return
         self.synchronize()
         src = latents.detach().contiguous().view(ids.numel(), self._numel).view(torch.uint8)

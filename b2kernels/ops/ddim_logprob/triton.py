@@ -1,15 +1,15 @@
 """Triton kernels for the fused DDIM step (log-prob forward/backward, sampling forward/backward).
 
-Layout (STYLE.md order): kernels → launchers → torch.library custom ops (+ fake impls and autograd).
+Layout: kernels → launchers → torch.library custom ops (+ fake impls and autograd).
 
 Every program loads its row's ᾱ_t, ᾱ_prev from the device table (``step_idx`` may differ per row), folds the
 prediction type into a linear form ``μ = A·x_t + B·ε̂`` (ε̂ = the CFG-combined model output, never stored) and
 reads each input once. Grids are 1-D (``pid = row * k + j``), so neither N nor the row length meets the 65535
 limit of grid axes 1/2.
 
-* forward: program = (row, split) walks ``chunks_per_prog`` BLOCK-element chunks of its row, accumulating
+* forward: program = (row, part) walks ``chunks_per_prog`` BLOCK-element chunks of its row, accumulating
   (x_prev-μ)² in a BLOCK-wide fp32 register vector, and writes ``-Σ/(2σ²D)`` (+ ``-log σ - ½log 2π`` for
-  split 0) to a [N, n_split] fp32 buffer. ``n_split`` is just enough to fill the GPU (≈ 8 programs/SM): at
+  part 0) to a [N, progs_per_row] fp32 buffer. ``progs_per_row`` is just enough to fill the GPU (≈ 8 programs/SM): at
   N=1280 SD rows it is 1 (one program per row, logp written directly, a single launch); at N=16 every chunk is
   its own program and ``logp = partials.sum(1)``. Deterministic, no atomics (the RL ratio π/π_old must not
   jitter between sampling and training).
@@ -83,31 +83,31 @@ def _ddim_coeffs(
 
 
 @triton.jit
-def _step_mean(x_ptr, m_ptr, mu_ptr, offs, mask, A, B, w, CFG: tl.constexpr):
+def _step_mean(x_t_ptr, model_ptr, uncond_ptr, offs, mask, A, B, w, CFG: tl.constexpr):
     """μ = A·x_t + B·ε̂ (fp32) at ``offs``; ε̂ = uncond + w·(cond − uncond) under CFG, else the model output."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    eps = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    eps = tl.load(model_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CFG:
-        u = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(uncond_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         eps = u + w * (eps - u)
     return A * x + B * eps
 
 
 @triton.jit
 def _ddim_fwd_kernel(
-    x_ptr,
-    m_ptr,
-    mu_ptr,  # uncond model output (CFG) or a dummy
-    y_ptr,  # x_prev (log-prob) or noise (sample)
-    xout_ptr,
-    part_ptr,
+    x_t_ptr,
+    model_ptr,
+    uncond_ptr,  # uncond model output (CFG) or a dummy
+    x_prev_or_noise_ptr,  # x_prev (log-prob) or noise (sample)
+    x_prev_out_ptr,
+    partial_ptr,
     a_t_ptr,
     a_p_ptr,
     step_ptr,
     step_const,
     num_steps,
     D,
-    n_split,
+    progs_per_row,
     chunks_per_prog,
     eta,
     w,
@@ -118,43 +118,43 @@ def _ddim_fwd_kernel(
     SAMPLE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # program = (row, split): the split-th run of ``chunks_per_prog`` BLOCK-chunks of the row
+    # program = (row, part_idx): the part_idx-th run of ``chunks_per_prog`` BLOCK-chunks of the row
     pid = tl.program_id(0)
-    row = pid // n_split
-    split = pid - row * n_split
+    row = pid // progs_per_row
+    part_idx = pid - row * progs_per_row
     A, B, sigma = _ddim_coeffs(a_t_ptr, a_p_ptr, step_ptr, step_const, num_steps, row, eta, PRED, HAS_STEP)
 
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     row_base = row.to(tl.int64) * D
-    first = split.to(tl.int64) * chunks_per_prog * BLOCK
+    first = part_idx.to(tl.int64) * chunks_per_prog * BLOCK
     for i in range(0, chunks_per_prog):
         col = first + i * BLOCK + tl.arange(0, BLOCK)
         mask = col < D
         offs = row_base + col
-        mean = _step_mean(x_ptr, m_ptr, mu_ptr, offs, mask, A, B, w, CFG)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = _step_mean(x_t_ptr, model_ptr, uncond_ptr, offs, mask, A, B, w, CFG)
+        y = tl.load(x_prev_or_noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if SAMPLE:
-            xo = (mean + sigma * y).to(xout_ptr.dtype.element_ty)
-            tl.store(xout_ptr + offs, xo, mask=mask)
+            xo = (mean + sigma * y).to(x_prev_out_ptr.dtype.element_ty)
+            tl.store(x_prev_out_ptr + offs, xo, mask=mask)
             diff = xo.to(tl.float32) - mean
         else:
             diff = y - mean
         acc += tl.where(mask, diff * diff, 0.0)
     part = -tl.div_rn(tl.sum(acc, axis=0), 2.0 * sigma * sigma * D)
-    if split == 0:
+    if part_idx == 0:
         part = part - tl.log(sigma) - log_const
-    tl.store(part_ptr + pid, part)
+    tl.store(partial_ptr + pid, part)
 
 
 @triton.jit
 def _ddim_bwd_kernel(
-    x_ptr,
-    m_ptr,
-    mu_ptr,
-    y_ptr,  # x_prev (log-prob) or dL/dx_prev (sample)
-    g_ptr,  # dL/dlogp [N] (log-prob; unused for sample)
-    dm_ptr,
-    dmu_ptr,
+    x_t_ptr,
+    model_ptr,
+    uncond_ptr,
+    x_prev_or_grad_ptr,  # x_prev (log-prob) or dL/dx_prev (sample)
+    grad_logp_ptr,  # dL/dlogp [N] (log-prob; unused for sample)
+    d_model_ptr,
+    d_uncond_ptr,
     a_t_ptr,
     a_p_ptr,
     step_ptr,
@@ -178,18 +178,18 @@ def _ddim_bwd_kernel(
     col = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = col < D
     offs = row.to(tl.int64) * D + col
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(x_prev_or_grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SAMPLE:
         grad = B * y
     else:
-        mean = _step_mean(x_ptr, m_ptr, mu_ptr, offs, mask, A, B, w, CFG)
-        g = tl.load(g_ptr + row).to(tl.float32)
+        mean = _step_mean(x_t_ptr, model_ptr, uncond_ptr, offs, mask, A, B, w, CFG)
+        g = tl.load(grad_logp_ptr + row).to(tl.float32)
         grad = (y - mean) * tl.div_rn(g * B, sigma * sigma * D)
     if CFG:
-        tl.store(dm_ptr + offs, (w * grad).to(dm_ptr.dtype.element_ty), mask=mask)
-        tl.store(dmu_ptr + offs, ((1.0 - w) * grad).to(dmu_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_model_ptr + offs, (w * grad).to(d_model_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_uncond_ptr + offs, ((1.0 - w) * grad).to(d_uncond_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(dm_ptr + offs, grad.to(dm_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_model_ptr + offs, grad.to(d_model_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -207,7 +207,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _n_split(n: int, n_chunks: int, device: torch.device) -> int:
+def _progs_per_row(n: int, n_chunks: int, device: torch.device) -> int:
     """Programs per row of the forward. Rows are split only as far as needed to fill the GPU (≈ 8 programs
     per SM): at N=1280 SD rows each program owns a whole row and writes logp directly (no partials to sum);
     at N=16 rows are split into single chunks so 16 rows still spread over every SM."""
@@ -223,18 +223,18 @@ def _geometry(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     return n, d, block, warps, triton.cdiv(d, block)
 
 
-def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
+def _launch_fwd(a_t, a_p, step, step_const, x, model, uncond, other, eta, w, pred, sample):
     n, d, block, warps, n_chunks = _geometry(x)
-    per_prog = triton.cdiv(n_chunks, _n_split(n, n_chunks, x.device))
-    n_split = triton.cdiv(n_chunks, per_prog)
-    parts = _new(x, (n, n_split), torch.float32)
+    chunks_per_prog = triton.cdiv(n_chunks, _progs_per_row(n, n_chunks, x.device))
+    progs_per_row = triton.cdiv(n_chunks, chunks_per_prog)
+    parts = _new(x, (n, progs_per_row), torch.float32)
     xout = _new(x) if sample else parts  # dummy pointer when unused
     if n > 0 and d > 0:
-        _ddim_fwd_kernel[(n * n_split,)](
+        _ddim_fwd_kernel[(n * progs_per_row,)](
             x,
-            m,
-            mu if mu is not None else m,
-            y,
+            model,
+            uncond if uncond is not None else model,
+            other,
             xout,
             parts,
             a_t,
@@ -243,35 +243,35 @@ def _launch_fwd(a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred, sample):
             int(step_const),
             a_t.shape[0],
             d,
-            n_split,
-            per_prog,
+            progs_per_row,
+            chunks_per_prog,
             float(eta),
             float(w),
             _HALF_LOG_2PI,
             PRED=pred,
             HAS_STEP=step is not None,
-            CFG=mu is not None,
+            CFG=uncond is not None,
             SAMPLE=sample,
             BLOCK=block,
             num_warps=warps,
         )
-    logp = parts.view(n) if n_split == 1 else parts.sum(dim=1)  # deterministic: no atomics
+    logp = parts.view(n) if progs_per_row == 1 else parts.sum(dim=1)  # deterministic: no atomics
     return (xout, logp) if sample else logp
 
 
-def _launch_bwd(a_t, a_p, step, step_const, x, m, mu, y, g, eta, w, pred, sample):
+def _launch_bwd(a_t, a_p, step, step_const, x, model, uncond, other, g, eta, w, pred, sample):
     n, d, block, warps, n_chunks = _geometry(x)
-    dm = _new(m)
-    dmu = _new(mu) if mu is not None else dm.new_empty(0)
+    d_model = _new(model)
+    d_uncond = _new(uncond) if uncond is not None else d_model.new_empty(0)
     if n > 0 and d > 0:
         _ddim_bwd_kernel[(n * n_chunks,)](
             x,
-            m,
-            mu if mu is not None else m,
-            y,
+            model,
+            uncond if uncond is not None else model,
+            other,
             g,
-            dm,
-            dmu if mu is not None else dm,
+            d_model,
+            d_uncond if uncond is not None else d_model,
             a_t,
             a_p,
             step if step is not None else a_t,
@@ -283,17 +283,17 @@ def _launch_bwd(a_t, a_p, step, step_const, x, m, mu, y, g, eta, w, pred, sample
             float(w),
             PRED=pred,
             HAS_STEP=step is not None,
-            CFG=mu is not None,
+            CFG=uncond is not None,
             SAMPLE=sample,
             BLOCK=block,
             num_warps=warps,
         )
-    return dm, dmu
+    return d_model, d_uncond
 
 
 # ------------------------------------------------------------------------------- torch.library custom ops
 # Inputs arrive contiguous and validated (b2kernels.ops.ddim_logprob). ``step`` is a LongTensor [N] or None
-# (then every row uses ``step_const``); ``w`` is ignored without ``mu`` (the uncond output).
+# (then every row uses ``step_const``); ``w`` is ignored without ``uncond`` (the uncond output).
 
 
 @torch.library.custom_op("b2kernels::ddim_logprob_fwd", mutates_args=())
@@ -303,18 +303,18 @@ def ddim_logprob_fwd(
     step: torch.Tensor | None,
     step_const: int,
     x: torch.Tensor,
-    m: torch.Tensor,
-    mu: torch.Tensor | None,
+    model: torch.Tensor,
+    uncond: torch.Tensor | None,
     x_prev: torch.Tensor,
     eta: float,
     w: float,
     pred: int,
 ) -> torch.Tensor:
-    return _launch_fwd(a_t, a_p, step, step_const, x, m, mu, x_prev, eta, w, pred, sample=False)
+    return _launch_fwd(a_t, a_p, step, step_const, x, model, uncond, x_prev, eta, w, pred, sample=False)
 
 
 @ddim_logprob_fwd.register_fake
-def _(a_t, a_p, step, step_const, x, m, mu, x_prev, eta, w, pred):
+def _(a_t, a_p, step, step_const, x, model, uncond, x_prev, eta, w, pred):
     return x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
@@ -325,18 +325,18 @@ def ddim_sample_fwd(
     step: torch.Tensor | None,
     step_const: int,
     x: torch.Tensor,
-    m: torch.Tensor,
-    mu: torch.Tensor | None,
+    model: torch.Tensor,
+    uncond: torch.Tensor | None,
     noise: torch.Tensor,
     eta: float,
     w: float,
     pred: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_fwd(a_t, a_p, step, step_const, x, m, mu, noise, eta, w, pred, sample=True)
+    return _launch_fwd(a_t, a_p, step, step_const, x, model, uncond, noise, eta, w, pred, sample=True)
 
 
 @ddim_sample_fwd.register_fake
-def _(a_t, a_p, step, step_const, x, m, mu, noise, eta, w, pred):
+def _(a_t, a_p, step, step_const, x, model, uncond, noise, eta, w, pred):
     return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
@@ -347,50 +347,89 @@ def ddim_step_bwd(
     step: torch.Tensor | None,
     step_const: int,
     x: torch.Tensor,
-    m: torch.Tensor,
-    mu: torch.Tensor | None,
-    y: torch.Tensor,
+    model: torch.Tensor,
+    uncond: torch.Tensor | None,
+    other: torch.Tensor,
     g: torch.Tensor,
     eta: float,
     w: float,
     pred: int,
     sample: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dm, dL/dmu) — the second is empty without CFG. ``y``/``g``: x_prev/grad_logp [N] (log-prob) or
+    """(dL/d_model, dL/d_uncond) — the second is empty without CFG. ``other``/``g``: x_prev/grad_logp [N] (log-prob) or
     grad_x_prev/unused (sample)."""
-    return _launch_bwd(a_t, a_p, step, step_const, x, m, mu, y, g, eta, w, pred, sample)
+    return _launch_bwd(a_t, a_p, step, step_const, x, model, uncond, other, g, eta, w, pred, sample)
 
 
 @ddim_step_bwd.register_fake
-def _(a_t, a_p, step, step_const, x, m, mu, y, g, eta, w, pred, sample):
-    return torch.empty_like(m), (torch.empty_like(mu) if mu is not None else m.new_empty(0))
+def _(a_t, a_p, step, step_const, x, model, uncond, other, g, eta, w, pred, sample):
+    return torch.empty_like(model), (torch.empty_like(uncond) if uncond is not None else model.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    a_t, a_p, step, step_const, x, m, mu, y, eta, w, pred = inputs
-    ctx.save_for_backward(a_t, a_p, step, x, m, mu, y)
+    a_t, a_p, step, step_const, x, model, uncond, other, eta, w, pred = inputs
+    ctx.save_for_backward(a_t, a_p, step, x, model, uncond, other)
     ctx.args = (step_const, eta, w, pred)
 
 
 def _logprob_backward(ctx, grad_logp):
-    a_t, a_p, step, x, m, mu, x_prev = ctx.saved_tensors
+    a_t, a_p, step, x, model, uncond, x_prev = ctx.saved_tensors
     step_const, eta, w, pred = ctx.args
-    dm, dmu = ddim_step_bwd(
-        a_t, a_p, step, step_const, x, m, mu, x_prev, grad_logp.contiguous(), eta, w, pred, False
+    d_model, d_uncond = ddim_step_bwd(
+        a_t, a_p, step, step_const, x, model, uncond, x_prev, grad_logp.contiguous(), eta, w, pred, False
     )
-    return None, None, None, None, None, dm, (dmu if mu is not None else None), None, None, None, None
+    return (
+        None,
+        None,
+        None,
+        None,
+        None,
+        d_model,
+        (d_uncond if uncond is not None else None),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _sample_backward(ctx, grad_x_prev, grad_logp):
-    a_t, a_p, step, x, m, mu, _noise = ctx.saved_tensors
+    a_t, a_p, step, x, model, uncond, _noise = ctx.saved_tensors
     step_const, eta, w, pred = ctx.args
     if grad_x_prev is None:  # only the log-prob was used: it does not depend on ε̂ (reparameterised sample)
-        dm, dmu = torch.zeros_like(m), (torch.zeros_like(mu) if mu is not None else None)
-    else:
-        dm, dmu = ddim_step_bwd(
-            a_t, a_p, step, step_const, x, m, mu, grad_x_prev.contiguous(), grad_x_prev, eta, w, pred, True
+        d_model, d_uncond = (
+            torch.zeros_like(model),
+            (torch.zeros_like(uncond) if uncond is not None else None),
         )
-    return None, None, None, None, None, dm, (dmu if mu is not None else None), None, None, None, None
+    else:
+        d_model, d_uncond = ddim_step_bwd(
+            a_t,
+            a_p,
+            step,
+            step_const,
+            x,
+            model,
+            uncond,
+            grad_x_prev.contiguous(),
+            grad_x_prev,
+            eta,
+            w,
+            pred,
+            True,
+        )
+    return (
+        None,
+        None,
+        None,
+        None,
+        None,
+        d_model,
+        (d_uncond if uncond is not None else None),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 ddim_logprob_fwd.register_autograd(_logprob_backward, setup_context=_setup_context)

@@ -65,4 +65,10 @@ def kv_inject_attention_reference(
         s = scale if scale is not None else q.shape[-1] ** -0.5
         scores = torch.matmul(q2, k2.transpose(-1, -2)) * s
         return torch.matmul(torch.softmax(scores, dim=-1), v2)
-    return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)
+    out = F.scaled_dot_product_attention(q2, k2, v2, scale=scale)
+    # NaN propagates as in the explicit formula (and the Triton kernel): a NaN query poisons its own row, a NaN key
+    # or value every row of its (batch, head). torch's CPU SDPA returns 0 for a NaN query row instead.
+    nan_rows = (
+        q2.isnan().any(-1, keepdim=True) | (k2.isnan().any(-1) | v2.isnan().any(-1)).any(-1)[..., None, None]
+    )
+    return out.masked_fill(nan_rows, float("nan"))
