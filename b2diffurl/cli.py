@@ -1,18 +1,151 @@
 """``b2diffurl`` command line: ``train | sample | eval | info``.
 
+b2diffurl train --set stages=4 --out runs/try
 b2diffurl sample --model toy --prompt "a red circle" --n 16 --out grid.png
-b2diffurl eval --model toy --reward toy --prompts heldout
+b2diffurl eval --model toy --reward toy --prompts toy:heldout
 b2diffurl info
+
+User errors (bad option, file, reward spec or configuration) end with one line on stderr naming the fix
+and exit code 2; an interrupted training run exits with :data:`EXIT_INTERRUPTED`. Every option is checked
+before a model is loaded or a file is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
+from b2diffurl import config as C
 
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: the run stopped on SIGTERM/SIGINT after a checkpoint; requeue it
+
+
+class UsageError(ValueError):
+    """A bad command-line option; the message names the fix."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the user asked for something impossible" (reported in one line)."""
+    from b2diffurl.checkpoint import CheckpointError
+    from b2diffurl.prompts import PromptSetError
+    from b2diffurl.rewards import RewardError
+
+    return (UsageError, C.ConfigError, PromptSetError, RewardError, CheckpointError)
+
+
+# ----------------------------------------------------------------------------------------------- train
+TRAIN_DESCRIPTION = """\
+Fine-tune a text-to-image diffusion policy with RL: B²-DiffuRL (default), the DDPO baseline or D-Fusion.
+
+With no arguments: B² on the embedded toy world, CPU-friendly sizes (preset 'toy'), a few minutes on 2 cores;
+held-out toy reward is reported before and after. Real models: --model /path/to/sd-diffusers-folder (LoRA,
+official B²-DiffuRL hyper-parameters: preset 'official'). Every field below can be set with
+--set key=value (repeatable) or in a YAML file (--config run.yaml, nested sections or dotted keys);
+precedence: defaults < preset < YAML < flags < --set.
+
+Outputs in --out: config.yaml, metrics.jsonl (per stage: the algorithm's metrics; per evaluation: held-out
+reward), grids/, checkpoints/ (every checkpoint_every stages, at the end and on SIGTERM), reward_curve.png.
+--resume DIR continues a run exactly.
+"""
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="RL fine-tuning (B²-DiffuRL, DDPO or D-Fusion)",
+        description=TRAIN_DESCRIPTION,
+        epilog="config fields (default = official value; [toy: ...] = toy preset):\n" + C.help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--algo", choices=sorted(C.ALGORITHMS), help="algorithm (config key: algo; default b2)")
+    p.add_argument("--model", help="'toy' or a local diffusers folder (config key: model.path; default toy)")
+    p.add_argument(
+        "--reward", help="reward spec, e.g. toy | clip | python:pkg.module:function (config: reward)"
+    )
+    p.add_argument("--config", metavar="RUN.yaml", help="YAML file with config fields")
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one config field, e.g. --set stages=10 --set b2.k_left=10 (repeatable)",
+    )
+    p.add_argument(
+        "--preset", choices=["auto", *C.PRESETS], help="value preset (config key: preset; default auto)"
+    )
+    p.add_argument("--out", help="output directory (config key: out)")
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR (run dir or checkpoint dir) exactly"
+    )
+    p.add_argument(
+        "--save-pairs",
+        action="store_true",
+        default=None,
+        dest="save_pairs",
+        help="D-Fusion: write reference | base | target | mask grids to <out>/pairs/ (dfusion.save_pairs)",
+    )
+    p.set_defaults(func=cmd_train)
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"{what} {str(path)!r} cannot be read as YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {str(path)!r} must hold a mapping of config keys")
+    return data
+
+
+def config_from_args(args) -> tuple[C.RunConfig, str | None]:
+    """The run configuration the flags describe (``--resume`` starts from the run's saved config.yaml)."""
+    explicit: dict = {}
+    resume_dir = None
+    if args.resume:
+        rp = Path(args.resume)
+        run_dir = rp.parent.parent if (rp / "state.pt").is_file() else rp
+        if not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"--resume {args.resume!r}: no config.yaml in {run_dir} (not a run directory)")
+        explicit.update(C.flatten(_read_yaml(run_dir / "config.yaml", "--resume config")))
+        explicit["out"] = str(run_dir)
+        resume_dir = args.resume
+    if args.config:
+        if not os.path.isfile(args.config):
+            raise UsageError(f"--config {args.config!r} does not exist")
+        explicit.update(C.flatten(_read_yaml(Path(args.config), "--config")))
+    for flag, key in (
+        ("algo", "algo"),
+        ("model", "model.path"),
+        ("reward", "reward"),
+        ("preset", "preset"),
+        ("out", "out"),
+        ("save_pairs", "dfusion.save_pairs"),
+    ):
+        if getattr(args, flag, None) is not None:
+            explicit[key] = getattr(args, flag)
+    explicit.update(C.parse_set(args.overrides))
+    return C.load_config(overrides=explicit), resume_dir
+
+
+def cmd_train(args) -> int:
+    from b2diffurl import trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_config, resume = config_from_args(args)
+    summary = trainer.Trainer(run_config, resume=resume).run()
+    print(json.dumps(summary, indent=2))
+    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+
+
+# ----------------------------------------------------------------------------------------------- sample / eval
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="toy", help="'toy' or a local diffusers folder of SD 1.x/2.x (default toy)"
@@ -66,59 +199,13 @@ def _sample(policy, prompts: list[str], args):
     ).images
 
 
-def save_grid(images, path, ncol: int | None = None) -> Path:
-    """Images [N, 3, H, W] in [0, 1] -> one PNG (small images upscaled with nearest neighbour to ≥ 96 px)."""
-    import math
-
-    import torch.nn.functional as F
-    from torchvision.utils import save_image
-
-    ncol = ncol or math.ceil(math.sqrt(len(images)))
-    scale = max(1, 96 // max(images.shape[-2:]))
-    imgs = (
-        F.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest")
-        if scale > 1
-        else images.float().cpu()
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(imgs, path, nrow=ncol, padding=2, pad_value=1.0)
-    return path
-
-
 def cmd_sample(args) -> int:
+    from b2diffurl.report import save_grid
+
     policy = _load(args)
     images = _sample(policy, [args.prompt] * args.n, args)
     print(f"wrote {save_grid(images, args.out)} ({args.n} samples of {args.prompt!r})")
     return 0
-
-
-def _prompt_set(spec: str) -> list[str]:
-    p = Path(spec)
-    if p.suffix in (".txt", ".json") or p.is_file():
-        if not p.is_file():
-            raise SystemExit(f"b2diffurl eval: prompt file {spec!r} not found")
-        text = p.read_text()
-        return (
-            json.loads(text)
-            if p.suffix == ".json"
-            else [ln.strip() for ln in text.splitlines() if ln.strip()]
-        )
-    from b2diffurl.toy.prompts import get_prompts
-
-    try:
-        return get_prompts(spec)
-    except ValueError as e:
-        raise SystemExit(f"b2diffurl eval: {e}; or give a .txt/.json file of prompts") from None
-
-
-def _category(prompt: str) -> str:
-    from b2diffurl.toy.prompts import prompt_category
-
-    try:
-        return prompt_category(prompt)
-    except ValueError:
-        return "other"
 
 
 def _parse_options(items: list[str]) -> dict:
@@ -126,7 +213,7 @@ def _parse_options(items: list[str]) -> dict:
     for item in items:
         k, sep, v = item.partition("=")
         if not sep:
-            raise SystemExit(f"b2diffurl eval: --reward-option expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--reward-option expects KEY=VALUE, got {item!r}")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
@@ -137,18 +224,22 @@ def _parse_options(items: list[str]) -> dict:
 def cmd_eval(args) -> int:
     import torch
 
+    from b2diffurl import prompts as prompt_sets
+    from b2diffurl.report import save_grid
     from b2diffurl.rewards import get_reward
 
-    prompts = _prompt_set(args.prompts)
-    if args.max_prompts:
-        prompts = prompts[: args.max_prompts]
+    prompt_set = prompt_sets.load(args.prompts, "heldout")
+    prompts = prompt_set.prompts[: args.max_prompts] if args.max_prompts else prompt_set.prompts
+    if not prompts:
+        raise UsageError(f"--prompts {args.prompts!r} names no prompts")
     reward_fn = get_reward(args.reward, **_parse_options(args.reward_option))
     policy = _load(args)
     rows = [p for p in prompts for _ in range(args.n_per_prompt)]
     images = _sample(policy, rows, args)
     scores = reward_fn(images, rows).float().cpu()
-    cats = [_category(p) for p in rows]
-    report = {
+    group_of = prompt_set.group_of or (lambda _p: "all")
+    groups = [group_of(p) for p in rows]
+    result = {
         "model": args.model,
         "reward": args.reward,
         "prompts": args.prompts,
@@ -156,44 +247,33 @@ def cmd_eval(args) -> int:
         "by_category": {},
     }
     print(f"{'category':<10} {'mean':>7}   {'std':>6}  {'n':>5}")
-    for cat in [*dict.fromkeys(cats), "all"]:
-        s = scores if cat == "all" else scores[torch.tensor([c == cat for c in cats])]
+    for group in dict.fromkeys([*groups, "all"]):
+        s = scores if group == "all" else scores[torch.tensor([g == group for g in groups])]
         std = s.std().item() if len(s) > 1 else 0.0
-        report["by_category"][cat] = {"mean": s.mean().item(), "std": std, "n": len(s)}
-        print(f"{cat:<10} {s.mean().item():7.4f} ± {std:6.4f}  {len(s):5d}")
+        result["by_category"][group] = {"mean": s.mean().item(), "std": std, "n": len(s)}
+        print(f"{group:<10} {s.mean().item():7.4f} ± {std:6.4f}  {len(s):5d}")
     first = images[:: args.n_per_prompt][:64]
     print(f"grid: {save_grid(first, args.out)} (first sample of up to 64 prompts)")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 
-def cmd_info(args) -> int:
+def cmd_info(args) -> int:  # noqa: ARG001
     from b2kernels.info import report
 
     print(report())
     return 0
 
 
-def _add_train_parser(sub) -> None:
-    """`b2diffurl train` lives in b2diffurl.trainer (registered lazily so sample/eval work without it)."""
-    try:
-        from b2diffurl.trainer import add_train_subparser
-    except ImportError as exc:
-        reason = f"b2diffurl train is unavailable: b2diffurl.trainer failed to import ({exc})"
-        p = sub.add_parser("train", help="RL fine-tuning (unavailable: b2diffurl.trainer failed to import)")
-        p.set_defaults(func=lambda a: sys.exit(reason))
-        return
-    add_train_subparser(sub)
-
-
+# ----------------------------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="b2diffurl",
         description="RL fine-tuning of text-to-image diffusion models (B²-DiffuRL, D-Fusion) on b2kernels",
     )
     sub = ap.add_subparsers(dest="command", required=True)
-    _add_train_parser(sub)
+    add_train_parser(sub)
 
     p = sub.add_parser("sample", help="sample a grid of images for one prompt")
     _add_model_args(p)
@@ -202,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="mean ± std reward per prompt category, plus a grid PNG")
+    p = sub.add_parser("eval", help="mean ± std reward per prompt group, plus a grid PNG")
     _add_model_args(p)
     p.add_argument("--reward", default="toy", help="toy | clip | python:pkg.module:function (default toy)")
     p.add_argument(
@@ -214,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prompts",
-        default="heldout",
-        help="train | heldout | all [:single|count|relation], "
-        "or a .txt (one per line) / .json (list) file (default heldout)",
+        default="toy:heldout",
+        help="prompt set: 'toy[:train|heldout|all][:single|count|relation]' or a .txt (one per line) / "
+        ".json (list) file (default toy:heldout)",
     )
     p.add_argument("--n-per-prompt", type=int, default=4, help="samples per prompt (default 4)")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
@@ -231,7 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the raiser wrote
+        print(f"b2diffurl {args.command}: {message}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 from PIL import Image
 
 from b2diffurl.cli import build_parser, main
@@ -42,7 +41,7 @@ def test_eval_reports_per_category(tmp_path, capsys):
             "--reward",
             "toy",
             "--prompts",
-            "heldout:single",
+            "toy:heldout:single",
             "--n-per-prompt",
             "2",
             "--steps",
@@ -63,11 +62,13 @@ def test_eval_reports_per_category(tmp_path, capsys):
     assert "single" in capsys.readouterr().out
 
 
-def test_eval_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown reward"):
-        main(["eval", "--reward", "nope", "--steps", "2", "--out", str(tmp_path / "x.png")])
-    with pytest.raises(SystemExit, match="unknown prompt set"):
-        main(["eval", "--prompts", "bogus", "--steps", "2"])
+def test_eval_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    rc = main(["eval", "--reward", "nope", "--steps", "2", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown reward 'nope'" in err and len(err.strip().splitlines()) == 1
+    rc = main(["eval", "--prompts", "bogus", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "prompt set 'bogus'" in err and "Traceback" not in err
 
 
 def test_info_and_train_hook(capsys):

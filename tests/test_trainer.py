@@ -11,7 +11,8 @@ import torch
 from tiny_policy import TinyPolicy, brightness_reward
 
 from b2diffurl import config as C
-from b2diffurl.trainer import Trainer, is_timing_key
+from b2diffurl.report import is_timing_key
+from b2diffurl.trainer import Trainer
 
 T = 4
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "three yellow circles"]
@@ -241,7 +242,7 @@ def test_cli_smoke_one_stage(tmp_path, monkeypatch, capsys):
 
 
 def test_paired_gain_hand_values():
-    from b2diffurl.trainer import paired_gain
+    from b2diffurl.report import paired_gain
 
     g = paired_gain([0.5, 0.5, 1.0, 0.0], [0.75, 0.5, 0.5, 0.5])  # differences 0.25, 0, -0.5, 0.5
     assert g["gain"] == pytest.approx(0.0625)

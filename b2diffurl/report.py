@@ -1,0 +1,194 @@
+"""What a run reports: held-out evaluation, the paired before/after gain, image grids and the reward curve.
+
+Every image grid of the package (training stages, ``b2diffurl sample`` / ``eval``, D-Fusion pairs) is written
+by :func:`save_grid`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("b2diffurl.report")
+
+# metric names holding wall-clock numbers: they differ between otherwise identical runs
+_TIMING_SUFFIXES = ("_time_s", "_per_s", "_time")
+
+
+def is_timing_key(key: str) -> bool:
+    return key.endswith(_TIMING_SUFFIXES)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON record per line, each line fsynced as it is written, so that a checkpoint
+    can name how many lines belong to it (:meth:`truncate` drops the rest on resume)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def truncate(self, n_lines: int) -> None:
+        """Keep the first ``n_lines`` records (those a checkpoint was saved after); later ones are redone."""
+        from b2diffurl.checkpoint import atomic_write
+
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        keep = lines[:n_lines]
+        self.records = [json.loads(ln) for ln in keep]
+        atomic_write(self.path, "".join(ln + "\n" for ln in keep))
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [m for m in self.records if m.get("kind") == kind]
+
+
+def paired_gain(before, after) -> dict:
+    """Paired comparison of two evaluations of the same (prompt, seed) images: mean per-image gain, its
+    standard error, and how many images got better / worse."""
+    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    return {
+        "gain": float(d.mean()),
+        "gain_se": se,
+        "n_better": int((d > 1e-6).sum()),
+        "n_worse": int((d < -1e-6).sum()),
+    }
+
+
+def evaluate(
+    stage: int,
+    heldout: list[str],
+    *,
+    num_prompts: int,
+    images_per_prompt: int,
+    seed: int,
+    batch_size: int,
+    sampler,
+    reward_fn,
+    group_of: Callable[[str], str] | None = None,
+    first: dict | None = None,
+) -> dict | None:
+    """Mean reward on ``num_prompts`` held-out prompts with a fixed noise seed (the same images every time).
+
+    ``first`` is the run's first evaluation: when it covers the same images, the record carries the
+    :func:`paired_gain` against it. ``group_of`` (from the prompt set) adds the mean reward per prompt group.
+    """
+    if not heldout or num_prompts <= 0:
+        return None
+    from b2diffurl.sampling import sample
+
+    n = min(num_prompts, len(heldout))  # evenly spaced: the set may be sorted by group
+    chosen = [heldout[(i * len(heldout)) // n] for i in range(n)]
+    prompts = [p for p in chosen for _ in range(images_per_prompt)]
+    t0 = time.perf_counter()
+    res = sample(sampler.policy, prompts, seed=seed, batch_size=batch_size, sampler=sampler)
+    with torch.no_grad():
+        r = reward_fn(res.images, prompts).float().cpu()
+    rec = {
+        "kind": "eval",
+        "stage": stage,
+        "reward_mean": float(r.mean()),
+        "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+        "n": len(prompts),
+        "eval_time_s": time.perf_counter() - t0,
+        "rewards": [round(v, 6) for v in r.tolist()],
+    }
+    if first is not None and first["stage"] != stage and len(first["rewards"]) == r.numel():
+        rec.update(paired_gain(first["rewards"], rec["rewards"]))
+    if group_of is not None:
+        groups: dict[str, list[float]] = {}
+        for p, v in zip(prompts, r.tolist()):
+            groups.setdefault(group_of(p), []).append(v)
+        rec.update({f"reward_{g}": float(np.mean(v)) for g, v in groups.items()})
+    return rec
+
+
+def save_grid(
+    images: torch.Tensor, path: Path | str, captions: list[str] | None = None, ncol: int = 8
+) -> Path:
+    """Images [N, 3, H, W] in [0, 1] -> one PNG, ``ncol`` per row, 2-px white gutters; images smaller than
+    96 px are enlarged by an integer factor (nearest neighbour) so toy images stay readable. ``captions``
+    (one per image) go to a ``.txt`` file of the same name."""
+    from PIL import Image
+
+    imgs = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    n, _, h, w = imgs.shape
+    ncol = min(ncol, n)
+    nrow = -(-n // ncol)
+    canvas = torch.full((3, nrow * (h + 2), ncol * (w + 2)), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, c = divmod(k, ncol)
+        canvas[:, r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = imgs[k]
+    img = Image.fromarray(canvas.permute(1, 2, 0).numpy())
+    scale = max(1, 96 // max(h, w))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    if captions is not None:
+        path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
+    return path
+
+
+def plot_reward_curve(metrics: list[dict], path: Path) -> Path | None:
+    """Training reward per stage (mean ± std band) and held-out reward per evaluation; None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    stages = [m for m in metrics if m.get("kind") == "stage"]
+    evals = [m for m in metrics if m.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if stages:
+        x = np.array([m["stage"] for m in stages])
+        y = np.array([m["reward_mean"] for m in stages])
+        s = np.array([m["reward_std"] for m in stages])
+        ax.plot(x, y, label="train reward (stage mean)")
+        ax.fill_between(x, y - s, y + s, alpha=0.2)
+    if evals:
+        ax.plot([m["stage"] for m in evals], [m["reward_mean"] for m in evals], "o-", label="held-out reward")
+    ax.set_xlabel("stage")
+    ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def summarize(metrics: list[dict]) -> dict:
+    """Held-out reward before/after and the paired gain of the last evaluation, for the run summary (logged)."""
+    evals = [m for m in metrics if m.get("kind") == "eval"]
+    out: dict = {}
+    if len(evals) >= 2:
+        out.update(heldout_before=evals[0]["reward_mean"], heldout_after=evals[-1]["reward_mean"])
+        last = evals[-1]
+        if "gain" in last:
+            out.update(heldout_gain=last["gain"], heldout_gain_se=last["gain_se"])
+            log.info(
+                "held-out reward %.4f -> %.4f: paired gain %+.4f ± %.4f (1 s.e.; %d images better, %d worse)",
+                out["heldout_before"],
+                out["heldout_after"],
+                last["gain"],
+                last["gain_se"],
+                last["n_better"],
+                last["n_worse"],
+            )
+    return out
