@@ -9,11 +9,13 @@ build:            ## compile b2kernels._C in place (for running from the source 
 test:             ## the CPU test suite (Triton kernels under the interpreter)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
-lint:
-	ruff check b2kernels b2diffurl bench tests
+lint:             ## what CI checks: formatting and lint of the whole tree
+	ruff format --check .
+	ruff check .
 
-format:
-	ruff format b2kernels b2diffurl bench tests
+format:           ## format and auto-fix the whole tree
+	ruff format .
+	ruff check --fix .
 
 bench-quick:      ## every suite on its smallest shapes
 	for s in ddim_logprob kv_inject_attention arena stage dfusion; do $(PY) -m bench $$s --quick || exit 1; done

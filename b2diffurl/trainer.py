@@ -146,9 +146,9 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------------------
     def _wants_lora(self, algo_cls) -> bool:
         m = self.cfg.model
-        # 'auto': LoRA for real models; also on the toy for algorithms whose reference policy is the same UNet
-        # with the adapters disabled (D-Fusion's DPO)
-        needs_reference = bool(getattr(algo_cls, "needs_reference_policy", self.cfg.algo == "dfusion"))
+        # 'auto': LoRA for real models; also on the toy for an algorithm whose reference policy is the same UNet
+        # with the adapters disabled (an optional class attribute of the plug-in, see algos/api.py)
+        needs_reference = bool(getattr(algo_cls, "needs_reference_policy", False))
         return m.lora == "on" or (m.lora == "auto" and (m.path != "toy" or needs_reference))
 
     def _setup_trainable(self) -> list[torch.nn.Parameter]:

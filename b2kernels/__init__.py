@@ -11,8 +11,12 @@ Names are resolved lazily so ``import b2kernels`` stays cheap.
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("b2diffurl")  # one distribution ships both packages: one version
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "DDIMTable": "b2kernels.ops.ddim_logprob",
