@@ -1,0 +1,190 @@
+"""Cheap run monitors that catch reward hacking: pure torch functions, no state, no model loading.
+
+* :func:`prompt_diversity` - mean pairwise distance between the images of each prompt (image embeddings, or
+  downsampled pixels from :func:`pixel_features` when no embedding model is loaded). Collapse to one image
+  per prompt ("one style for every prompt") shows as a fall.
+* :func:`image_statistics` - saturation, contrast and high-frequency energy of a batch: oversaturation and
+  grid/noise artefacts, the usual look of a hacked reward, move these.
+* :func:`kl_estimate` - KL(policy ‖ reference) from log-probs of the same samples under both.
+* :func:`hacking_alarm` - the rule: the training reward rises while the gold reward or the diversity falls,
+  by more than given margins over a window of stages.
+
+All image inputs are [N, 3, H, W] floats in [0, 1]; results are Python floats (ready for metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# Rec. 601 luma, the weights PIL's "L" conversion uses
+LUMA = (0.299, 0.587, 0.114)
+
+
+# -- diversity -----------------------------------------------------------------------------------------------------
+def pixel_features(images: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """images [N, 3, H, W] -> [N, 3·size·size] area-downsampled pixels, the embedding-free stand-in for an image
+    embedding: coarse layout and colour, insensitive to the pixel noise that DDIM sampling leaves."""
+    x = images.float()
+    if x.shape[-2:] != (size, size):
+        x = F.adaptive_avg_pool2d(x, size)
+    return x.flatten(1)
+
+
+def pairwise_distances(x: torch.Tensor, metric: str = "rms") -> torch.Tensor:
+    """x [n, D] -> [n·(n−1)/2] distances between all pairs. ``rms``: ‖a − b‖ / √D (for pixels in [0, 1] this is
+    in [0, 1] whatever the resolution); ``cosine``: 1 − cos(a, b) (for embeddings)."""
+    n = x.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1, device=x.device)
+    x = x.float()
+    if metric == "rms":
+        return (x[i] - x[j]).pow(2).mean(-1).sqrt()
+    if metric == "cosine":
+        u = F.normalize(x, dim=-1)
+        return 1 - (u[i] * u[j]).sum(-1)
+    raise ValueError(f"metric must be 'rms' or 'cosine', got {metric!r}")
+
+
+def prompt_diversity(features: torch.Tensor, prompts: Sequence[str], metric: str = "rms") -> float:
+    """Mean over prompts (with ≥ 2 samples) of the mean pairwise distance between that prompt's ``features``
+    [N, D]. NaN when no prompt has two samples."""
+    if features.shape[0] != len(prompts):
+        raise ValueError(f"{features.shape[0]} feature rows for {len(prompts)} prompts")
+    groups: dict[str, list[int]] = {}
+    for k, p in enumerate(prompts):
+        groups.setdefault(p, []).append(k)
+    per_prompt = [
+        float(pairwise_distances(features[idx], metric).mean()) for idx in groups.values() if len(idx) > 1
+    ]
+    return sum(per_prompt) / len(per_prompt) if per_prompt else math.nan
+
+
+def image_diversity(
+    images: torch.Tensor, prompts: Sequence[str], embeddings: torch.Tensor | None = None
+) -> float:
+    """:func:`prompt_diversity` of image ``embeddings`` (cosine) if given, else of :func:`pixel_features` (rms)."""
+    if embeddings is not None:
+        return prompt_diversity(embeddings, prompts, "cosine")
+    return prompt_diversity(pixel_features(images), prompts, "rms")
+
+
+# -- image statistics ------------------------------------------------------------------------------------------------
+def image_statistics(images: torch.Tensor, hf_cutoff: float = 0.25) -> dict[str, float]:
+    """Batch means of per-image statistics:
+
+    * ``brightness`` - mean luma;
+    * ``saturation`` - mean HSV saturation (max − min) / max of the pixels (0 for black pixels);
+    * ``contrast`` - RMS contrast, the standard deviation of luma over the image;
+    * ``high_freq_energy`` - the fraction of the luma's spectral energy (mean removed) above ``hf_cutoff``
+      cycles/pixel in radial frequency (Nyquist is 0.5): ~0 for smooth images, 1 for a pixel checkerboard.
+    """
+    x = images.float().clamp(0, 1)
+    hi, lo = x.amax(1), x.amin(1)
+    sat = torch.where(hi > 0, (hi - lo) / hi.clamp_min(1e-12), torch.zeros_like(hi))
+    w = torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)
+    luma = (x * w).sum(1)  # [N, H, W]
+    centred = luma - luma.mean((1, 2), keepdim=True)
+    power = torch.fft.fft2(centred).abs().pow(2)
+    h, wd = luma.shape[-2:]
+    fy = torch.fft.fftfreq(h, device=x.device).view(-1, 1)
+    fx = torch.fft.fftfreq(wd, device=x.device).view(1, -1)
+    high = (fy.pow(2) + fx.pow(2)).sqrt() > hf_cutoff
+    total = power.sum((1, 2))
+    hf = torch.where(total > 0, (power * high).sum((1, 2)) / total.clamp_min(1e-30), torch.zeros_like(total))
+    return {
+        "brightness": float(luma.mean()),
+        "saturation": float(sat.mean()),
+        "contrast": float(luma.std((1, 2), correction=0).mean()),
+        "high_freq_energy": float(hf.mean()),
+    }
+
+
+# -- KL to the reference policy ----------------------------------------------------------------------------------
+def kl_estimate(logp: torch.Tensor, logp_ref: torch.Tensor) -> dict[str, float]:
+    """KL(π ‖ π_ref) per element from samples drawn from π, with ``logp`` = log π(x) and ``logp_ref`` =
+    log π_ref(x) of the same samples (any matching shape, e.g. [N, steps]: the result is per step).
+
+    ``kl_k1`` = mean(log π − log π_ref), unbiased but noisy and can go negative; ``kl_k3`` = mean((r − 1) − log r)
+    with r = π_ref / π, unbiased and never negative (Schulman's k3, the estimator GRPO uses)."""
+    if logp.shape != logp_ref.shape:
+        raise ValueError(f"logp {tuple(logp.shape)} and logp_ref {tuple(logp_ref.shape)} must match")
+    log_r = (logp_ref.double() - logp.double()).flatten()
+    return {"kl_k1": float((-log_r).mean()), "kl_k3": float((log_r.exp() - 1 - log_r).mean())}
+
+
+# -- the alarm -------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class HackingAlarm:
+    """``fired``; ``changes``: relative change over the window of each watched series (None when it could not
+    be measured); ``stages``: the window; ``message``: one line with the numbers (empty when silent)."""
+
+    fired: bool
+    changes: dict[str, float | None]
+    stages: tuple[int, int] | None
+    message: str = ""
+
+
+def trend_change(stages: Sequence[float], values: Sequence[float]) -> tuple[float, float] | None:
+    """Least-squares line through (stage, value): (change over the span, fitted value at the first stage).
+    A fit, not the two end points, so one noisy stage neither raises nor silences the alarm. None for < 2
+    finite points."""
+    pts = [(float(s), float(v)) for s, v in zip(stages, values) if v is not None and math.isfinite(float(v))]
+    if len(pts) < 2:
+        return None
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((a - mx) ** 2 for a in xs)
+    if sxx == 0:
+        return None
+    slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx
+    return slope * (xs[-1] - xs[0]), my + slope * (xs[0] - mx)
+
+
+def hacking_alarm(
+    history: Sequence[dict],
+    *,
+    window: int = 5,
+    reward_rise: float = 0.02,
+    gold_drop: float = 0.05,
+    diversity_drop: float = 0.10,
+    reward_key: str = "reward",
+    gold_key: str = "gold",
+    diversity_key: str = "diversity",
+) -> HackingAlarm:
+    """Fires when, over the last ``window`` stages of ``history`` (dicts with ``stage`` and the three keys; a
+    missing or None value is skipped), the training reward's trend rises by more than ``reward_rise`` while
+    the gold reward's falls by more than ``gold_drop`` or the diversity's by more than ``diversity_drop``.
+
+    Margins are fractions of the series' fitted level at the window's first stage (|level|), so one setting
+    serves rewards on any scale (CLIP ~0.3, PickScore ~20, JPEG −kB)."""
+    if window < 2:
+        raise ValueError(f"window must be >= 2 stages, got {window}")
+    recent = list(history)[-window:]
+    changes: dict[str, float | None] = {reward_key: None, gold_key: None, diversity_key: None}
+    if len(recent) < window:
+        return HackingAlarm(False, changes, None)
+    stages = [float(h.get("stage", k)) for k, h in enumerate(recent)]
+    for key in changes:
+        fit = trend_change(stages, [h.get(key) for h in recent])
+        if fit is not None:
+            delta, level = fit
+            changes[key] = delta / max(abs(level), 1e-12)
+    span = (int(stages[0]), int(stages[-1]))
+    rew, gold, div = changes[reward_key], changes[gold_key], changes[diversity_key]
+    falls = []
+    if gold is not None and gold < -gold_drop:
+        falls.append(f"gold reward {gold:+.1%} (margin -{gold_drop:.0%})")
+    if div is not None and div < -diversity_drop:
+        falls.append(f"diversity {div:+.1%} (margin -{diversity_drop:.0%})")
+    fired = rew is not None and rew > reward_rise and bool(falls)
+    message = (
+        f"reward hacking suspected over stages {span[0]}-{span[1]}: training reward {rew:+.1%} "
+        f"(margin +{reward_rise:.0%}) while {' and '.join(falls)}"
+        if fired
+        else ""
+    )
+    return HackingAlarm(fired, changes, span, message)
