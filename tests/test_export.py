@@ -1,0 +1,76 @@
+"""LoRA export: a policy's LoRA loads into a plain diffusers StableDiffusionPipeline and gives the same outputs."""
+
+import pytest
+import torch
+from test_models import _tiny_sd_folder
+
+from b2diffurl.export import WEIGHT_NAME, ExportError, export_lora
+from b2diffurl.models import load_policy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fresh_pipeline(root):
+    """A StableDiffusionPipeline built from the folder's components (base weights, no LoRA)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(root / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(root / "unet"),
+        scheduler=DDIMScheduler.from_pretrained(root / "scheduler", clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def unet_out(unet, emb):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([900, 15]), emb).sample
+
+
+@pytest.mark.parametrize("rank,alpha", [(2, 8.0), (4, 4.0)], ids=["scale4", "scale1"])
+def test_exported_lora_loads_in_diffusers_and_matches_policy(tmp_path, rank, alpha):
+    root = _tiny_sd_folder(tmp_path / "sd")
+    policy = load_policy(str(root))
+    emb = policy.encode_prompts(["a cat", "two dogs"])
+    base = unet_out(policy.unet, emb)
+    policy.add_lora(rank=rank, alpha=alpha)  # the project's default targets: to_q, to_k, to_v, to_out.0
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.lora_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tuned = unet_out(policy.unet, emb)
+    assert (tuned - base).abs().max() > 1e-2  # the LoRA changes the model, so equality below means something
+
+    path = export_lora(policy.unet, tmp_path / "export")
+    assert path == tmp_path / "export" / WEIGHT_NAME and path.is_file()
+    from safetensors.torch import load_file
+
+    keys = list(load_file(str(path)))
+    assert keys and all(k.startswith("unet.") for k in keys)
+
+    pipe = fresh_pipeline(root)
+    torch.testing.assert_close(unet_out(pipe.unet, emb), base)
+    pipe.load_lora_weights(tmp_path / "export")
+    torch.testing.assert_close(unet_out(pipe.unet, emb), tuned, atol=1e-5, rtol=1e-5)
+
+    # the whole pipeline: our LoRA'd UNet and the loaded file give the same latents from the same seed
+    ours = fresh_pipeline(root)
+    ours.unet = policy.unet
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="latent", height=16, width=16)
+    a = pipe("a cat", generator=torch.Generator().manual_seed(5), **kw).images
+    b = ours("a cat", generator=torch.Generator().manual_seed(5), **kw).images
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_export_without_lora_is_refused(tmp_path):
+    policy = load_policy(str(_tiny_sd_folder(tmp_path / "sd")))
+    with pytest.raises(ExportError, match="no LoRA adapter 'default'.*model.lora=on") as e:
+        export_lora(policy.unet, tmp_path / "out")
+    assert isinstance(e.value, ValueError) and not (tmp_path / "out").exists()
