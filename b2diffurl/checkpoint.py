@@ -16,6 +16,8 @@ crash-safety argument; in short:
 from __future__ import annotations
 
 import contextlib
+import copy
+import datetime
 import hashlib
 import logging
 import os
@@ -118,6 +120,37 @@ def verify(ckpt: Path) -> str | None:
     return f"checksum mismatch in {', '.join(bad)}" if bad else None
 
 
+# ----------------------------------------------------------------------------------------------- run directories
+def new_run_dir(root: Path = Path("runs")) -> Path:
+    """A fresh, unused ``root/<date>-<time>`` path (not created yet)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = root / stamp, 1
+    while path.exists():
+        n += 1
+        path = root / f"{stamp}-{n}"
+    return path
+
+
+def point_latest(run_dir: Path) -> None:
+    """Point ``<parent>/latest`` at ``run_dir`` (replaced atomically; a convenience, not the run's name)."""
+    link, tmp = run_dir.parent / "latest", run_dir.parent / f".latest.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, link)
+
+
+def refuse_existing_run(out: Path) -> str | None:
+    """Why a new run may not start in ``out`` (it holds files), or None; a run directory is never clobbered."""
+    if out.exists() and not out.is_dir():
+        return f"--out {str(out)!r} is a file; choose a directory"
+    if out.is_dir() and any(out.iterdir()):
+        return (
+            f"run directory {str(out)!r} is not empty; continue that run with --resume {str(out)!r} "
+            "or choose a new --out"
+        )
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- RNG state
 def rng_state(noise_gen: torch.Generator, cpu_gen: torch.Generator) -> dict:
     """Every random stream a run draws from: torch (CPU, CUDA), numpy, python, and the run's two generators."""
@@ -139,6 +172,17 @@ def set_rng_state(state: dict, noise_gen: torch.Generator, cpu_gen: torch.Genera
     random.setstate(state["python"])
     noise_gen.set_state(state["noise_gen"])
     cpu_gen.set_state(state["cpu_gen"])
+
+
+def cpu_copy(obj):
+    """A deep copy of ``obj`` with every tensor cloned to the CPU (a state that later training cannot change)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 # ----------------------------------------------------------------------------------------------- save/find/load

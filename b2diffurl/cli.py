@@ -169,16 +169,52 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _writable(path: str, flag: str) -> str | None:
+    """Why ``path`` cannot be written (checked before sampling, so no work is lost at the end), or None."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if target.is_dir():
+        return f"{flag} {path!r} is a directory; give a file name"
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        return f"{flag} {path!r}: {str(existing)!r} is not a writable directory"
+    if target.exists() and not os.access(target, os.W_OK):
+        return f"{flag} {path!r} is not writable"
+    return None
+
+
+def _check_common(args, outputs: dict[str, str | None], counts: dict[str, int | None]) -> None:
+    """Every sample/eval option checked before a model loads; all problems reported in one line."""
+    import math
+
+    errs = [C.check_range(flag, value, "[1, inf)") for flag, value in counts.items() if value is not None]
+    for flag, value, interval in (("--cfg", args.cfg, "[1, inf)"), ("--eta", args.eta, "(0, 1]")):
+        errs.append(
+            f"{flag} must be a finite number, got {value!r}"
+            if not math.isfinite(value)
+            else C.check_range(flag, value, interval)
+        )
+    errs.append(C.check_device(args.device))
+    if args.model != "toy" and not os.path.isdir(args.model):
+        errs.append(f"--model {args.model!r} is neither 'toy' nor an existing diffusers folder")
+    if args.lora and not os.path.isdir(args.lora):
+        errs.append(f"--lora {args.lora!r} is not a folder (expected a checkpoint's lora/ folder)")
+    errs += [_writable(path, flag) for flag, path in outputs.items() if path]
+    errs = [e for e in errs if e]
+    if errs:
+        raise UsageError("; ".join(errs))
+
+
 def _load(args):
     import torch
 
-    from b2diffurl.models import load_policy
+    from b2diffurl.models import DTYPES, load_policy, resolve_device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     if args.dtype == "auto":
-        dtype = torch.float16 if device.startswith("cuda") and args.model != "toy" else torch.float32
+        dtype = torch.float16 if device.type == "cuda" and args.model != "toy" else torch.float32
     else:
-        dtype = getattr(torch, args.dtype)
+        dtype = DTYPES[args.dtype]
     policy = load_policy(args.model, dtype=dtype, device=device)
     if args.lora:
         policy.load_lora(args.lora)
@@ -202,6 +238,9 @@ def _sample(policy, prompts: list[str], args):
 def cmd_sample(args) -> int:
     from b2diffurl.report import save_grid
 
+    _check_common(
+        args, {"--out": args.out}, {"--n": args.n, "--steps": args.steps, "--batch-size": args.batch_size}
+    )
     policy = _load(args)
     images = _sample(policy, [args.prompt] * args.n, args)
     print(f"wrote {save_grid(images, args.out)} ({args.n} samples of {args.prompt!r})")
@@ -226,8 +265,17 @@ def cmd_eval(args) -> int:
 
     from b2diffurl import prompts as prompt_sets
     from b2diffurl.report import save_grid
-    from b2diffurl.rewards import get_reward
+    from b2diffurl.rewards import check_reward_spec, get_reward
 
+    counts = {
+        "--steps": args.steps,
+        "--batch-size": args.batch_size,
+        "--n-per-prompt": args.n_per_prompt,
+        "--max-prompts": args.max_prompts,
+    }
+    _check_common(args, {"--out": args.out, "--json": args.json}, counts)
+    if problem := check_reward_spec(args.reward):
+        raise UsageError(f"--reward: {problem}")
     prompt_set = prompt_sets.load(args.prompts, "heldout")
     prompts = prompt_set.prompts[: args.max_prompts] if args.max_prompts else prompt_set.prompts
     if not prompts:

@@ -275,3 +275,23 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype = torch.float32, devi
             )
         vae = AutoencoderKL.from_pretrained(path / "vae", **kw).to(device)
     return Policy(unet, text_encoder, tokenizer, scheduler, vae, source=str(source), is_toy=is_toy)
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a CUDA device without CUDA is
+    a user error (one line, raised before any model loads)."""
+    from b2diffurl.config import ConfigError, check_device
+
+    if problem := check_device(spec):
+        raise ConfigError(problem)
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} asked for, but CUDA is not available; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device

@@ -70,30 +70,31 @@ def paired_gain(before, after) -> dict:
 def evaluate(
     stage: int,
     heldout: list[str],
+    eval_config,
     *,
-    num_prompts: int,
-    images_per_prompt: int,
-    seed: int,
     batch_size: int,
     sampler,
     reward_fn,
-    group_of: Callable[[str], str] | None = None,
-    first: dict | None = None,
-) -> dict | None:
-    """Mean reward on ``num_prompts`` held-out prompts with a fixed noise seed (the same images every time).
+    group_of: Callable[[str], str] | None,
+    metrics: MetricsLog,
+) -> None:
+    """Log the mean reward on ``eval_config.num_prompts`` held-out prompts, sampled with a fixed noise seed
+    (the same images every time) to ``metrics``.
 
-    ``first`` is the run's first evaluation: when it covers the same images, the record carries the
-    :func:`paired_gain` against it. ``group_of`` (from the prompt set) adds the mean reward per prompt group.
+    When the run's first evaluation covers the same images, the record carries the :func:`paired_gain`
+    against it. ``group_of`` (from the prompt set) adds the mean reward per prompt group.
     """
+    num_prompts, images_per_prompt = eval_config.num_prompts, eval_config.images_per_prompt
+    first = next(iter(metrics.of_kind("eval")), None)
     if not heldout or num_prompts <= 0:
-        return None
+        return
     from b2diffurl.sampling import sample
 
     n = min(num_prompts, len(heldout))  # evenly spaced: the set may be sorted by group
     chosen = [heldout[(i * len(heldout)) // n] for i in range(n)]
     prompts = [p for p in chosen for _ in range(images_per_prompt)]
     t0 = time.perf_counter()
-    res = sample(sampler.policy, prompts, seed=seed, batch_size=batch_size, sampler=sampler)
+    res = sample(sampler.policy, prompts, seed=eval_config.seed, batch_size=batch_size, sampler=sampler)
     with torch.no_grad():
         r = reward_fn(res.images, prompts).float().cpu()
     rec = {
@@ -112,7 +113,7 @@ def evaluate(
         for p, v in zip(prompts, r.tolist()):
             groups.setdefault(group_of(p), []).append(v)
         rec.update({f"reward_{g}": float(np.mean(v)) for g, v in groups.items()})
-    return rec
+    metrics.append(rec)
 
 
 def save_grid(
@@ -141,6 +142,12 @@ def save_grid(
     if captions is not None:
         path.with_suffix(".txt").write_text("\n".join(captions) + "\n")
     return path
+
+
+def progress_bar(iterable, **tqdm_kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, dynamic_ncols=True, **tqdm_kwargs)
 
 
 def plot_reward_curve(metrics: list[dict], path: Path) -> Path | None:

@@ -12,11 +12,9 @@ numbers as an uninterrupted one (CPU, fp32; on GPU add ``deterministic=true``).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -25,26 +23,9 @@ import torch
 
 from b2diffurl import checkpoint, prompts, report
 from b2diffurl import config as C
+from b2diffurl.preemption import StopSignal
 
 log = logging.getLogger("b2diffurl.trainer")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise C.ConfigError(f"model.device={spec!r} but CUDA is not available; use model.device=cpu or auto")
-    return dev
-
-
-def _progress(enabled: bool):
-    if not enabled:
-        return lambda it, **kw: it
-    from tqdm.auto import tqdm
-
-    return lambda it, **kw: tqdm(it, dynamic_ncols=True, **kw)
 
 
 class Trainer:
@@ -62,11 +43,18 @@ class Trainer:
         heldout_prompts: list[str] | None = None,
     ):
         C.validate(run_config)
+        self.fresh_dir = run_config.out == "auto"
+        if self.fresh_dir:  # the saved config names the resolved directory, so --resume finds it
+            run_config.out = str(checkpoint.new_run_dir())
         self.cfg = run_config
         self.out = Path(run_config.out)
+        if not resume and (why := checkpoint.refuse_existing_run(self.out)):
+            raise C.ConfigError(why)
+        from b2diffurl.models import DTYPES, resolve_device
+
         self.device = resolve_device(run_config.model.device)
         self.dtype = DTYPES[run_config.model.dtype]
-        self._stop_requested = False
+        self.stop = StopSignal(run_config.stop_timeout_s)
         if run_config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -135,7 +123,8 @@ class Trainer:
             device=self.device,
             noise_gen=self.noise_gen,
             cpu_gen=self.cpu_gen,
-            progress=_progress(run_config.progress),
+            progress=report.progress_bar if run_config.progress else (lambda it, **kw: it),
+            should_stop=lambda: self.stop.requested,
         )
         self.algo = algo_cls(self.ctx)
         self.start_stage = 0
@@ -170,22 +159,28 @@ class Trainer:
         return params
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
-    def save_checkpoint(self, next_stage: int) -> Path:
-        state = {
-            "next_stage": next_stage,
-            "config": C.to_dict(self.cfg),
-            "model": {
-                n: q.detach().cpu().clone() for n, q in self.policy.unet.named_parameters() if q.requires_grad
-            },
-            "lora": self.lora,
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "algo": self.algo.state_dict(),
-            "rng": checkpoint.rng_state(self.noise_gen, self.cpu_gen),
-            "metrics_lines": len(self.metrics.records),
-        }
-        # a LoRA run also exports its adapters in the format `b2diffurl sample --lora` reads
-        export = (lambda d: self.policy.save_lora(str(d / "lora"))) if self.lora else None
+    def _state(self, next_stage: int) -> dict:
+        """Everything a run continues from at the start of stage ``next_stage`` (CPU copies)."""
+        return checkpoint.cpu_copy(
+            {
+                "next_stage": next_stage,
+                "config": C.to_dict(self.cfg),
+                "model": {n: q for n, q in self.policy.unet.named_parameters() if q.requires_grad},
+                "lora": self.lora,
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "algo": self.algo.state_dict(),
+                "rng": checkpoint.rng_state(self.noise_gen, self.cpu_gen),
+                "metrics_lines": len(self.metrics.records),
+            }
+        )
+
+    def save_checkpoint(self, next_stage: int, state: dict | None = None) -> Path:
+        """Save ``state`` (default: the current one) as the checkpoint of stage ``next_stage``'s start."""
+        # a LoRA run also exports its adapters in the format `b2diffurl sample --lora` reads (only for the
+        # current state: the live adapters are not those of a stage-start snapshot)
+        export = (lambda d: self.policy.save_lora(str(d / "lora"))) if self.lora and state is None else None
+        state = state or self._state(next_stage)
         root = self.out / "checkpoints"
         final = checkpoint.save(root, next_stage, state, export)
         checkpoint.prune(root, self.cfg.keep_checkpoints, keep=final)
@@ -193,6 +188,12 @@ class Trainer:
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         state = checkpoint.load(ckpt)
+        changed = C.resume_differences(C.from_dict(state["config"]), self.cfg)
+        if changed:
+            raise C.ConfigError(
+                f"--resume {ckpt}: the configuration differs from the saved run in {'; '.join(changed)}; "
+                "drop those overrides (only stages, output and logging keys may change on resume)"
+            )
         named = dict(self.policy.unet.named_parameters())
         unknown = [n for n in state["model"] if n not in named]
         if unknown or set(state["model"]) != {n for n, q in named.items() if q.requires_grad}:
@@ -213,42 +214,36 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     def _evaluate(self, stage: int) -> None:
-        ec = self.cfg.eval
-        first = next(iter(self.metrics.of_kind("eval")), None)
-        rec = report.evaluate(
+        sample_config = self.cfg.sample
+        report.evaluate(
             stage,
             self.heldout_prompts,
-            num_prompts=ec.num_prompts,
-            images_per_prompt=ec.images_per_prompt,
-            seed=ec.seed,
-            batch_size=self.cfg.sample.batch_size * self.cfg.sample.branches,
+            self.cfg.eval,
+            batch_size=sample_config.batch_size * sample_config.branches,
             sampler=self.sampler,
             reward_fn=self.reward_fn,
             group_of=self.group_of,
-            first=first,
+            metrics=self.metrics,
         )
-        if rec is not None:
-            self.metrics.append(rec)
 
     # ---- the loop ------------------------------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame):  # noqa: ARG002
-        self._stop_requested = True
-        log.warning("SIGTERM: checkpointing at the end of the current stage, then exiting")
-
     def run(self) -> dict:
-        run_config = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Train until ``stages`` are done or a stop is requested; ``status`` is "finished" or "interrupted"
+        (the state saved then continues exactly on ``--resume``)."""
         import yaml
 
+        from b2diffurl.algos.api import StopRequested
+
+        run_config = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.fresh_dir:
+            checkpoint.point_latest(self.out)
         checkpoint.atomic_write(
             self.out / "config.yaml", yaml.safe_dump(C.to_dict(run_config), sort_keys=False)
         )
-        old_handler = None
-        with contextlib.suppress(ValueError):  # not the main thread: no handler, no SIGTERM checkpoint
-            old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         t_start = time.perf_counter()
         status = "finished"
-        try:
+        with self.stop:
             if self.start_stage == 0 and not self.metrics.of_kind("eval"):
                 self._evaluate(0)
             bar = self.ctx.progress(
@@ -258,29 +253,31 @@ class Trainer:
                 total=run_config.stages,
             )
             for stage in bar:
-                self._run_stage(stage, bar)
+                stage_start = self._state(stage)  # what a stop in the middle of this stage saves
+                try:
+                    self._run_stage(stage, bar)
+                except StopRequested:
+                    self.save_checkpoint(stage, stage_start)
+                    status = "interrupted"
+                    break
                 last = stage + 1 == run_config.stages
                 every = run_config.eval.every
                 if last or (every and (stage + 1) % every == 0):
                     self._evaluate(stage + 1)
                 ckpt_every = run_config.checkpoint_every
-                if last or self._stop_requested or (ckpt_every and (stage + 1) % ckpt_every == 0):
+                if last or self.stop.requested or (ckpt_every and (stage + 1) % ckpt_every == 0):
                     self.save_checkpoint(stage + 1)
-                if self._stop_requested and not last:
+                if self.stop.requested and not last:
                     status = "interrupted"
                     break
-        finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
         report.plot_reward_curve(self.metrics.records, self.out / "reward_curve.png")
-        summary = {
+        return {
             "status": status,
             "stages_done": len(self.metrics.of_kind("stage")),
             "wall_time_s": time.perf_counter() - t_start,
             "out": str(self.out),
             **report.summarize(self.metrics.records),
         }
-        return summary
 
     def _run_stage(self, stage: int, bar) -> None:
         t0 = time.perf_counter()

@@ -56,6 +56,11 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class StopRequested(Exception):
+    """Raised by :meth:`RunContext.check_stop` after SIGTERM/SIGINT: the trainer saves the state of the
+    stage's start and exits, so a resumed run redoes the interrupted stage exactly."""
+
+
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (images [N,3,H,W] in [0,1], prompts) -> [N]
 
 
@@ -75,6 +80,13 @@ class RunContext:
     noise_gen: torch.Generator  # on ``device``: x_T and per-step noise
     cpu_gen: torch.Generator  # prompt draws, shuffles, timestep permutations
     progress: Callable | None = None  # callable(iterable, **tqdm kwargs) -> iterable
+    should_stop: Callable[[], bool] = lambda: False  # True once the run was asked to stop (SIGTERM/SIGINT)
+
+    def check_stop(self) -> None:
+        """Call between sampling batches and between optimizer steps: raises :class:`StopRequested` once a
+        stop was asked for, so a preempted run stops within one batch or step."""
+        if self.should_stop():
+            raise StopRequested
 
     def draw_prompts(self, n: int) -> list[str]:
         """n training prompts drawn uniformly with replacement (official ``prompt_random_choose``)."""
@@ -82,11 +94,13 @@ class RunContext:
         return [self.train_prompts[i] for i in idx.tolist()]
 
     def optimizer_step(self) -> torch.Tensor:
-        """Clip, step, schedule, zero grads. Returns the pre-clip grad norm (device tensor, no sync)."""
+        """Clip, step, schedule, zero grads, then :meth:`check_stop`. Returns the pre-clip grad norm (device
+        tensor, no sync)."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.check_stop()  # between optimizer steps: a preempted run stops here at the latest
         return norm.detach()
 
     def encode(self, prompts: list[str]) -> torch.Tensor:

@@ -1,26 +1,9 @@
-"""Run configuration: one dataclass tree, help text per field, YAML and ``--set key=value`` overrides.
-
-No torch import here, so ``b2diffurl train --help`` is fast and complete.
-
-Two presets fill every field the user did not set explicitly (in YAML or with ``--set``):
-
-* ``official`` — the values of the official B²-DiffuRL run script (SD 1.4, T = 20, η = 1, CFG 5, 100 stages,
-  256 prompts × 5 branches per stage, k 14 → 20, H = 8, thresholds ±0.5, 2 inner epochs, AdamW 1e-4 wd 1e-4,
-  clip 1.0, micro-batch 2 × 64 accumulated micro-steps, LoRA rank 4). These are the dataclass defaults; the
-  preset only switches the reward to ``clip`` and turns off the toy held-out evaluation.
-* ``toy`` — small CPU-friendly values so ``b2diffurl train`` with no arguments runs B² on the embedded toy world
-  in minutes on 2 CPU cores (fewer stages and prompts, bigger micro-batches, full fine-tune of the tiny UNet).
-
-``preset: auto`` (default) picks ``toy`` when ``model.path`` is ``toy`` and ``official`` otherwise.
-Precedence, lowest first: dataclass defaults (official) → preset → YAML file → ``--set`` overrides
-(YAML and ``--set`` values always win over the preset).
+"""The configuration schema: one dataclass tree (every field with a default and a help string), the
+presets and the algorithm registry. Torch-free, so ``b2diffurl train --help`` is fast and complete.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +80,10 @@ class TrainConfig:
     )
     clip_range: float = _f(0.1, "PPO clip epsilon")
     adv_clip: float = _f(5.0, "advantages are clamped to [-adv_clip, adv_clip]")
-    cfg: bool = _f(True, "use classifier-free guidance in the training forward (one 2N-row UNet call)")
+    use_guidance: bool = _f(
+        True,
+        "use classifier-free guidance in the training forward too (one 2N-row UNet call), as sampling does",
+    )
 
 
 @dataclass
@@ -289,8 +275,17 @@ class RunConfig:
     )
     reward: str = _f("toy", "reward: toy | clip | python:pkg.mod:fn")
     reward_options: dict = _f({}, "keyword options passed to the reward factory (e.g. clip weights path)")
-    out: str = _f("runs/latest", "output directory (metrics.jsonl, checkpoints, grids, plots)")
-    checkpoint_every: int = _f(10, "checkpoint every N stages (also at the end and on SIGTERM)")
+    out: str = _f(
+        "auto",
+        "run directory (metrics.jsonl, checkpoints, grids, plots); 'auto' = a fresh runs/<date-time>/ with a "
+        "runs/latest link. A non-empty directory is only reused with --resume",
+    )
+    checkpoint_every: int = _f(10, "checkpoint every N stages (also at the end and on SIGTERM/SIGINT)")
+    stop_timeout_s: float = _f(
+        30.0,
+        "after SIGTERM/SIGINT the run saves mid-stage at the next sampling batch or optimizer step; if that "
+        "takes longer than this, it exits without saving (the last checkpoint stays intact)",
+    )
     keep_checkpoints: int = _f(
         0,
         "keep only the newest N checkpoints, deleting older ones once a new one is "
@@ -367,242 +362,3 @@ ALGO_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "train.inner_epochs": 1,
     },
 }
-
-
-# ----------------------------------------------------------------------------------------------- tree helpers
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def iter_fields(cfg=None, prefix: str = ""):
-    """Yield (dotted key, field, value-or-default, owner dataclass) for every leaf field."""
-    cls = type(cfg) if cfg is not None else RunConfig
-    obj = cfg if cfg is not None else RunConfig()
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from iter_fields(value, prefix + f.name + ".")
-        else:
-            yield prefix + f.name, f, value, hints[f.name]
-
-
-def _lookup(cfg, key: str):
-    parts = key.split(".")
-    obj = cfg
-    for p in parts[:-1]:
-        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
-            raise ConfigError(_unknown(key))
-        obj = getattr(obj, p)
-    if not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
-        raise ConfigError(_unknown(key))
-    f = next(f for f in dataclasses.fields(obj) if f.name == parts[-1])
-    if dataclasses.is_dataclass(getattr(obj, f.name)):
-        raise ConfigError(f"config key {key!r} is a section; set one of its fields (e.g. {key}.<field>)")
-    return obj, f, _hints(type(obj))[f.name]
-
-
-def _unknown(key: str) -> str:
-    keys = [k for k, *_ in iter_fields()]
-    import difflib
-
-    close = difflib.get_close_matches(key, keys, n=3)
-    hint = (
-        f" Did you mean {', '.join(close)}?" if close else " Run `b2diffurl train --help` for the full list."
-    )
-    return f"unknown config key {key!r}.{hint}"
-
-
-def _coerce(key: str, value: Any, typ) -> Any:
-    origin = typing.get_origin(typ) or typ
-    if isinstance(value, str) and origin is not str:
-        if origin is bool:
-            low = value.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
-        if origin in (list, dict, tuple):
-            import yaml
-
-            value = yaml.safe_load(value)
-    try:
-        if origin is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if origin is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise TypeError
-            return int(value)
-        if origin is float:
-            return float(value)
-        if origin is str:
-            return str(value)
-        if origin is list:
-            return list(value) if not isinstance(value, str) else [value]
-        if origin is tuple:
-            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise TypeError
-            return dict(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}") from None
-    return value
-
-
-def set_value(cfg: RunConfig, key: str, value: Any) -> None:
-    obj, f, typ = _lookup(cfg, key)
-    setattr(obj, f.name, _coerce(key, value, typ))
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not (prefix + k).endswith("reward_options"):
-            out.update(flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def parse_set(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v
-    return out
-
-
-def resolve_preset(cfg: RunConfig) -> str:
-    if cfg.preset == "auto":
-        return "toy" if cfg.model.path == "toy" else "official"
-    if cfg.preset not in PRESETS:
-        raise ConfigError(f"preset must be one of auto, {', '.join(PRESETS)}; got {cfg.preset!r}")
-    return cfg.preset
-
-
-def load_config(
-    yaml_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None
-) -> RunConfig:
-    """Defaults → preset → YAML → overrides, then :func:`validate`. Unknown keys raise :class:`ConfigError`."""
-    explicit: dict[str, Any] = {}
-    if yaml_path:
-        if not os.path.isfile(yaml_path):
-            raise ConfigError(f"config file {yaml_path!r} does not exist")
-        import yaml
-
-        with open(yaml_path) as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {yaml_path!r} must hold a mapping, got {type(data).__name__}")
-        explicit.update(flatten(data))
-    if isinstance(overrides, list):
-        overrides = parse_set(overrides)
-    explicit.update(overrides or {})
-
-    cfg = RunConfig()
-    for k, v in explicit.items():  # first pass: learn model.path / preset, and reject unknown keys early
-        set_value(cfg, k, v)
-    preset = resolve_preset(cfg)
-    cfg = RunConfig()
-    for k, v in PRESETS[preset].items():
-        set_value(cfg, k, v)
-    for k, v in ALGO_PRESETS.get((preset, explicit.get("algo", cfg.algo)), {}).items():
-        set_value(cfg, k, v)
-    for k, v in explicit.items():
-        set_value(cfg, k, v)
-    cfg.preset = preset
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: RunConfig) -> None:
-    """Checks that need no torch and no files beyond existence; raise ConfigError with the fix."""
-    errs = []
-    s, t, b2 = cfg.sample, cfg.train, cfg.b2
-    if cfg.algo not in ALGORITHMS:
-        errs.append(f"algo must be one of {', '.join(sorted(ALGORITHMS))}; got {cfg.algo!r}")
-    if s.eta <= 0:
-        errs.append(
-            f"sample.eta must be > 0 (eta = {s.eta} makes the DDIM step deterministic: no log-prob for the "
-            "policy gradient); use eta=1.0 as in the papers"
-        )
-    if s.num_steps < 1:
-        errs.append(f"sample.num_steps must be >= 1, got {s.num_steps}")
-    if s.prompts_per_stage < 1 or s.batch_size < 1:
-        errs.append("sample.prompts_per_stage and sample.batch_size must be >= 1")
-    if s.branches < 1:
-        errs.append(f"sample.branches must be >= 1, got {s.branches}")
-    if cfg.algo == "b2":
-        if s.branches < 2:
-            errs.append(f"B² needs sample.branches >= 2 to compare branches of a prefix, got {s.branches}")
-        if not (1 <= b2.k_left <= b2.k_right):
-            errs.append(f"need 1 <= b2.k_left <= b2.k_right, got k_left={b2.k_left}, k_right={b2.k_right}")
-        if b2.k_right > s.num_steps:
-            errs.append(
-                f"b2.k_right={b2.k_right} exceeds sample.num_steps={s.num_steps} (at most T steps can be "
-                "branched); lower b2.k_right or raise sample.num_steps"
-            )
-        if b2.history < 0:
-            errs.append("b2.history must be >= 0")
-    if cfg.stages < 1:
-        errs.append(f"stages must be >= 1, got {cfg.stages}")
-    if cfg.checkpoint_every < 0 or cfg.grid_every < 0 or cfg.keep_checkpoints < 0:
-        errs.append("checkpoint_every, grid_every and keep_checkpoints must be >= 0")
-    if t.inner_epochs < 1 or t.micro_batch_size < 1 or t.grad_accum_steps < 1:
-        errs.append("train.inner_epochs, train.micro_batch_size and train.grad_accum_steps must be >= 1")
-    if t.lr <= 0 or t.clip_range <= 0 or t.max_grad_norm <= 0:
-        errs.append("train.lr, train.clip_range and train.max_grad_norm must be > 0")
-    if cfg.model.dtype not in ("float32", "float16", "bfloat16"):
-        errs.append(f"model.dtype must be float32, float16 or bfloat16, got {cfg.model.dtype!r}")
-    if cfg.model.lora not in ("auto", "on", "off"):
-        errs.append(f"model.lora must be auto, on or off, got {cfg.model.lora!r}")
-    if cfg.model.path != "toy" and not os.path.isdir(cfg.model.path):
-        errs.append(
-            f"model.path {cfg.model.path!r} is neither 'toy' nor an existing diffusers folder "
-            "(nothing is downloaded: pass a local folder with unet/, text_encoder/, tokenizer/, scheduler/)"
-        )
-    r = cfg.reward
-    if not (
-        r in ("toy", "clip") or (r.startswith("python:") and r.count(":") == 2 and all(r.split(":")[1:]))
-    ):
-        errs.append(f"reward {r!r} is unknown: use toy, clip or python:pkg.module:function")
-    from b2diffurl.prompts import check_spec
-
-    for key, spec, allow_none in (("prompts", cfg.prompts, False), ("eval.prompts", cfg.eval.prompts, True)):
-        problem = check_spec(spec, allow_none=allow_none)
-        if problem:
-            errs.append(f"{key}: {problem}")
-    if cfg.algo == "dfusion":
-        errs += cfg.dfusion.errors() + cfg.dpo.errors()
-    if s.backend not in ("auto", "triton", "reference"):
-        errs.append(f"sample.backend must be auto, triton or reference, got {s.backend!r}")
-    if errs:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))
-
-
-# ----------------------------------------------------------------------------------------------- I/O, help
-def to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(d: dict) -> RunConfig:
-    cfg = RunConfig()
-    for k, v in flatten(d).items():
-        set_value(cfg, k, v)
-    return cfg
-
-
-def help_text() -> str:
-    """One line per field: key, default (official), toy preset value, help."""
-    lines = []
-    toy = PRESETS["toy"]
-    for key, f, value, _ in iter_fields():
-        extra = f" [toy: {toy[key]}]" if key in toy else ""
-        lines.append(f"  {key} (default {value!r}{extra})\n      {f.metadata.get('help', '')}")
-    return "\n".join(lines)

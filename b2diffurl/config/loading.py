@@ -1,0 +1,188 @@
+"""Reading a configuration: dotted keys, YAML and ``--set key=value`` overrides, presets, help text.
+
+Precedence, lowest first: dataclass defaults (official) → preset → algorithm preset → YAML → ``--set``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any
+
+from b2diffurl.config.schema import ALGO_PRESETS, PRESETS, ConfigError, RunConfig
+from b2diffurl.config.validation import validate
+
+
+# ----------------------------------------------------------------------------------------------- tree helpers
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def iter_fields(run_config=None, prefix: str = ""):
+    """Yield (dotted key, field, value-or-default, owner dataclass) for every leaf field."""
+    cls = type(run_config) if run_config is not None else RunConfig
+    obj = run_config if run_config is not None else RunConfig()
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(value, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, value, hints[f.name]
+
+
+def _lookup(run_config, key: str):
+    parts = key.split(".")
+    obj = run_config
+    for p in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+            raise ConfigError(_unknown(key))
+        obj = getattr(obj, p)
+    if not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(_unknown(key))
+    f = next(f for f in dataclasses.fields(obj) if f.name == parts[-1])
+    if dataclasses.is_dataclass(getattr(obj, f.name)):
+        raise ConfigError(f"config key {key!r} is a section; set one of its fields (e.g. {key}.<field>)")
+    return obj, f, _hints(type(obj))[f.name]
+
+
+def _unknown(key: str) -> str:
+    keys = [k for k, *_ in iter_fields()]
+    import difflib
+
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = (
+        f" Did you mean {', '.join(close)}?" if close else " Run `b2diffurl train --help` for the full list."
+    )
+    return f"unknown config key {key!r}.{hint}"
+
+
+def _coerce(key: str, value: Any, typ) -> Any:
+    origin = typing.get_origin(typ) or typ
+    if isinstance(value, str) and origin is not str:
+        if origin is bool:
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+        if origin in (list, dict, tuple):
+            import yaml
+
+            value = yaml.safe_load(value)
+    try:
+        if origin is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if origin is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return int(value)
+        if origin is float:
+            return float(value)
+        if origin is str:
+            return str(value)
+        if origin is list:
+            return list(value) if not isinstance(value, str) else [value]
+        if origin is tuple:
+            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}") from None
+    return value
+
+
+def set_value(run_config: RunConfig, key: str, value: Any) -> None:
+    obj, f, typ = _lookup(run_config, key)
+    setattr(obj, f.name, _coerce(key, value, typ))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix + k).endswith("reward_options"):
+            out.update(flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def resolve_preset(run_config: RunConfig) -> str:
+    if run_config.preset == "auto":
+        return "toy" if run_config.model.path == "toy" else "official"
+    if run_config.preset not in PRESETS:
+        raise ConfigError(f"preset must be one of auto, {', '.join(PRESETS)}; got {run_config.preset!r}")
+    return run_config.preset
+
+
+def load_config(
+    yaml_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> RunConfig:
+    """Defaults → preset → YAML → overrides, then :func:`validate`. Unknown keys raise :class:`ConfigError`."""
+    explicit: dict[str, Any] = {}
+    if yaml_path:
+        if not os.path.isfile(yaml_path):
+            raise ConfigError(f"config file {yaml_path!r} does not exist")
+        import yaml
+
+        with open(yaml_path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {yaml_path!r} must hold a mapping, got {type(data).__name__}")
+        explicit.update(flatten(data))
+    if isinstance(overrides, list):
+        overrides = parse_set(overrides)
+    explicit.update(overrides or {})
+
+    run_config = RunConfig()
+    for k, v in explicit.items():  # first pass: learn model.path / preset, and reject unknown keys early
+        set_value(run_config, k, v)
+    preset = resolve_preset(run_config)
+    run_config = RunConfig()
+    for k, v in PRESETS[preset].items():
+        set_value(run_config, k, v)
+    for k, v in ALGO_PRESETS.get((preset, explicit.get("algo", run_config.algo)), {}).items():
+        set_value(run_config, k, v)
+    for k, v in explicit.items():
+        set_value(run_config, k, v)
+    run_config.preset = preset
+    validate(run_config)
+    return run_config
+
+
+# ----------------------------------------------------------------------------------------------- I/O, help
+def to_dict(run_config: RunConfig) -> dict:
+    return dataclasses.asdict(run_config)
+
+
+def from_dict(d: dict) -> RunConfig:
+    run_config = RunConfig()
+    for k, v in flatten(d).items():
+        set_value(run_config, k, v)
+    return run_config
+
+
+def help_text() -> str:
+    """One line per field: key, default (official), toy preset value, help."""
+    lines = []
+    toy = PRESETS["toy"]
+    for key, f, value, _ in iter_fields():
+        extra = f" [toy: {toy[key]}]" if key in toy else ""
+        lines.append(f"  {key} (default {value!r}{extra})\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
