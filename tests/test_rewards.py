@@ -198,3 +198,28 @@ def test_advantage_aggregation_equalises_scales(two_terms):
     np.testing.assert_allclose(adv2, np.ones(6)) and seen == list(r.weights)
     with pytest.raises(ValueError, match="name different terms"):
         aggregate_advantages({"a": [1.0]}, {"b": 1.0})
+
+
+def test_background_scorer_runs_off_the_calling_thread(two_terms):
+    """The reward blocks until the caller has moved on: only possible if submit() returned before scoring."""
+    import threading
+
+    from b2diffurl.rewards.background import BackgroundScorer
+
+    started, release = threading.Event(), threading.Event()
+    inner = get_reward("python:terms:bright:0.5,python:terms:red:0.5")
+
+    def gated(images, prompts):
+        started.set()
+        assert release.wait(10), "the caller never got control back"
+        return inner.score(images, prompts)
+
+    imgs = torch.rand(4, 3, 8, 8)
+    with BackgroundScorer(Reward("gated", gated)) as bg:
+        fut = bg.submit(imgs, ["p"] * 4)
+        assert started.wait(10) and not fut.done()  # scoring is under way while we hold control
+        release.set()
+        res = fut.result(timeout=10)
+    torch.testing.assert_close(res.total, inner(imgs, ["p"] * 4))
+    assert set(res.components) == {"python:terms:bright", "python:terms:red"}
+    assert get_reward("toy").image_embeddings(imgs) is None

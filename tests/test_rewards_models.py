@@ -115,6 +115,8 @@ def open_clip_cosine(net, name, images):
 
 @pytest.mark.parametrize("spec,opt", [("clip", "checkpoint"), ("hpsv2", "checkpoint")])
 def test_open_clip_rewards_load_a_saved_checkpoint(tmp_path, spec, opt):
+    import open_clip
+
     name = f"tiny-{spec}"
     net = save_tiny_open_clip(tmp_path / "w.pt", name)
     reward = get_reward(spec, model=name, **{opt: str(tmp_path / "w.pt")}, batch_size=2)
@@ -126,6 +128,13 @@ def test_open_clip_rewards_load_a_saved_checkpoint(tmp_path, spec, opt):
     fresh = get_reward("clip", model=name, random_init=True)(images, PROMPTS)
     assert (fresh - got).abs().max() > 0.05
     torch.testing.assert_close(reward(images[:1], PROMPTS[:1]), got[:1], atol=1e-6, rtol=0)  # batching/cache
+    # the diversity monitor's embeddings: open_clip's own normalised image features; a multi-reward finds them
+    tf = open_clip.image_transform(32, is_train=False)
+    with torch.no_grad():
+        want = F.normalize(net.encode_image(torch.stack([tf(to_pil(im)) for im in images])), dim=-1)
+    torch.testing.assert_close(reward.image_embeddings(images), want, atol=0.02, rtol=0)
+    multi = get_reward(f"toy:0.5,{spec}:0.5", **{spec: {"model": name, opt: str(tmp_path / "w.pt")}})
+    torch.testing.assert_close(multi.image_embeddings(images), reward.image_embeddings(images))
 
 
 def test_open_clip_errors(tmp_path):
@@ -280,6 +289,9 @@ def test_pickscore_reward_matches_clipmodel_forward(tmp_path):
         want = model(**inputs).logits_per_image.diagonal()
     got = reward(images, PROMPTS)
     torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+    with torch.no_grad():
+        emb = model.get_image_features(pixel_values=inputs.pixel_values).pooler_output
+    torch.testing.assert_close(reward.image_embeddings(images), F.normalize(emb, dim=-1), atol=0.02, rtol=0)
     assert (got - want).abs().max() < 0.2 * want.std()  # far closer than the spread between images
 
 

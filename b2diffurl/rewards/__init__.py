@@ -78,10 +78,20 @@ RewardFn = Callable[["torch.Tensor", list], "torch.Tensor"]
 class Reward:
     """A checked, batched reward. ``weights`` maps component name -> weight; ``aggregate`` is ``"reward"``
     (weighted sum of scores, then normalisation) or ``"advantage"`` (normalise each component, then weighted
-    sum: :func:`b2diffurl.rewards.multi.aggregate_advantages`). ``name`` is the spec it was built from."""
+    sum: :func:`b2diffurl.rewards.multi.aggregate_advantages`). ``name`` is the spec it was built from;
+    ``terms`` the sub-rewards of a multi-reward."""
 
-    def __init__(self, name: str, fn, *, weights: dict[str, float] | None = None, aggregate: str = "reward"):
+    def __init__(
+        self,
+        name: str,
+        fn,
+        *,
+        weights: dict[str, float] | None = None,
+        aggregate: str = "reward",
+        terms: dict[str, Reward] | None = None,
+    ):
         self.name, self._fn = name, fn
+        self.terms = dict(terms) if terms else {}
         self.weights = dict(weights) if weights else {name: 1.0}
         self.aggregate = aggregate
         self.__name__ = f"reward_{name.replace(':', '_').replace('.', '_').replace(',', '_')}"
@@ -114,6 +124,17 @@ class Reward:
 
     def __call__(self, images, prompts):
         return self.score(images, prompts).total
+
+    def image_embeddings(self, images):
+        """L2-normalised image embeddings [N, D] from the reward's own image encoder (clip, hpsv2, aesthetic,
+        pickscore; a multi-reward's first such term), or None when it has none. The diversity monitor uses
+        them instead of pixels; they cost one extra image-encoder pass."""
+        for term in self.terms.values():
+            out = term.image_embeddings(images)
+            if out is not None:
+                return out
+        embed = getattr(self._fn, "embed_images", None)  # model scorers have one; plain functions do not
+        return embed(images) if embed is not None else None
 
     def __repr__(self) -> str:
         return f"Reward({self.name!r}, aggregate={self.aggregate!r})"

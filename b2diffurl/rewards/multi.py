@@ -85,12 +85,17 @@ def build_multi_reward(spec: str, options: dict) -> Reward:
     per_term = split_term_options(weights, options)
     terms = {name: get_reward(name, **per_term[name]) for name in weights}
 
-    def score(images, prompts) -> RewardResult:
-        comps = {name: r(images, prompts) for name, r in terms.items()}
-        total = sum(weights[n] * c for n, c in comps.items())
-        return RewardResult(total=total, components=comps)
+    return Reward(spec, _WeightedSum(terms, weights), weights=weights, aggregate=aggregate, terms=terms)
 
-    return Reward(spec, score, weights=weights, aggregate=aggregate)
+
+class _WeightedSum:
+    def __init__(self, terms: dict[str, Reward], weights: dict[str, float]):
+        self.terms, self.weights = terms, weights
+
+    def __call__(self, images, prompts) -> RewardResult:
+        comps = {name: r(images, prompts) for name, r in self.terms.items()}
+        total = sum(self.weights[n] * c for n, c in comps.items())
+        return RewardResult(total=total, components=comps)
 
 
 def group_zscores(values, prompts=None):

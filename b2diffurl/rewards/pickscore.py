@@ -104,7 +104,7 @@ class PickScoreReward(DeviceFollowingScorer):
             self._text_cache.update(zip(new, feats))
         return torch.stack([self._text_cache[p] for p in prompts])
 
-    def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
         p = self.preprocess
         x = scorer_preprocess(
             images,
@@ -116,5 +116,8 @@ class PickScoreReward(DeviceFollowingScorer):
             dtype=self.dtype,
         )
         out = self.model.vision_model(pixel_values=x)
-        img = F.normalize(self.model.visual_projection(out.pooler_output).float(), dim=-1)
+        return F.normalize(self.model.visual_projection(out.pooler_output).float(), dim=-1)
+
+    def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        img = self.image_features(images)
         return self.model.logit_scale.float().exp() * (img * self._text_features(prompts)).sum(-1)

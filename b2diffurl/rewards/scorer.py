@@ -108,3 +108,17 @@ class DeviceFollowingScorer:
 
     def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (already on ``self.device``) -> L2-normalised embeddings [n, D] fp32."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Batched :meth:`image_features` for any N, returned on the images' device."""
+        self._place(images.device)
+        out = [
+            self.image_features(images[i : i + self.batch_size].to(self.device))
+            for i in range(0, images.shape[0], self.batch_size)
+        ]
+        return torch.cat(out).to(images.device)
