@@ -80,6 +80,7 @@ class TreeSampler:
         eta: float = 1.0,
         backend: str = "auto",
         cuda_graphs: bool = False,
+        train_cfg: bool = True,
     ):
         from b2kernels import DDIMTable
 
@@ -100,6 +101,7 @@ class TreeSampler:
         self.table = DDIMTable.from_scheduler(policy.scheduler, device=self.device)
         self.timesteps = self.table.timesteps.to(self.device)
         self.use_cfg = guidance_scale is not None and guidance_scale != 1.0
+        self.train_cfg = bool(train_cfg)
         with torch.no_grad():
             self.uncond = policy.encode_prompts([""]).to(self.dtype) if self.use_cfg else None
         self.graphs: dict | None = None
@@ -115,44 +117,91 @@ class TreeSampler:
             if self.graph_reason:
                 log.warning(self.graph_reason)
 
-    # ---- the batched step: everything the UNet and the DDIM kernel do for one step of N rows -------------
-    def embeds_for(self, cond: torch.Tensor) -> torch.Tensor:
+    # ---- the policy step: the one place that runs the UNet (with CFG) and the DDIM op ------------------------
+    def guidance(self, *, training: bool = False) -> float | None:
+        """The CFG rule of every caller: the guidance scale, or None for a plain (N-row) UNet call.
+
+        CFG is off when ``guidance_scale`` is 1.0 (or None), and in training forwards also when the sampler was
+        built with ``train_cfg=False`` (then the first PPO ratio is not 1: sampling used CFG)."""
+        if not self.use_cfg or (training and not self.train_cfg):
+            return None
+        return self.guidance_scale
+
+    def embeds_for(self, cond: torch.Tensor, *, training: bool = False) -> torch.Tensor:
         """UNet conditioning for N rows: [uncond × N; cond] with CFG, else cond."""
         cond = cond.to(self.dtype)
-        if not self.use_cfg:
+        if self.guidance(training=training) is None:
             return cond
         return torch.cat([self.uncond.expand(cond.shape[0], -1, -1), cond])
 
-    def model_output(self, x: torch.Tensor, step_idx, embeds: torch.Tensor):
-        """(cond output, uncond output or None) of one UNet call on N rows (2N with CFG).
+    def model_output(self, x: torch.Tensor, step_idx, embeds: torch.Tensor, *, guided: bool):
+        """(cond output, uncond output or None) of one UNet call on N rows (2N with CFG, ``guided``).
 
         ``step_idx``: an int (eager sampling: no host sync anywhere) or a LongTensor [N] (training rows, graphs).
         """
         if isinstance(step_idx, int):
             t = self.timesteps[step_idx].expand(x.shape[0])
         else:
-            t = self.timesteps[step_idx]
-        if self.use_cfg:
+            t = self.timesteps[step_idx.to(self.device)]
+        if guided:
             out = self.policy.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=embeds).sample
             uncond, cond = out.chunk(2)
             return cond, uncond
         return self.policy.unet(x, t, encoder_hidden_states=embeds).sample, None
 
-    def _step(self, x, step_idx, embeds, noise):
-        from b2kernels import ddim_step_sample
+    def policy_step(
+        self,
+        x_t: torch.Tensor,
+        steps,
+        embeds: torch.Tensor,
+        *,
+        noise: torch.Tensor | None = None,
+        x_prev: torch.Tensor | None = None,
+        training: bool = False,
+        context_rows: int = 0,
+    ):
+        """One DDIM policy step π(x_prev | x_t, c) of N rows: UNet (one call, 2N rows with CFG), then the fused
+        DDIM op. Every caller goes through here: tree sampling, PPO and DPO log-probs, D-Fusion.
 
-        cond, uncond = self.model_output(x, step_idx, embeds)
-        return ddim_step_sample(
-            self.table,
-            step_idx,
-            x,
-            cond,
-            noise,
-            eta=self.eta,
-            model_output_uncond=uncond,
-            guidance_scale=self.guidance_scale if self.use_cfg else None,
-            backend=self.backend,
+        ``steps``: int or LongTensor [N]; ``embeds`` from :meth:`embeds_for` with the same ``training``. Give
+        ``noise`` [N, ...] to sample (returns ``(x_prev, logp [N])``) or ``x_prev`` to score a stored transition
+        (returns ``logp [N]``, differentiable w.r.t. the UNet). ``context_rows`` = r: the first r rows of
+        ``x_t`` (and of each CFG half of ``embeds``) only join the UNet call (e.g. D-Fusion's reference rows,
+        whose K/V the attention processors hand to the other rows); the DDIM step is taken for the rest."""
+        from b2kernels import ddim_step_logprob, ddim_step_sample
+
+        if (noise is None) == (x_prev is None):
+            raise ValueError("policy_step: give exactly one of noise (sample) or x_prev (log-prob)")
+        gs = self.guidance(training=training)
+        cond, uncond = self.model_output(x_t, steps, embeds, guided=gs is not None)
+        if context_rows:
+            x_t, cond = x_t[context_rows:], cond[context_rows:]
+            uncond = uncond[context_rows:] if uncond is not None else None
+        if not isinstance(steps, int):
+            steps = steps.to(self.device)
+        common = dict(eta=self.eta, model_output_uncond=uncond, guidance_scale=gs, backend=self.backend)
+        if noise is not None:
+            return ddim_step_sample(self.table, steps, x_t, cond, noise, **common)
+        return ddim_step_logprob(self.table, steps, x_t, cond, x_prev.to(self.dtype), **common)
+
+    def step_logprob(
+        self, x_t: torch.Tensor, x_prev: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor
+    ) -> torch.Tensor:
+        """Training log-prob log π_θ(x_prev | x_t, c) [N] of stored transitions (rows may sit at different
+        steps; ``cond`` [N, L, D] per row). Same UNet layout and DDIM function as sampling, so the first
+        pre-update pass reproduces the sampling log-probs."""
+        return self.policy_step(
+            x_t.to(self.dtype), steps, self.embeds_for(cond, training=True), x_prev=x_prev, training=True
         )
+
+    def batch_logprob(self, batch, cond_table: torch.Tensor) -> torch.Tensor:
+        """:meth:`step_logprob` of rows gathered from a trajectory arena (``batch.x_t``, ``x_prev``, ``step``,
+        ``prompt_id``); ``cond_table`` [P, L, D] is indexed by the rows' prompt ids."""
+        cond = cond_table[batch.prompt_id.to(cond_table.device)]
+        return self.step_logprob(batch.x_t, batch.x_prev, batch.step, cond)
+
+    def _step(self, x, step_idx, embeds, noise):
+        return self.policy_step(x, step_idx, embeds, noise=noise)
 
     def step(self, x: torch.Tensor, i: int, embeds: torch.Tensor, noise: torch.Tensor):
         """One batched DDIM step i for all rows: (x_prev, logp [N])."""

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
 
     from b2diffurl import config as C
-    from b2diffurl.algos.ppo import clamp_advantages, training_logprob
+    from b2diffurl.algos.ppo import clamp_advantages
     from b2diffurl.trainer import Trainer
 
     over = {
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             for p in ctx.params:
                 p.grad = None
             b = algo.arena.gather(torch.tensor([i]), torch.tensor([step]), device=ctx.device)
-            lp = training_logprob(ctx, b, cond_table)
+            lp = ctx.sampler.batch_logprob(b, cond_table)
             (-(b.advantage.to(lp) * lp).sum()).backward()
             g = torch.cat(
                 [

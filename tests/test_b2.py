@@ -11,7 +11,7 @@ from tiny_policy import TinyPolicy, brightness_reward
 
 from b2diffurl import config as C
 from b2diffurl.algos.b2 import select_branches, split_k
-from b2diffurl.algos.ppo import PromptStatTracker, clamp_advantages, ppo_clip_loss, training_logprob
+from b2diffurl.algos.ppo import PromptStatTracker, clamp_advantages, ppo_clip_loss
 
 T = 4
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
@@ -152,7 +152,7 @@ def test_first_pass_reproduces_sampling_logprobs(tmp_path):
     rows_steps = all_steps.repeat(9)
     batch = tr.algo.arena.gather(rows_ids, rows_steps)
     with torch.no_grad():
-        logp = training_logprob(tr.ctx, batch, cond_table)
+        logp = tr.ctx.sampler.batch_logprob(batch, cond_table)
     ratio = torch.exp(logp - batch.logprob)
     assert (ratio - 1).abs().max().item() <= 1e-5
     assert torch.isfinite(batch.logprob).all()
@@ -227,7 +227,9 @@ def test_one_update_moves_logprobs_along_the_advantages(tmp_path):
     def weighted_loglik():
         with torch.no_grad():
             return (
-                (batch.advantage.double() * training_logprob(tr.ctx, batch, cond_table).double()).sum().item()
+                (batch.advantage.double() * tr.ctx.sampler.batch_logprob(batch, cond_table).double())
+                .sum()
+                .item()
             )
 
     before = weighted_loglik()

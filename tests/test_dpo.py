@@ -78,25 +78,12 @@ def test_d3po_loss_hand_computation():
 
 def test_sum_reduction_is_mean_times_numel(staged):
     policy, _, sampler, arena, stage = staged
-    ids, steps = stage.target_ids[:2], torch.tensor([2, 3])
-    b = arena.gather(ids, steps)
-    cond = stage.cond[arena.prompt_ids(ids).long()]
-    with torch.no_grad():
-        m, s = (
-            dpo.step_logprob(
-                policy.unet,
-                sampler.table,
-                b.x_t,
-                b.x_prev,
-                b.step,
-                cond,
-                sampler.uncond,
-                guidance_scale=5.0,
-                reduction=reduction,
-            )
-            for reduction in ("mean", "sum")
-        )
-    torch.testing.assert_close(s, m * b.x_t[0].numel())
+    ids, steps = stage.target_ids[:2], [2, 3]
+    m, s = (
+        dpo.reference_logprobs(sampler, arena, ids, steps, stage.cond, reduction=reduction)
+        for reduction in ("mean", "sum")
+    )
+    torch.testing.assert_close(s, m * math.prod(policy.latent_shape))
 
 
 # ----------------------------------------------------------------------------------------------- reference policy
@@ -104,18 +91,13 @@ def test_lora_disabled_reference_equals_base_model(staged):
     policy, base_unet, sampler, arena, stage = staged
     ids = torch.cat([stage.target_ids[:2], stage.base_ids[:1]])
     steps = [0, 2, 4]
-    ref = dpo.reference_logprobs(
-        policy, sampler.table, arena, ids, steps, stage.cond, sampler.uncond, guidance_scale=5.0, batch_size=4
-    )
+    ref = dpo.reference_logprobs(sampler, arena, ids, steps, stage.cond, batch_size=4)
     b = arena.gather(ids.repeat_interleave(3), torch.tensor(steps).repeat(3))
-    cond = stage.cond[b.prompt_id.long()]
+    base_policy = copy.copy(policy)
+    base_policy.unet = base_unet
     with torch.no_grad():
-        want = dpo.step_logprob(
-            base_unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond, guidance_scale=5.0
-        ).reshape(3, 3)
-        lora_on = dpo.step_logprob(
-            policy.unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond, guidance_scale=5.0
-        ).reshape(3, 3)
+        want = _sampler(base_policy).batch_logprob(b, stage.cond).reshape(3, 3)
+        lora_on = sampler.batch_logprob(b, stage.cond).reshape(3, 3)
     torch.testing.assert_close(ref, want, rtol=0, atol=1e-5)
     assert (lora_on - want).abs().max() > 1e-3  # the adapter is really on outside the context
 
@@ -125,10 +107,7 @@ def _pair_grad(policy, sampler, arena, stage, step):
     policy.unet.zero_grad(set_to_none=True)
     ids = torch.stack([stage.target_ids[0], stage.base_ids[0]])
     b = arena.gather(ids, torch.tensor([step, step]))
-    cond = stage.cond[arena.prompt_ids(ids).long()]
-    logp = dpo.step_logprob(
-        policy.unet, sampler.table, b.x_t, b.x_prev, b.step, cond, sampler.uncond, guidance_scale=5.0
-    )
+    logp = sampler.batch_logprob(b, stage.cond)
     ref = logp.detach() - 0.01  # inside the clamp: gradients flow
     dpo.d3po_loss(logp[:1], logp[1:], ref[:1], ref[1:]).sum().backward()
     return max(p.grad.abs().max().item() for p in policy.unet.parameters() if p.grad is not None)
@@ -150,16 +129,13 @@ def test_train_dpo_changes_weights(staged):
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3)
     m = dpo.train_dpo(
-        policy,
-        sampler.table,
+        sampler,
         arena,
         stage.preferred,
         stage.dispreferred,
         stage.fused_steps,
         stage.cond,
-        sampler.uncond,
         dpo.DPOConfig(logprob_reduction="sum"),
-        guidance_scale=5.0,
         inner_epochs=1,
         pairs_per_batch=2,
         optimizer=opt,

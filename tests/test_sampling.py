@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import pytest
 import torch
+from ddim_oracle import ddim_scheduler, gaussian_logprob, official_step
 from tiny_policy import TinyPolicy
 
 from b2diffurl.sampling import TreeSampler, sample
@@ -15,13 +15,10 @@ T = 4
 
 
 def _oracle_tree(policy, cond, uncond, *, split, branches, gen, guidance, eta=1.0):
-    """Per-branch sequential reference: one UNet call per branch per step, DDIMScheduler.step for the mean,
-    the Gaussian log-density by hand. Draws the noise in the sampler's documented order (x_T for the P prompts,
-    then each step's [rows] noise), so the two must agree number for number."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(policy.scheduler.config)
-    sched.set_timesteps(T)
+    """Per-branch sequential reference: one oracle step (two UNet calls, DDIMScheduler.step, the Gaussian
+    density by hand) per branch per step. Draws the noise in the sampler's documented order (x_T for the P
+    prompts, then each step's [rows] noise), so the two must agree number for number."""
+    sched = ddim_scheduler(policy, T)
     P, B = cond.shape[0], branches
     shape = policy.latent_shape
     x = torch.randn((P, *shape), generator=gen)
@@ -37,21 +34,10 @@ def _oracle_tree(policy, cond, uncond, *, split, branches, gen, guidance, eta=1.
             xi = x[p : p + 1]
             out_lat[r, 0] = xi[0]
             for i in range(T):
-                t = sched.timesteps[i]
                 nrow = noises[i][p : p + 1] if i < split else noises[i][r : r + 1]
-                e_u = policy.unet(xi, t, encoder_hidden_states=uncond).sample
-                e_c = policy.unet(xi, t, encoder_hidden_states=cond[p : p + 1]).sample
-                eps = e_u + guidance * (e_c - e_u)
-                mean = sched.step(eps, t, xi, eta=eta, variance_noise=torch.zeros_like(xi)).prev_sample
-                prev_t = t - sched.config.num_train_timesteps // T
-                a_t = sched.alphas_cumprod[t]
-                a_p = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.final_alpha_cumprod
-                sigma = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+                mean, sigma = official_step(policy.unet, sched, xi, i, cond[p : p + 1], uncond, guidance, eta)
                 xn = mean + sigma * nrow
-                lp = (
-                    -((xn - mean) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
-                ).mean()
-                out_lp[r, i] = lp
+                out_lp[r, i] = gaussian_logprob(xn, mean, sigma)
                 xi = xn
                 out_lat[r, i + 1] = xi[0]
     return out_lat, out_lp

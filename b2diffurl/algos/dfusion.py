@@ -284,23 +284,6 @@ def _injection_config(layers, steps, cfg: DFusionConfig, backend: str, mode: str
     )
 
 
-def _ddim_step(sampler, i: int, x: torch.Tensor, eps, eps_u, noise: RowNoise):
-    """The sampler's DDIM step i from a UNet output (CFG-combined inside the kernel): (x_prev, logp [N])."""
-    from b2kernels import ddim_step_sample
-
-    return ddim_step_sample(
-        sampler.table,
-        i,
-        x,
-        eps,
-        noise.step(i).to(x.dtype),
-        eta=sampler.eta,
-        model_output_uncond=eps_u,
-        guidance_scale=sampler.guidance_scale if sampler.use_cfg else None,
-        backend=sampler.backend,
-    )
-
-
 def run_phase_a(
     sampler,
     row_cond: torch.Tensor,
@@ -323,12 +306,13 @@ def run_phase_a(
     n = row_cond.shape[0]
     x = noise.x_T().to(sampler.dtype)
     embeds = sampler.embeds_for(row_cond)
+    guided = sampler.guidance() is not None
     lat, logps, masks = [x], [], []
     if arena is not None:
         arena.write_latents(ids, 0, x)
     ctx = InjectionContext(
         config=_injection_config((), (), cfg, sampler.backend, "captured"),
-        layout=StreamLayout.cfg(num_ref=n, cfg=sampler.use_cfg),
+        layout=StreamLayout.cfg(num_ref=n, cfg=guided),
     )
     capture = token_cols is not None
     if capture:
@@ -337,7 +321,7 @@ def run_phase_a(
         for i in range(T):
             ctx.step = i
             ctx.cross_maps = None
-            eps, eps_u = sampler.model_output(x, i, embeds)
+            x, logp = sampler.policy_step(x, i, embeds, noise=noise.step(i).to(x.dtype))
             if capture:
                 if ctx.cross_maps is None:
                     raise ValueError(
@@ -345,7 +329,6 @@ def run_phase_a(
                         f"{cfg.mask_grid}x{cfg.mask_grid} token grid; set dfusion.mask_grid"
                     )
                 masks.append(object_mask(ctx.cross_maps, selection, thresholds, cfg.mask_rule).bool())
-            x, logp = _ddim_step(sampler, i, x, eps, eps_u, noise)
             lat.append(x)
             logps.append(logp)
             if arena is not None:
@@ -389,11 +372,10 @@ def run_fusion(
     s0, s1 = fused_steps[0], fused_steps[-1]
     r, nt = ref_latents.shape[0], start_latent.shape[0]
     gh = gw = cfg.mask_grid
+    guided = sampler.guidance() is not None
     ctx = InjectionContext(config=_injection_config(layers, fused_steps, cfg, sampler.backend, "given"))
-    fused_layout = StreamLayout.cfg(
-        num_ref=r, num_target=nt, pairing=ref_of_target.tolist(), cfg=sampler.use_cfg
-    )
-    plain_layout = StreamLayout.cfg(num_plain=nt, cfg=sampler.use_cfg)
+    fused_layout = StreamLayout.cfg(num_ref=r, num_target=nt, pairing=ref_of_target.tolist(), cfg=guided)
+    plain_layout = StreamLayout.cfg(num_plain=nt, cfg=guided)
     fused_embeds = sampler.embeds_for(torch.cat([ref_cond, target_cond]))
     plain_embeds = sampler.embeds_for(target_cond)
     x = start_latent.to(sampler.dtype)
@@ -404,12 +386,13 @@ def run_fusion(
             if i <= s1:
                 ctx.layout = fused_layout
                 ctx.set_mask(ref_masks[:, i].reshape(r, gh, gw).to(x.device))
-                eps, eps_u = sampler.model_output(torch.cat([ref_latents[:, i].to(x), x]), i, fused_embeds)
-                eps, eps_u = eps[r:], (eps_u[r:] if eps_u is not None else None)
+                rows = torch.cat([ref_latents[:, i].to(x), x])
+                x, logp = sampler.policy_step(
+                    rows, i, fused_embeds, noise=noise.step(i).to(x.dtype), context_rows=r
+                )
             else:
                 ctx.layout = plain_layout
-                eps, eps_u = sampler.model_output(x, i, plain_embeds)
-            x, logp = _ddim_step(sampler, i, x, eps, eps_u, noise)
+                x, logp = sampler.policy_step(x, i, plain_embeds, noise=noise.step(i).to(x.dtype))
             lat.append(x)
             logps.append(logp)
             if progress is not None:
@@ -686,6 +669,7 @@ class DFusionAlgorithm:
     without generator state."""
 
     name = "dfusion"
+    needs_reference_policy = True  # DPO's π_ref is this UNet with LoRA off: model.lora=auto turns LoRA on
 
     def __init__(self, ctx):
         from b2kernels.buffer import TrajectoryArena
@@ -769,8 +753,7 @@ class DFusionAlgorithm:
         from b2diffurl.algos.dpo import train_dpo
 
         return train_dpo(
-            ctx.policy,
-            s.table,
+            s,
             self.arena,
             st.preferred,
             st.dispreferred,
@@ -778,10 +761,7 @@ class DFusionAlgorithm:
             # including any after a window that ends early
             list(range(st.fused_steps[0], self.T)),
             st.cond,
-            s.uncond if s.use_cfg else None,
             self.pcfg,
-            guidance_scale=s.guidance_scale if (s.use_cfg and ctx.cfg.train.cfg) else 1.0,
-            eta=s.eta,
             inner_epochs=ctx.cfg.train.inner_epochs,
             pairs_per_batch=ctx.cfg.train.micro_batch_size,
             optimizer_step=ctx.optimizer_step,
@@ -791,7 +771,7 @@ class DFusionAlgorithm:
     def _train_ppo(self, st: DFusionStage) -> dict:
         """D-Fusion pairs into DDPO: targets and bases, advantage = per-prompt z-score of their rewards; the
         targets' old log-probs are re-evaluated under the plain policy (they were sampled by the fused one)."""
-        from b2diffurl.algos.ppo import ppo_update, training_logprob
+        from b2diffurl.algos.ppo import ppo_update
 
         ctx = self.ctx
         ids = torch.cat([st.target_ids, st.base_ids])
@@ -808,7 +788,7 @@ class DFusionAlgorithm:
         with torch.no_grad():
             for i in range(self.T):
                 b = self.arena.gather(tid, torch.full_like(tid, i), device=ctx.device)
-                self.arena.write_logprobs(tid, i, training_logprob(ctx, b, st.cond).float().cpu())
+                self.arena.write_logprobs(tid, i, ctx.sampler.batch_logprob(b, st.cond).float().cpu())
         return ppo_update(ctx, self.arena, ids, torch.arange(self.T), st.cond)
 
     def state_dict(self) -> dict:

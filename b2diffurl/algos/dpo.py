@@ -42,89 +42,36 @@ def d3po_loss(
     return -F.logsigmoid(beta * (log_rw - log_rl))
 
 
-def step_logprob(
-    unet,
-    table,
-    x_t: torch.Tensor,
-    x_prev: torch.Tensor,
-    steps: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    *,
-    guidance_scale: float,
-    eta: float = 1.0,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """log π(x_prev | x_t, c) per row [N] with CFG (one UNet call on 2N rows); rows may sit at different steps.
-    ``cond`` [N, L, D] per row, ``uncond`` [1, L, D]. ``reduction='sum'`` multiplies the element mean by C·H·W."""
-    import b2kernels
-
-    n = x_t.shape[0]
-    t = table.timesteps.to(x_t.device)[steps.to(x_t.device)]
-    if uncond is None or guidance_scale is None or guidance_scale == 1.0:  # no CFG
-        ec, eu, guidance_scale = unet(x_t, t, encoder_hidden_states=cond).sample, None, None
-    else:
-        enc = torch.cat([uncond.expand(n, -1, -1), cond])
-        out = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=enc).sample
-        eu, ec = out[:n], out[n:]
-    logp = b2kernels.ddim_step_logprob(
-        table,
-        steps.to(x_t.device),
-        x_t,
-        ec,
-        x_prev,
-        eta=eta,
-        model_output_uncond=eu,
-        guidance_scale=guidance_scale,
-    )
-    if reduction == "sum":
-        logp = logp * x_t[0].numel()
-    return logp
-
-
-def _row_cond(arena, ids, cond):
-    return cond[arena.prompt_ids(ids).to(cond.device).long()]
+def _reduced(logp: torch.Tensor, reduction: str, numel: int) -> torch.Tensor:
+    """The policy step's element-mean log-prob, or (``'sum'``) the sum over the C·H·W elements."""
+    return logp * numel if reduction == "sum" else logp
 
 
 @torch.no_grad()
 def reference_logprobs(
-    policy,
-    table,
+    sampler,
     arena,
     ids: torch.Tensor,
     steps: Sequence[int],
     cond: torch.Tensor,
-    uncond: torch.Tensor,
     *,
-    guidance_scale: float,
-    eta: float = 1.0,
     reduction: str = "mean",
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """ℓ^ref [len(ids), len(steps)] under π_ref = ``policy`` with LoRA disabled (no copy), computed once per stage.
-    ``cond`` [P, L, D] indexed by the arena's prompt ids."""
+    """ℓ^ref [len(ids), len(steps)] under π_ref = the sampler's policy with LoRA disabled (no copy), computed once
+    per stage. ``cond`` [P, L, D] indexed by the arena's prompt ids."""
     device = cond.device
     ids = torch.as_tensor(ids).long()
     steps_t = torch.as_tensor(list(steps), dtype=torch.long)
     all_ids = ids.repeat_interleave(len(steps_t))
     all_steps = steps_t.repeat(len(ids))
     out = torch.empty(all_ids.numel(), dtype=torch.float32, device=device)
-    with policy.lora_disabled():
+    numel = math.prod(arena.latent_shape)
+    with sampler.policy.lora_disabled():
         for a in range(0, all_ids.numel(), batch_size):
             bi, bs = all_ids[a : a + batch_size], all_steps[a : a + batch_size]
             b = arena.gather(bi, bs, device=device)
-            out[a : a + len(bi)] = step_logprob(
-                policy.unet,
-                table,
-                b.x_t,
-                b.x_prev,
-                b.step,
-                _row_cond(arena, bi, cond),
-                uncond,
-                guidance_scale=guidance_scale,
-                eta=eta,
-                reduction=reduction,
-            ).float()
+            out[a : a + len(bi)] = _reduced(sampler.batch_logprob(b, cond), reduction, numel).float()
     return out.reshape(len(ids), len(steps_t))
 
 
@@ -139,18 +86,14 @@ def _default_optimizer_step(optimizer, params, max_grad_norm):
 
 
 def train_dpo(
-    policy,
-    table,
+    sampler,
     arena,
     preferred: torch.Tensor,
     dispreferred: torch.Tensor,
     train_steps: Sequence[int],
     cond: torch.Tensor,
-    uncond: torch.Tensor,
     cfg: DPOConfig,
     *,
-    guidance_scale: float,
-    eta: float = 1.0,
     inner_epochs: int = 2,
     pairs_per_batch: int = 1,
     optimizer=None,
@@ -175,33 +118,29 @@ def train_dpo(
     metrics = {"dpo_pairs": k_pairs, "optimizer_steps": 0}
     if k_pairs == 0 or steps.numel() == 0 or inner_epochs == 0:
         return metrics
-    params = [p for p in policy.unet.parameters() if p.requires_grad]
+    params = [p for p in sampler.policy.unet.parameters() if p.requires_grad]
     if optimizer_step is None:
         optimizer_step = _default_optimizer_step(optimizer, params, max_grad_norm)
     t0 = time.perf_counter()
     if ref_logp is None:
         ref_logp = tuple(
             reference_logprobs(
-                policy,
-                table,
+                sampler,
                 arena,
                 ids,
                 steps.tolist(),
                 cond,
-                uncond,
-                guidance_scale=guidance_scale,
-                eta=eta,
                 reduction=cfg.logprob_reduction,
                 batch_size=cfg.ref_batch_size,
             )
             for ids in (preferred, dispreferred)
         )
     ref_w, ref_l = ref_logp
-    T = table.num_steps
+    T, numel = sampler.num_steps, math.prod(arena.latent_shape)
     lo, hi = math.log1p(-cfg.clip_eps), math.log1p(cfg.clip_eps)
     losses, clipped, correct, norms = [], [], [], []
-    was_training = policy.unet.training
-    policy.unet.train()
+    was_training = sampler.policy.unet.training
+    sampler.policy.unet.train()
     for _ in range(inner_epochs):
         order = torch.randperm(k_pairs, generator=generator)
         for a in range(0, k_pairs, pairs_per_batch):
@@ -211,23 +150,11 @@ def train_dpo(
                 [torch.randperm(steps.numel(), generator=generator) for _ in range(b)]
             )  # [b, K]
             ids = torch.cat([preferred[pb], dispreferred[pb]])
-            row_cond = _row_cond(arena, ids, cond)
             for k in range(steps.numel()):
                 col = pos[:, k]
                 st = steps[col]
                 batch = arena.gather(ids, torch.cat([st, st]), device=device)
-                logp = step_logprob(
-                    policy.unet,
-                    table,
-                    batch.x_t,
-                    batch.x_prev,
-                    batch.step,
-                    row_cond,
-                    uncond,
-                    guidance_scale=guidance_scale,
-                    eta=eta,
-                    reduction=cfg.logprob_reduction,
-                )
+                logp = _reduced(sampler.batch_logprob(batch, cond), cfg.logprob_reduction, numel)
                 lw, ll = logp[:b], logp[b:]
                 rw, rl = ref_w[pb, col].to(device), ref_l[pb, col].to(device)
                 loss = d3po_loss(lw, ll, rw, rl, beta=cfg.beta, eps=cfg.clip_eps)
@@ -240,7 +167,7 @@ def train_dpo(
             norms.append(optimizer_step())
             if progress is not None:
                 progress(1)
-    policy.unet.train(was_training)
+    sampler.policy.unet.train(was_training)
     metrics.update(
         loss=float(torch.cat(losses).mean()),
         dpo_clipfrac=float(torch.cat(clipped).mean()),
