@@ -88,10 +88,15 @@ def image_statistics(images: torch.Tensor, hf_cutoff: float = 0.25) -> dict[str,
     w = torch.tensor(LUMA, device=x.device).view(1, 3, 1, 1)
     luma = (x * w).sum(1)  # [N, H, W]
     centred = luma - luma.mean((1, 2), keepdim=True)
-    power = torch.fft.fft2(centred).abs().pow(2)
+    spec = torch.fft.rfft2(centred)  # half the work of fft2; the missing half mirrors the kept one
     h, wd = luma.shape[-2:]
     fy = torch.fft.fftfreq(h, device=x.device).view(-1, 1)
-    fx = torch.fft.fftfreq(wd, device=x.device).view(1, -1)
+    fx = torch.fft.rfftfreq(wd, device=x.device).view(1, -1)
+    mirrored = torch.full((wd // 2 + 1,), 2.0, device=x.device)
+    mirrored[0] = 1.0
+    if wd % 2 == 0:
+        mirrored[-1] = 1.0  # the Nyquist column has no mirror image
+    power = (spec.real.pow(2) + spec.imag.pow(2)) * mirrored
     high = (fy.pow(2) + fx.pow(2)).sqrt() > hf_cutoff
     total = power.sum((1, 2))
     hf = torch.where(total > 0, (power * high).sum((1, 2)) / total.clamp_min(1e-30), torch.zeros_like(total))

@@ -65,6 +65,15 @@ def test_image_statistics_closed_forms():
     w = image_statistics(wave)
     assert w["high_freq_energy"] == pytest.approx(0.0, abs=1e-9)  # one frequency, 1/16 cycles/pixel
     assert w["contrast"] == pytest.approx(0.5 / math.sqrt(2), rel=1e-5)  # std of 0.5·cos
+    # odd sizes (no Nyquist column) against the full-spectrum definition computed here with fft2
+    g = torch.Generator().manual_seed(0)
+    for h, w_ in [(15, 17), (16, 13), (9, 10)]:
+        img = torch.rand(2, 3, h, w_, generator=g)
+        luma = (img * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+        p = torch.fft.fft2(luma - luma.mean((1, 2), keepdim=True)).abs() ** 2
+        f = (torch.fft.fftfreq(h).view(-1, 1) ** 2 + torch.fft.fftfreq(w_).view(1, -1) ** 2).sqrt()
+        want = ((p * (f > 0.25)).sum((1, 2)) / p.sum((1, 2))).mean()
+        assert image_statistics(img)["high_freq_energy"] == pytest.approx(float(want), rel=1e-5)
     both = image_statistics(torch.cat([checker, wave]))
     assert both["high_freq_energy"] == pytest.approx(0.5)  # batch mean of per-image fractions
 
