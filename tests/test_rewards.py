@@ -9,7 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from b2diffurl.rewards import Reward, RewardError, RewardResult, check_reward_spec, get_reward, known_rewards
+from b2diffurl.rewards import (
+    Reward,
+    RewardError,
+    RewardResult,
+    as_reward,
+    check_reward_spec,
+    get_reward,
+    known_rewards,
+)
 from b2diffurl.rewards.multi import aggregate_advantages, group_zscores, parse_multi_spec
 from b2diffurl.toy.render import render
 
@@ -223,3 +231,18 @@ def test_background_scorer_runs_off_the_calling_thread(two_terms):
     torch.testing.assert_close(res.total, inner(imgs, ["p"] * 4))
     assert set(res.components) == {"python:terms:bright", "python:terms:red"}
     assert get_reward("toy").image_embeddings(imgs) is None
+
+
+def test_as_reward_wraps_plain_functions():
+    def brightness(images, prompts):
+        return images.mean((1, 2, 3))
+
+    r = as_reward(brightness)
+    imgs = torch.rand(3, 3, 4, 4)
+    res = r.score(imgs, ["a", "b", "c"])
+    assert r.name == "brightness" and list(res.components) == ["brightness"]
+    torch.testing.assert_close(res.total, imgs.mean((1, 2, 3)))
+    toy = get_reward("toy")
+    assert as_reward(toy) is toy
+    with pytest.raises(TypeError, match="must be callable"):
+        as_reward(3)

@@ -140,6 +140,16 @@ class Reward:
         return f"Reward({self.name!r}, aggregate={self.aggregate!r})"
 
 
+def as_reward(fn, name: str | None = None) -> Reward:
+    """``fn`` itself if it is a :class:`Reward`, else a Reward around the plain ``fn(images, prompts) -> [N]``
+    (an injected reward in tests or notebooks), so callers can always use ``.score`` / ``.weights``."""
+    if isinstance(fn, Reward):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"a reward must be callable as fn(images, prompts), got {type(fn).__name__}")
+    return Reward(name or getattr(fn, "__name__", "reward"), fn)
+
+
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
 
 
@@ -245,6 +255,7 @@ register_reward("jpeg_incompressibility", _lazy("jpeg", "jpeg_incompressibility"
 
 __all__ = [
     "Reward",
+    "as_reward",
     "RewardError",
     "RewardFileError",
     "RewardResult",
