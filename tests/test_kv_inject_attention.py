@@ -34,6 +34,14 @@ def oracle(q, k, v, kr, vr, m, qr=None, scale=None):
     return torch.softmax(scores, -1) @ v2
 
 
+def torch_attention(q, k, v, kr, vr, m, qr=None):
+    """torch's own attention in the inputs' dtype on the blended inputs: the error baseline of the tolerance."""
+    m4 = m.to(q.dtype)[:, None, :, None]
+    k2, v2 = m4 * kr + (1 - m4) * k, m4 * vr + (1 - m4) * v
+    q2 = q if qr is None else m4 * qr + (1 - m4) * q
+    return F.scaled_dot_product_attention(q2, k2, v2)
+
+
 def make(B, H, N, D, dtype, *, ref_batch=None, q_ref=False, mask="soft", nq=None):
     nq = nq or N
     g = torch.Generator().manual_seed(1234 + B + N + D)
@@ -93,8 +101,9 @@ def test_kernel_matches_oracle(D, N, B, H, dtype, mask, q_ref, ref_batch, monkey
     ref = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, q_ref=qr, backend="reference")
     want = oracle(q, k, v, expand(kr, B), expand(vr, B), m.float(), expand(qr, B))
     assert out.shape == (B, H, N, D)
-    check_close(ref, want, ref, dtype)  # the reference itself is within torch's error
-    check_close(out, want, ref, dtype)
+    torch_out = torch_attention(q, k, v, expand(kr, B), expand(vr, B), m, expand(qr, B))
+    check_close(ref, want, torch_out, dtype)  # the reference itself is within torch's error
+    check_close(out, want, torch_out, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -320,60 +329,3 @@ def test_gpu_torch_compile_captures_op():
         f(q, k, v, kr, vr, m), kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m), atol=0, rtol=0
     )
     assert math.isfinite(f(q, k, v, kr, vr, m).float().sum().item())
-
-
-_SM90_SCRIPT = r"""
-import sys
-try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-except ImportError as exc:
-    print("SKIP: triton compiler API not available:", exc); sys.exit(0)
-from b2kernels.ops.kv_inject_attention import triton as kt
-D, binary, q_ref = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
-jf = kt._kv_inject_fwd_kernel.fn
-names = jf.arg_names
-d0, d1 = kt.split_head_dim(D)
-const = dict(HEAD_DIM=D, HAS_QREF=q_ref, HAS_RIDX=True, BINARY=binary, IEEE=False, BLOCK_M=128, BLOCK_N=32,
-             BLOCK_D0=d0, BLOCK_D1=max(d1, 16), HAS_D1=d1 > 0)
-ptrs = {"Q", "K", "V", "QR", "KR", "VR", "O"}
-sig = {n: "*fp16" if n in ptrs else "*fp32" if n == "M" else "*i32" if n == "RIDX" else "fp32" if n == "qk_scale"
-       else "constexpr" if n in const else "i32" for n in names}
-src = ASTSource(jf, sig, {(names.index(k),): v for k, v in const.items()})
-compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
-print("WGMMA" if "wgmma" in compiled.asm["ptx"] else "NO-WGMMA")
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "D,binary,q_ref",
-    [(40, True, False), (80, False, True), (160, True, False)],
-    ids=["D40-bool", "D80-soft-qref", "D160-bool"],
-)
-def test_kernel_compiles_for_sm90_without_a_gpu(D, binary, q_ref):
-    """The interpreter never runs Triton's compiler: compile the real kernel for an H100 target (TTIR → PTX →
-    cubin with the bundled ptxas) so compiler-only errors show up on CPU-only machines too. Runs in a fresh
-    process because TRITON_INTERPRET=1 (set for this session) turns every @triton.jit into an interpreter stub."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run(
-        [sys.executable, "-c", _SM90_SCRIPT, str(D), str(int(binary)), str(int(q_ref))],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=600,
-    )
-    if r.stdout.startswith("SKIP:"):
-        pytest.skip(r.stdout.strip())
-    if r.returncode != 0 and "ptxas" in r.stderr.lower() and "not found" in r.stderr.lower():
-        pytest.skip("no ptxas available")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip().splitlines()[-1] == "WGMMA"  # Hopper tensor-core MMA, not a scalar fallback

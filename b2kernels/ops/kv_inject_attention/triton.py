@@ -31,30 +31,40 @@ from b2kernels._dispatch import triton_interpret
 _empty = torch.empty  # tests swap in a NaN-filled allocator to catch unwritten output
 
 
+# (BLOCK_M, BLOCK_N, warps, stages) per head-dim range. Every config below compiles for sm_90 without register
+# spills for both mask kinds (tests/test_triton_compile_report.py runs ptxas -v on each); the tiles left out
+# spill there: D ≤ 64: 128×128; D ≤ 128: 64×64, 128×128 and (soft mask) 128×64; D > 128: every 128-row tile
+# and the 4-warp 64-row tiles. Short lists also keep autotuning on a fresh machine to a few compiles per shape.
+_CONFIGS_BY_HEAD_DIM = (
+    (64, ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3))),
+    (128, ((128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3))),
+    (256, ((64, 32, 8, 3),)),
+)
+
+
+def _tiles_for(head_dim: int) -> tuple:
+    return next(tiles for max_d, tiles in _CONFIGS_BY_HEAD_DIM if head_dim <= max_d)
+
+
+def _config(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
 def _configs():
     if triton_interpret():
         # The interpreter runs every program in numpy: few, large-ish blocks are fastest and still
         # exercise the boundary masks for odd N.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    # (BLOCK_M, BLOCK_N, warps, stages). Offline sm_90 compiles (ptxas -v): 4 warps at BLOCK_M=128 or 64×64
-    # tiles hit 255 registers and spill for D >= 80; 8 warps / BLOCK_N = 32 keep D = 40/64/80 spill-free.
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 3),
-            (128, 32, 8, 3),
-            (128, 32, 8, 4),
-            (64, 32, 4, 3),
-            (64, 64, 4, 3),
-            (128, 128, 8, 2),
-        ]
-    ]
+        return [_config(32, 32, 4, 1)]
+    tiles = dict.fromkeys(t for _, ts in _CONFIGS_BY_HEAD_DIM for t in ts)
+    return [_config(*t) for t in tiles]
 
 
 def _prune(configs, named_args, **kwargs):
-    # Large head dims blow the register/shared-memory budget with big tiles.
+    """Keep the spill-free configs of this head dim (see ``_CONFIGS_BY_HEAD_DIM``)."""
     d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
-    keep = [c for c in configs if d <= 128 or c.kwargs["BLOCK_N"] <= 32]  # D=160: the least-spilling tiles
+    allowed = set(_tiles_for(d))
+    key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+    keep = [c for c in configs if key(c) in allowed]
     return keep or configs
 
 

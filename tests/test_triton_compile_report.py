@@ -1,0 +1,230 @@
+"""Registers and spills of every Triton kernel compiled for an H100 (sm_90), without a GPU.
+
+The interpreter never runs Triton's compiler, so on a CPU-only machine nothing else would notice a kernel that
+spills registers to local memory at Stable Diffusion's head dims (40/80/160) — a slowdown that only a GPU run
+would show. Triton compiles for a named target without a device: TTIR → PTX, then ``ptxas -v`` (bundled with
+Triton) reports registers, stack and spill bytes per kernel. Every autotune config that the kernel may pick for
+a head dim is compiled, since the autotuner can choose any of them.
+
+Run it as a script for the whole table: ``python tests/test_triton_compile_report.py``.
+The tests run the compiler in a fresh process: ``TRITON_INTERPRET=1`` (set for the test session) turns every
+``@triton.jit`` into an interpreter stub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SD_HEAD_DIMS = (40, 80, 160)
+SM = 90
+
+
+def _ptxas_path() -> str:
+    from triton.backends.nvidia import compiler as nv
+
+    if hasattr(nv, "get_ptxas"):  # triton >= 3.3
+        return nv.get_ptxas(SM).path
+    return str(Path(nv.__file__).parent / "bin" / "ptxas")
+
+
+def _ptxas_report(ptx: str, kernel: str) -> dict:
+    """registers / spill bytes / stack of ``kernel`` from ``ptxas -v`` on its PTX (sm_90a, as Triton builds)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        r = subprocess.run(
+            [_ptxas_path(), "-v", f"--gpu-name=sm_{SM}a", str(src), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    log = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {kernel}:\n{log[-2000:]}")
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs or not spill:
+        raise RuntimeError(f"unexpected ptxas -v output for {kernel}:\n{log[-2000:]}")
+    return {
+        "registers": int(regs.group(1)),
+        "stack_bytes": int(spill.group(1)),
+        "spill_store_bytes": int(spill.group(2)),
+        "spill_load_bytes": int(spill.group(3)),
+    }
+
+
+def _compile(jit_fn, types: dict, const: dict, num_warps: int, num_stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = jit_fn.arg_names
+    sig = {n: ("constexpr" if n in const else types[n]) for n in names}
+    src = ASTSource(jit_fn, sig, {(names.index(k),): v for k, v in const.items()})
+    return triton.compile(
+        src, target=GPUTarget("cuda", SM, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+
+
+def kv_inject_cases(head_dims=SD_HEAD_DIMS):
+    """(name, compile kwargs) of the attention kernel: every autotune config kept for each head dim, for the
+    binary mask with ``ref_index`` (what the diffusers processors launch) and the soft mask with injected queries."""
+    from b2kernels.ops.kv_inject_attention import triton as kt
+
+    jf = kt._kv_inject_fwd_kernel.fn
+    ptrs = {"Q", "K", "V", "QR", "KR", "VR", "O"}
+    types = {
+        n: "*bf16" if n in ptrs else "*fp32" if n == "M" else "*i32" if n == "RIDX" else "i32"
+        for n in jf.arg_names
+    }
+    types["qk_scale"] = "fp32"
+    for D in head_dims:
+        d0, d1 = kt.split_head_dim(D)
+        for binary, q_ref in ((True, False), (False, True)):
+            # the configs the autotuner may pick for this head dim (its own pruning rule)
+            configs = kt._prune(kt._kv_inject_fwd_kernel.configs, {"HEAD_DIM": D}, HEAD_DIM=D)
+            for c in configs:
+                const = dict(
+                    HEAD_DIM=D,
+                    BLOCK_D0=d0,
+                    BLOCK_D1=max(d1, 16),
+                    HAS_D1=d1 > 0,
+                    HAS_QREF=q_ref,
+                    HAS_RIDX=binary,
+                    BINARY=binary,
+                    IEEE=False,
+                    **c.kwargs,
+                )
+                name = (
+                    f"kv_inject D={D} {'bool' if binary else 'soft+qref'} "
+                    f"M{c.kwargs['BLOCK_M']}xN{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+                )
+                yield (
+                    name,
+                    dict(jit_fn=jf, types=types, const=const, num_warps=c.num_warps, num_stages=c.num_stages),
+                    D,
+                )
+
+
+def ddim_cases():
+    """The DDIM step kernels at the SD latent size (4×64×64): forward log-prob / sample, backward, with CFG."""
+    from b2kernels.ops.ddim_logprob import triton as dt
+
+    block, warps = 1024, 4  # what _block() picks on a GPU for a 16384-element row
+    for kernel, sample in (
+        (dt._ddim_fwd_kernel, False),
+        (dt._ddim_fwd_kernel, True),
+        (dt._ddim_bwd_kernel, False),
+    ):
+        jf = kernel  # plain @triton.jit (no autotuner around it)
+        f32 = {"a_t_ptr", "a_p_ptr", "partial_ptr", "grad_logp_ptr"}
+        types = {
+            n: "*fp32"
+            if n in f32
+            else "*i64"
+            if n == "step_ptr"
+            else "*bf16"
+            if n.endswith("_ptr")
+            else "i32"
+            for n in jf.arg_names
+        }
+        types.update({n: "fp32" for n in ("eta", "w", "log_const") if n in types})
+        const = dict(PRED=0, HAS_STEP=True, CFG=True, SAMPLE=sample, BLOCK=block)
+        kind = "bwd" if "bwd" in jf.__name__ else ("sample" if sample else "logprob")
+        yield (
+            f"ddim_step {kind} BLOCK={block} w{warps}",
+            dict(jit_fn=jf, types=types, const=const, num_warps=warps, num_stages=1),
+            None,
+        )
+
+
+def report(head_dims=SD_HEAD_DIMS) -> list[dict]:
+    rows = []
+    for name, kw, D in [*kv_inject_cases(head_dims), *ddim_cases()]:
+        compiled = _compile(**kw)
+        row = {"kernel": name, "D": D, **_ptxas_report(compiled.asm["ptx"], name)}
+        row["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0))
+        row["wgmma"] = "wgmma" in compiled.asm["ptx"]
+        rows.append(row)
+    return rows
+
+
+def _run_report_subprocess() -> list[dict]:
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run(
+        [sys.executable, __file__, "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1500
+    )
+    if r.returncode == 3:
+        pytest.skip(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def compile_report():
+    return _run_report_subprocess()
+
+
+@pytest.mark.slow
+def test_no_kernel_spills_at_sd_head_dims_on_sm90(compile_report):
+    print("\n" + _table(compile_report))
+    spilling = [r for r in compile_report if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    assert not spilling, "kernels spill registers on sm_90:\n" + _table(spilling)
+
+
+@pytest.mark.slow
+def test_attention_uses_hopper_tensor_cores(compile_report):
+    """wgmma (Hopper's warpgroup MMA), not a scalar or mma.sync fallback, for every attention config."""
+    no_wgmma = [r for r in compile_report if r["kernel"].startswith("kv_inject") and not r["wgmma"]]
+    assert not no_wgmma, _table(no_wgmma)
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'kernel':<52}{'regs':>6}{'stack':>7}{'spill st':>10}{'spill ld':>10}{'smem':>8}  wgmma"
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['kernel']:<52}{r['registers']:>6}{r['stack_bytes']:>7}{r['spill_store_bytes']:>10}"
+            f"{r['spill_load_bytes']:>10}{r['shared_bytes']:>8}  {'yes' if r['wgmma'] else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+def _main(argv) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print(
+            "SKIP: TRITON_INTERPRET is set; run with TRITON_INTERPRET=0 (the compiler is not used under it)"
+        )
+        return 3
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+
+        _ptxas_path()
+    except Exception as exc:  # noqa: BLE001 - any missing piece means: cannot compile here
+        print(f"SKIP: this triton cannot compile for sm_{SM} offline ({type(exc).__name__}: {exc})")
+        return 3
+    sys.path.insert(0, str(ROOT))
+    rows = report()
+    if "--json" in argv:
+        print(json.dumps(rows))
+    else:
+        import triton
+
+        print(f"triton {triton.__version__}, target sm_{SM}a\n" + _table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
