@@ -242,6 +242,8 @@ def _repair(root: Path) -> None:
             log.warning("restored %s after an interrupted re-save", final.name)
     for tmp in root.glob(f"{_TMP}*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in root.glob(".*.tmp"):  # an atomic_write (LATEST) killed before its rename
+        tmp.unlink(missing_ok=True)
 
 
 def find(path: str | Path) -> Path:

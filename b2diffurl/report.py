@@ -47,6 +47,10 @@ class MetricsLog:
 
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
         keep = lines[:n_lines]
+        if len(keep) < n_lines:
+            log.warning(
+                "%s has %d lines, fewer than the %d the checkpoint logged", self.path, len(keep), n_lines
+            )
         self.records = [json.loads(ln) for ln in keep]
         atomic_write(self.path, "".join(ln + "\n" for ln in keep))
 

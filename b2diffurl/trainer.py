@@ -84,15 +84,15 @@ class Trainer:
         self.policy = policy
         self.lora = self._wants_lora(algo_cls)
         self.params = self._setup_trainable()
-        tc = run_config.train
+        train_config = run_config.train
         self.optimizer = torch.optim.AdamW(
             self.params,
-            lr=tc.lr,
-            betas=(tc.adam_beta1, tc.adam_beta2),
-            weight_decay=tc.weight_decay,
-            eps=tc.adam_eps,
+            lr=train_config.lr,
+            betas=(train_config.adam_beta1, train_config.adam_beta2),
+            weight_decay=train_config.weight_decay,
+            eps=train_config.adam_eps,
         )
-        warm = tc.lr_warmup_steps
+        warm = train_config.lr_warmup_steps
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda n: min(1.0, (n + 1) / warm) if warm > 0 else 1.0
         )
@@ -100,14 +100,15 @@ class Trainer:
         from b2diffurl.algos.api import RunContext
         from b2diffurl.sampling import TreeSampler
 
-        sc = run_config.sample
+        sample_config = run_config.sample
         self.sampler = TreeSampler(
             policy,
-            num_steps=sc.num_steps,
-            guidance_scale=sc.guidance_scale,
-            eta=sc.eta,
-            backend=sc.backend,
-            cuda_graphs=sc.cuda_graphs,
+            num_steps=sample_config.num_steps,
+            guidance_scale=sample_config.guidance_scale,
+            eta=sample_config.eta,
+            backend=sample_config.backend,
+            cuda_graphs=sample_config.cuda_graphs,
+            train_cfg=run_config.train.use_guidance,
         )
         self.noise_gen = torch.Generator(device=self.device).manual_seed(run_config.seed)
         self.cpu_gen = torch.Generator().manual_seed(run_config.seed + 1)
