@@ -13,7 +13,7 @@ Specs (every model is read from local files; nothing is ever downloaded):
 * ``pickscore`` - PickScore, a transformers CLIPModel folder (:mod:`.pickscore`);
 * ``hpsv2`` - HPS v2 / v2.1, an open_clip ViT-H-14 checkpoint file (:mod:`.hpsv2`);
 * ``jpeg_compressibility`` / ``jpeg_incompressibility`` - DDPO's JPEG size rewards, no weights (:mod:`.jpeg`);
-* ``python:pkg.module:function`` - any ``f(images, prompts, **options)`` (:mod:`.callable`; ImageReward
+* ``python:pkg.module:function`` - any ``f(images, prompts, **options)`` (:mod:`.python_fn`; ImageReward
   plugs in this way);
 * ``name:weight,name:weight`` - a weighted sum of the above (:mod:`.multi`), e.g. ``aesthetic:0.7,clip:0.3``.
 
@@ -183,7 +183,7 @@ def check_reward_spec(spec: str) -> str | None:
 def check_single_spec(name: str) -> None:
     """RewardError unless ``name`` is a registered reward or a well-formed ``python:`` target."""
     if name.startswith("python:"):
-        from b2diffurl.rewards.callable import split_python_spec
+        from b2diffurl.rewards.python_fn import split_python_spec
 
         split_python_spec(name)
     elif name not in _REGISTRY:
@@ -217,7 +217,7 @@ def get_reward(spec: str, **options) -> Reward:
 
         return build_multi_reward(spec, options)
     if spec.startswith("python:"):
-        from b2diffurl.rewards.callable import python_reward
+        from b2diffurl.rewards.python_fn import python_reward
 
         return Reward(spec, python_reward(spec, options))
     if spec not in _REGISTRY:
