@@ -397,6 +397,12 @@ def main(argv=None) -> int:
         message = " ".join(str(exc).split())  # one line, whatever the raiser wrote
         print(f"b2diffurl {args.command}: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"b2diffurl {args.command}: stopped at once; resume from the last checkpoint", file=sys.stderr)
+        return EXIT_KILLED
+
+
+EXIT_KILLED = 128 + 2  # the shell's code for a process ended by SIGINT
 
 
 if __name__ == "__main__":
