@@ -24,9 +24,23 @@ class ExportError(ValueError):
     """The model holds nothing that can be exported as a LoRA (one-line message with the fix)."""
 
 
-def lora_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key format, fp32 on CPU, with alpha / r folded into ``lora_B``."""
+def to_diffusers_layers(
+    peft_state: dict[str, torch.Tensor], rank: int, alpha: float
+) -> dict[str, torch.Tensor]:
+    """peft LoRA weights (``...to_q.lora_A.weight``) -> diffusers' keys (``...to_q.lora.down.weight``), fp32 on
+    CPU, with the scale alpha / rank folded into the up-projection."""
     from diffusers.utils import convert_state_dict_to_diffusers
+
+    scale = float(alpha) / float(rank)
+    out = {}
+    for k, v in peft_state.items():
+        v = v.detach().to("cpu", torch.float32)
+        out[k] = (v * scale if ".lora_B." in k else v).contiguous()
+    return convert_state_dict_to_diffusers(out)
+
+
+def lora_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The UNet's adapter in diffusers' key format (see :func:`to_diffusers_layers`)."""
     from peft.utils import get_peft_model_state_dict
 
     configs = getattr(unet, "peft_config", None) or {}
@@ -44,13 +58,18 @@ def lora_state_dict(unet, adapter_name: str = "default") -> dict[str, torch.Tens
         raise ExportError(
             f"LoRA adapter {adapter_name!r} uses rank/alpha patterns or DoRA; export supports one rank and alpha"
         )
-    scale = float(cfg.lora_alpha) / float(cfg.r)
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    out = {}
-    for k, v in state.items():
-        v = v.detach().to("cpu", torch.float32)
-        out[k] = (v * scale if ".lora_B." in k else v).contiguous()
-    return convert_state_dict_to_diffusers(out)
+    return to_diffusers_layers(
+        get_peft_model_state_dict(unet, adapter_name=adapter_name), cfg.r, cfg.lora_alpha
+    )
+
+
+def _write(layers: dict[str, torch.Tensor], directory) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(d, unet_lora_layers=layers, weight_name=WEIGHT_NAME)
+    return d / WEIGHT_NAME
 
 
 def export_lora(unet, directory, *, adapter_name: str = "default") -> Path:
@@ -58,10 +77,27 @@ def export_lora(unet, directory, *, adapter_name: str = "default") -> Path:
 
     ``unet``: the policy's ``UNet2DConditionModel`` with its peft adapter attached (``Policy.unet``).
     Returns the file's path."""
-    from diffusers import StableDiffusionPipeline
+    return _write(lora_state_dict(unet, adapter_name), directory)
 
-    layers = lora_state_dict(unet, adapter_name)
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(d, unet_lora_layers=layers, weight_name=WEIGHT_NAME)
-    return d / WEIGHT_NAME
+
+def export_lora_folder(lora_dir, directory) -> Path:
+    """The same file from a run's saved adapter (a checkpoint's ``lora/`` folder written by
+    ``Policy.save_lora``), without loading any model."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from b2diffurl.models import _LORA_CONFIG, _LORA_WEIGHTS
+
+    src = Path(lora_dir)
+    weights, config = src / _LORA_WEIGHTS, src / _LORA_CONFIG
+    if not weights.is_file() or not config.is_file():
+        raise ExportError(
+            f"{str(src)!r} is not a saved LoRA folder: expected {_LORA_WEIGHTS} and {_LORA_CONFIG}"
+        )
+    try:
+        cfg = json.loads(config.read_text())
+        rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{config}: cannot read the LoRA rank and alpha ({e})") from None
+    return _write(to_diffusers_layers(load_file(str(weights)), rank, alpha), directory)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_models import _tiny_sd_folder
 
-from b2diffurl.export import WEIGHT_NAME, ExportError, export_lora
+from b2diffurl.export import WEIGHT_NAME, ExportError, export_lora, export_lora_folder
 from b2diffurl.models import load_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,8 +34,13 @@ def unet_out(unet, emb):
         return unet(x, torch.tensor([900, 15]), emb).sample
 
 
-@pytest.mark.parametrize("rank,alpha", [(2, 8.0), (4, 4.0)], ids=["scale4", "scale1"])
-def test_exported_lora_loads_in_diffusers_and_matches_policy(tmp_path, rank, alpha):
+@pytest.mark.parametrize(
+    "rank,alpha,route",
+    [(2, 8.0, "unet"), (4, 4.0, "unet"), (2, 8.0, "saved")],
+    ids=["scale4", "scale1", "saved"],
+)
+def test_exported_lora_loads_in_diffusers_and_matches_policy(tmp_path, rank, alpha, route):
+    """route 'unet': from the live adapter; 'saved': from the run's saved lora/ folder (Policy.save_lora)."""
     root = _tiny_sd_folder(tmp_path / "sd")
     policy = load_policy(str(root))
     emb = policy.encode_prompts(["a cat", "two dogs"])
@@ -43,12 +48,16 @@ def test_exported_lora_loads_in_diffusers_and_matches_policy(tmp_path, rank, alp
     policy.add_lora(rank=rank, alpha=alpha)  # the project's default targets: to_q, to_k, to_v, to_out.0
     torch.manual_seed(1)
     with torch.no_grad():
-        for p in policy.lora_parameters():
+        for p in [q for q in policy.unet.parameters() if q.requires_grad]:  # the adapter weights
             p.add_(0.1 * torch.randn_like(p))
     tuned = unet_out(policy.unet, emb)
     assert (tuned - base).abs().max() > 1e-2  # the LoRA changes the model, so equality below means something
 
-    path = export_lora(policy.unet, tmp_path / "export")
+    if route == "unet":
+        path = export_lora(policy.unet, tmp_path / "export")
+    else:
+        policy.save_lora(tmp_path / "run_lora")
+        path = export_lora_folder(tmp_path / "run_lora", tmp_path / "export")
     assert path == tmp_path / "export" / WEIGHT_NAME and path.is_file()
     from safetensors.torch import load_file
 
@@ -74,3 +83,9 @@ def test_export_without_lora_is_refused(tmp_path):
     with pytest.raises(ExportError, match="no LoRA adapter 'default'.*model.lora=on") as e:
         export_lora(policy.unet, tmp_path / "out")
     assert isinstance(e.value, ValueError) and not (tmp_path / "out").exists()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "lora.safetensors").write_bytes(b"")
+    with pytest.raises(
+        ExportError, match="is not a saved LoRA folder: expected lora.safetensors and lora_config.json"
+    ):
+        export_lora_folder(tmp_path / "half", tmp_path / "out")
