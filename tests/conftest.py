@@ -31,12 +31,22 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread for a whole module, restoring the previous count after it (for modules that run real
-    models: on the 2 shared cores torch's extra threads make tiny ops ~50x slower). Use it with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """Every test runs with one intra-op thread and restores the count after it (the CLI may change it): on the
+    2 shared cores torch's extra threads make tiny ops ~50x slower. Modules may still name it explicitly."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Fill every fresh output allocation of the Triton kernels with NaN, so an element a kernel forgets to
+    write shows up as NaN instead of passing by luck. Use with ``pytest.mark.usefixtures("nan_poison")``."""
+    from b2kernels.ops.ddim_logprob import triton as ddim_triton
+    from b2kernels.ops.kv_inject_attention import triton as kv_triton
+
+    monkeypatch.setattr(ddim_triton, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kv_triton, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))

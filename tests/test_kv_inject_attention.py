@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 import b2kernels
 from b2kernels import KVMask, kv_inject_attention
-from b2kernels.ops.kv_inject_attention import triton as kv_triton
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -94,8 +93,8 @@ CASES = [
     CASES,
     ids=[f"D{c[0]}-N{c[1]}-B{c[2]}-{str(c[4])[6:]}-{c[5]}-q{int(c[6])}-rb{c[7] or c[2]}" for c in CASES],
 )
-def test_kernel_matches_oracle(D, N, B, H, dtype, mask, q_ref, ref_batch, monkeypatch):
-    monkeypatch.setattr(kv_triton, "_empty", lambda *a, **kw: torch.full(*a, float("nan"), **kw))
+@pytest.mark.usefixtures("nan_poison")
+def test_kernel_matches_oracle(D, N, B, H, dtype, mask, q_ref, ref_batch):
     q, k, v, kr, vr, qr, m = make(B, H, N, D, dtype, ref_batch=ref_batch, q_ref=q_ref, mask=mask)
     out = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, q_ref=qr, backend="triton")
     ref = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, q_ref=qr, backend="reference")
