@@ -93,18 +93,6 @@ def add_train_parser(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def _read_yaml(path: Path, what: str) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"{what} {str(path)!r} cannot be read as YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{what} {str(path)!r} must hold a mapping of config keys")
-    return data
-
-
 def config_from_args(args) -> tuple[C.RunConfig, str | None]:
     """The run configuration the flags describe (``--resume`` starts from the run's saved config.yaml)."""
     explicit: dict = {}
@@ -114,13 +102,11 @@ def config_from_args(args) -> tuple[C.RunConfig, str | None]:
         run_dir = rp.parent.parent if (rp / "state.pt").is_file() else rp
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"--resume {args.resume!r}: no config.yaml in {run_dir} (not a run directory)")
-        explicit.update(C.flatten(_read_yaml(run_dir / "config.yaml", "--resume config")))
+        explicit.update(C.flatten(C.read_yaml(run_dir / "config.yaml", "--resume config")))
         explicit["out"] = str(run_dir)
         resume_dir = args.resume
     if args.config:
-        if not os.path.isfile(args.config):
-            raise UsageError(f"--config {args.config!r} does not exist")
-        explicit.update(C.flatten(_read_yaml(Path(args.config), "--config")))
+        explicit.update(C.flatten(C.read_yaml(args.config, "--config")))
     for flag, key in (
         ("algo", "algo"),
         ("model", "model.path"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +27,27 @@ def is_timing_key(key: str) -> bool:
     return key.endswith(_TIMING_SUFFIXES)
 
 
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _non_finite_keys(record: dict) -> list[str]:
+    def bad(v) -> bool:
+        if isinstance(v, float):
+            return not math.isfinite(v)
+        if isinstance(v, (list, tuple)):
+            return any(bad(x) for x in v)
+        return isinstance(v, dict) and any(bad(x) for x in v.values())
+
+    return [k for k, v in record.items() if bad(v)]
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON record per line, each line fsynced as it is written, so that a checkpoint
     can name how many lines belong to it (:meth:`truncate` drops the rest on resume)."""
@@ -35,9 +57,12 @@ class MetricsLog:
         self.records: list[dict] = []
 
     def append(self, record: dict) -> None:
+        bad = _non_finite_keys(record)
+        if bad:  # JSON has no NaN/inf: write null and say so, rather than emit a file other tools reject
+            log.warning("non-finite metric values written as null: %s", ", ".join(bad))
         self.records.append(record)
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

@@ -3,6 +3,7 @@ point), preemption, and every configuration / command-line value checked before 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -267,6 +268,26 @@ def test_default_out_is_a_fresh_dir_with_a_latest_link(tmp_path):
     second.mkdir()
     checkpoint.point_latest(second)
     assert (tmp_path / "latest").resolve() == second.resolve()
+
+
+def test_metrics_log_never_writes_nan(tmp_path, caplog):
+    from b2diffurl.report import MetricsLog
+
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    with caplog.at_level("WARNING"):
+        metrics.append({"kind": "eval", "reward_mean": float("nan"), "rewards": [0.5, float("inf")], "n": 2})
+    line = (tmp_path / "metrics.jsonl").read_text()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in metrics.jsonl")
+
+    assert json.loads(line, parse_constant=refuse) == {
+        "kind": "eval",
+        "reward_mean": None,
+        "rewards": [0.5, None],
+        "n": 2,
+    }
+    assert "reward_mean, rewards" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------- preemption

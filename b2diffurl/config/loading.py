@@ -131,21 +131,31 @@ def resolve_preset(run_config: RunConfig) -> str:
     return run_config.preset
 
 
+def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
+    """The mapping a YAML config file holds (nested sections or dotted keys); ConfigError naming the problem."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read as YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{what} {str(path)!r} must hold a mapping of config keys, got {type(data).__name__}"
+        )
+    return data
+
+
 def load_config(
     yaml_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None
 ) -> RunConfig:
     """Defaults → preset → YAML → overrides, then :func:`validate`. Unknown keys raise :class:`ConfigError`."""
     explicit: dict[str, Any] = {}
     if yaml_path:
-        if not os.path.isfile(yaml_path):
-            raise ConfigError(f"config file {yaml_path!r} does not exist")
-        import yaml
-
-        with open(yaml_path) as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {yaml_path!r} must hold a mapping, got {type(data).__name__}")
-        explicit.update(flatten(data))
+        explicit.update(flatten(read_yaml(yaml_path)))
     if isinstance(overrides, list):
         overrides = parse_set(overrides)
     explicit.update(overrides or {})
