@@ -48,6 +48,15 @@ def _arena(backend: str, prompts: int, threads: int | None):
     )
 
 
+def _fill(arena, prompts: int, split_step: int) -> None:
+    """Add one tree per prompt and write every latent (a gather of unwritten latents raises)."""
+    ids = arena.add_trees(list(range(prompts)), split_step)
+    g = torch.Generator().manual_seed(2)
+    for i in range(T + 1):
+        rows = ids[::B] if i <= split_step else ids
+        arena.write_latents(rows, i, torch.randn(rows.numel(), *SHAPE, generator=g).to(DTYPE))
+
+
 def bytes_rows(arena, prompts: int) -> list[dict]:
     nbytes = arena._core.latent_nbytes
     rows = []
@@ -93,7 +102,7 @@ def gather_rows(arenas: dict, prompts: int, rows_list, threads: int, iters: int)
     g = torch.Generator().manual_seed(0)
     for arena in arenas.values():
         arena.reset()
-        arena.add_trees(list(range(prompts)), T - 14)  # k = 14 (the default schedule's middle)
+        _fill(arena, prompts, T - 14)  # k = 14 (the default schedule's middle)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -168,7 +177,7 @@ def e2e_rows(arena, prompts: int, rows_list, iters: int) -> list[dict]:
     out = []
     g = torch.Generator().manual_seed(1)
     arena.reset()
-    arena.add_trees(list(range(prompts)), T - 14)
+    _fill(arena, prompts, T - 14)
     latents = torch.zeros(prompts * B, T, *SHAPE, dtype=DTYPE)  # official: latents + next_latents, pageable
     next_latents = torch.zeros_like(latents)
     logp = torch.zeros(prompts * B, T)
@@ -211,7 +220,8 @@ def run(args) -> list[dict]:
     if not reason:
         arenas["cpp"] = _arena("cpp", prompts, threads)
     main = arenas.get("cpp", arenas["python"])
-    rows = bytes_rows(main, prompts)
+    rows = args.result_rows if isinstance(getattr(args, "result_rows", None), list) else []
+    rows += bytes_rows(main, prompts)
     rows += gather_rows(arenas, prompts, rows_list, threads, args.iters)
     if torch.cuda.is_available():
         rows += e2e_rows(main, prompts, rows_list, args.iters)
@@ -241,4 +251,17 @@ def summary(rows: list[dict]) -> dict:
     if e2e:
         s["e2e_speedup_min"] = min(r["speedup"] for r in e2e)
     print("summary:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()})
-    return {"summary": s}
+    from bench.common import target
+
+    targets = [
+        target("stored bytes vs official layout (worst k)", s["bytes_ratio_max"], 0.55, "<="),
+        target("gather (1 thread) vs memcpy", s["gather_1thread_vs_memcpy_min"], 0.80),
+        target(
+            "gather + H2D vs pinned torch path",
+            s.get("e2e_speedup_min"),
+            1.5,
+            unit="x",
+            note="" if e2e else "needs CUDA",
+        ),
+    ]
+    return {"summary": s, "targets": targets}

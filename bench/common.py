@@ -1,8 +1,15 @@
 """Shared benchmark machinery: timing, environment metadata, JSON results and plots.
 
 A suite is a module ``bench/<name>.py`` exposing ``run(args) -> list[dict]`` (one dict per measured row) and
-optionally ``add_args(parser)``. Register it in ``SUITES`` below. Rows are plain JSON-able dicts; the runner adds
-the environment (GPU name, versions, commit) and writes ``bench/results/<suite>-<device>-<date>.json``.
+optionally ``add_args(parser)`` and ``summary(rows) -> dict``. Register it in ``SUITES`` below. Rows are plain
+JSON-able dicts; the runner adds the environment (GPU name, versions, commit) and writes
+``bench/results/<suite>-<device>-<date>.json``.
+
+* A suite that appends its rows to ``args.result_rows`` as it measures them (and returns that list) keeps what it has
+  finished when it is stopped (SIGTERM/SIGINT, e.g. by the device check's time limit): the runner then writes
+  the partial rows with ``"complete": false``.
+* ``summary(rows)`` may return ``{"targets": [target(...), ...]}``: the issue's goals as measured-vs-goal
+  entries, which ``bench.device_check`` collects into its summary table.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SCHEMA_VERSION = 1
 
 SUITES = {
     "ddim_logprob": "bench.ddim_logprob",
@@ -25,7 +33,36 @@ SUITES = {
     "arena": "bench.arena",
     "stage": "bench.stage",
     "dfusion": "bench.dfusion",
+    "unet_step": "bench.unet_step",
 }
+
+# bf16 dense tensor-core peaks (datasheet, TFLOP/s) for MFU; unknown devices report MFU against the matmul
+# rate measured in the same run only.
+PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
+
+
+def target(name: str, measured, goal: float, op: str = ">=", unit: str = "", note: str = "") -> dict:
+    """One goal of the issue as measured vs goal: ``met`` is None when it was not measured."""
+    if op not in (">=", "<="):
+        raise ValueError(f"op must be '>=' or '<=', got {op!r}")
+    met = None
+    if measured is not None:
+        measured = float(measured)
+        met = measured >= goal if op == ">=" else measured <= goal
+    return {
+        "name": name,
+        "measured": measured,
+        "goal": float(goal),
+        "op": op,
+        "unit": unit,
+        "met": met,
+        "note": note,
+    }
+
+
+def datasheet_peak_tflops(device=None) -> float | None:
+    name = device_name(device).lower()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def device_name(device: torch.device | str | None = None) -> str:
@@ -100,6 +137,33 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, iters: int = 10, devic
     return times[len(times) // 2]
 
 
+def graph_time_us(fn: Callable[[], object], *, calls: int = 50, iters: int = 20) -> float:
+    """Device time per call of ``fn`` in µs, from a CUDA graph of ``calls`` back-to-back calls (median replay).
+
+    A graph replays launches without the host in the way, so this is the kernel's own time per launch, the
+    number that matters inside the sampler's captured step."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    ms = time_fn(graph.replay, warmup=3, iters=iters)
+    return ms * 1e3 / calls
+
+
+def matmul_tflops(device, n: int = 8192, dtype=torch.bfloat16) -> float:
+    """Measured dense matmul rate (TFLOP/s) of an n×n×n product on random data: the ceiling MFU is read against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_fn(lambda: a @ b, warmup=3, iters=10, device=device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
 def copy_bandwidth_gbs(nbytes: int, device) -> float:
     """Measured device copy bandwidth (GB/s counting bytes read + written) for a buffer of ``nbytes``."""
     src = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device)
@@ -108,15 +172,35 @@ def copy_bandwidth_gbs(nbytes: int, device) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def write_results(
-    suite: str, rows: list[dict], extra: dict | None = None, out_dir: Path | None = None
-) -> Path:
-    out_dir = Path(out_dir or RESULTS_DIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def result_path(suite: str, out_dir: Path | str | None = None) -> Path:
+    """``<out_dir>/<suite>-<device>-<date>.json`` (results are named by device and date)."""
     date = _dt.date.today().isoformat()
-    path = out_dir / f"{suite}-{device_slug()}-{date}.json"
-    payload = {"suite": suite, "env": environment(), "rows": rows, **(extra or {})}
-    path.write_text(json.dumps(payload, indent=2))
+    return Path(out_dir or RESULTS_DIR) / f"{suite}-{device_slug()}-{date}.json"
+
+
+def write_results(
+    suite: str,
+    rows: list[dict],
+    extra: dict | None = None,
+    out_dir: Path | None = None,
+    *,
+    complete: bool = True,
+    args: dict | None = None,
+) -> Path:
+    path = result_path(suite, out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "suite": suite,
+        "complete": complete,
+        "env": environment(),
+        "args": args or {},
+        "rows": rows,
+        **(extra or {}),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)  # a reader (or a kill mid-write) never sees half a file
     return path
 
 

@@ -1,12 +1,16 @@
-"""``python -m bench ddim_logprob``: fused DDIM step log-prob vs the eager torch reference.
+"""``python -m bench ddim_logprob``: fused DDIM step log-prob vs the eager and the compiled torch reference.
 
 Rows: N ∈ {16, 160, 1280} latents of 4×64×64 (SD), fp32/bf16/fp16, modes ``fwd`` (log-prob), ``fwd+bwd``
 (log-prob + grads w.r.t. the model outputs, the training path) and ``sample`` (x_prev + log-prob), CFG fused by
-default (cond and uncond outputs, w = 5). Per row: median ms, GB/s (ideal bytes read + written by a fused
-kernel / time), the fraction of the device copy bandwidth measured in the same run for the same byte count, and
-the speedup over the eager reference. Triton rows are skipped, with the reason, where Triton can't run.
+default (cond and uncond outputs, w = 5). Backends: ``reference`` (eager torch), ``compiled`` (the same reference
+under ``torch.compile``, ``--compile``) and ``triton``. Per row: median ms, GB/s (ideal bytes read + written by a
+fused kernel / time), the fraction of a device copy of the same bytes measured in the same run, and the speedups
+over the eager and the compiled reference. ``--launch-n`` adds the device time per launch at small N, from a
+CUDA graph of back-to-back launches (no host in the way). Triton rows are skipped, with the reason, where
+Triton can't run.
 
-Targets (H100/H200): fwd at N=1280 bf16 ≥ 85% of copy bandwidth; fwd+bwd ≥ 5× the eager reference.
+Targets (H100/H200, bf16): fwd and fwd+bwd ≥ 85% of the copy bandwidth; fwd+bwd ≥ 5× the eager reference;
+≤ 5 µs device time per launch at N ≤ 64.
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ def add_args(parser):
         "--iters", type=int, default=None, help="timed iterations (default 20 on GPU, 7 on CPU)"
     )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--latent", default="4,64,64", help="latent shape C,H,W (default SD's 4,64,64)")
+    parser.add_argument("--compile", action="store_true", help="add the reference under torch.compile")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of --compile (eager: plumbing only)",
+    )
+    parser.add_argument(
+        "--launch-n", default="", help="comma-separated small N for the per-launch device time (CUDA only)"
+    )
     parser.add_argument(
         "--cpu-timer",
         choices=("process", "wall"),
@@ -66,10 +80,23 @@ def _bytes(mode: str, n: int, d: int, esize: int, cfg: bool) -> int:
     return (3 + k) * n * d * esize + 4 * n + (3 + k) * n * d * esize + 4 * n + (1 + k) * n * d * esize
 
 
-def _make_call(mode, backend, table, steps, x, m, u, y, w):
+def _compiled_reference(compile_backend: str):
+    """(logprob, sample) of the pure-torch reference under torch.compile (one compile per shape and mode)."""
+    from b2kernels.ops.ddim_logprob import reference
+
+    opts = dict(backend=compile_backend, dynamic=False)
+    return torch.compile(reference.ddim_step_logprob, **opts), torch.compile(
+        reference.ddim_step_sample, **opts
+    )
+
+
+def _make_call(mode, backend, table, steps, x, m, u, y, w, compiled=None):
     from b2kernels import ddim_step_logprob, ddim_step_sample
 
     kw = dict(eta=1.0, model_output_uncond=u, guidance_scale=w, backend=backend)
+    if backend == "compiled":  # the reference itself, traced: no dispatch or validation in the timed call
+        ddim_step_logprob, ddim_step_sample = compiled
+        kw.pop("backend")
     if mode == "fwd":
         return lambda: ddim_step_logprob(table, steps, x, m, y, **kw)
     if mode == "sample":
@@ -127,9 +154,13 @@ def run(args) -> list[dict]:
     timer_name = (
         "cpu-process-time-1thread" if cpu_time else ("cuda-events" if device.type == "cuda" else "wall")
     )
+    global LATENT
+    LATENT = tuple(int(v) for v in args.latent.split(","))
     table = _table(20, device)
     d = LATENT[0] * LATENT[1] * LATENT[2]
-    rows = []
+    rows = args.result_rows if isinstance(getattr(args, "result_rows", None), list) else []
+    backends = ["reference"] + (["compiled"] if getattr(args, "compile", False) else []) + ["triton"]
+    compiled = _compiled_reference(args.compile_backend) if "compiled" in backends else None
     for n in ns:
         steps = torch.randint(0, table.num_steps, (n,), device=device)
         for dname in dtypes:
@@ -151,44 +182,96 @@ def run(args) -> list[dict]:
                     copy_GBps=copy_gbs,
                     timer=timer_name,
                 )
-                ref_ms = None
-                for backend in ("reference", "triton"):
+                ms_of = {}
+                for backend in backends:
                     row = dict(base, backend=backend)
                     try:
-                        resolve("ddim_logprob", backend, device)
-                    except RuntimeError as e:
-                        row["skipped"] = str(e)
+                        if backend == "triton":
+                            resolve("ddim_logprob", backend, device)
+                        fn = _make_call(mode, backend, table, steps, x, m, u, y, w, compiled)
+                        ms = ms_of[backend] = timer(fn)
+                    except RuntimeError as e:  # Triton can't run here, or the compiler failed: say why
+                        row["skipped"] = str(e).splitlines()[0][:300]
                         rows.append(row)
                         continue
-                    fn = _make_call(mode, backend, table, steps, x, m, u, y, w)
-                    ms = timer(fn)
                     gbs = nbytes / (ms * 1e-3) / 1e9
-                    ref_ms = ms if backend == "reference" else ref_ms
-                    row.update(
-                        ms=ms,
-                        GBps=gbs,
-                        frac_copy=gbs / copy_gbs,
-                        speedup_vs_ref=(ref_ms / ms) if ref_ms else None,
-                    )
+                    row.update(ms=ms, GBps=gbs, frac_copy=gbs / copy_gbs)
+                    for base_name in ("reference", "compiled"):
+                        if base_name in ms_of and backend != base_name:
+                            row[f"speedup_vs_{base_name}"] = ms_of[base_name] / ms
                     rows.append(row)
             del x, y, m, u
+    for n in [int(v) for v in args.launch_n.split(",") if v] if device.type == "cuda" else []:
+        rows += _launch_rows(table, n, device, cfg)
     return rows
 
 
-def summary(rows: list[dict]) -> dict:
-    def find(**kw):
-        return next((r for r in rows if all(r.get(k) == v for k, v in kw.items()) and "ms" in r), None)
+def _launch_rows(table, n: int, device, cfg: bool) -> list[dict]:
+    """Device µs per fwd launch at small N (bf16), from a CUDA graph of 50 launches."""
+    from bench.common import graph_time_us
 
-    fwd = find(mode="fwd", N=1280, dtype="bf16", backend="triton")
-    fb = [r for r in rows if r.get("mode") == "fwd+bwd" and r.get("backend") == "triton" and "ms" in r]
-    return {
-        "targets": {
-            "fwd_N1280_bf16_frac_copy": fwd["frac_copy"] if fwd else None,
-            "fwd_N1280_bf16_frac_copy_target": 0.85,
-            "fwd_bwd_min_speedup_vs_ref": min((r["speedup_vs_ref"] for r in fb), default=None),
-            "fwd_bwd_speedup_target": 5.0,
-        }
-    }
+    steps = torch.randint(0, table.num_steps, (n,), device=device)
+    x, y, m, u = (torch.randn((n, *LATENT), device=device, dtype=torch.bfloat16) for _ in range(4))
+    u, w = (u, 5.0) if cfg else (None, None)
+    out = []
+    for backend in ("reference", "triton"):
+        row = dict(
+            mode="launch", N=n, shape="x".join(map(str, LATENT)), dtype="bf16", cfg=cfg, backend=backend
+        )
+        try:
+            row["us_per_launch"] = graph_time_us(_make_call("fwd", backend, table, steps, x, m, u, y, w))
+        except RuntimeError as e:
+            row["skipped"] = str(e).splitlines()[0][:300]
+        out.append(row)
+    return out
+
+
+def summary(rows: list[dict]) -> dict:
+    from bench.common import target
+
+    def find(**kw):
+        return next(
+            (r for r in rows if all(r.get(k) == v for k, v in kw.items()) and "skipped" not in r), None
+        )
+
+    targets = []
+    ns = sorted({r["N"] for r in rows if r.get("mode") in ("fwd", "fwd+bwd")})
+    dtype = "bf16" if any(r.get("dtype") == "bf16" for r in rows) else next((r["dtype"] for r in rows), None)
+    for mode in ("fwd", "fwd+bwd"):
+        for n in ns:
+            r = find(mode=mode, N=n, dtype=dtype, backend="triton")
+            if not find(mode=mode, N=n):
+                continue
+            targets.append(
+                target(f"{mode} N={n} {dtype}: fraction of copy bandwidth", r and r["frac_copy"], 0.85)
+            )
+    for n in ns:
+        r = find(mode="fwd+bwd", N=n, dtype=dtype, backend="triton")
+        if find(mode="fwd+bwd", N=n):
+            targets.append(
+                target(
+                    f"fwd+bwd N={n} {dtype}: speed-up vs eager",
+                    r and r.get("speedup_vs_reference"),
+                    5.0,
+                    unit="x",
+                )
+            )
+            if find(mode="fwd+bwd", N=n, backend="compiled") or (r and "speedup_vs_compiled" in r):
+                targets.append(
+                    target(
+                        f"fwd+bwd N={n} {dtype}: speed-up vs torch.compile",
+                        r and r.get("speedup_vs_compiled"),
+                        1.0,
+                        unit="x",
+                        note="no goal in the issue; 1.0 = as fast as the compiled reference",
+                    )
+                )
+    for r in rows:
+        if r.get("mode") == "launch" and r.get("backend") == "triton" and r["N"] <= 64:
+            targets.append(
+                target(f"device time per launch N={r['N']}", r.get("us_per_launch"), 5.0, "<=", "us")
+            )
+    return {"targets": targets}
 
 
 def plot(rows: list[dict], path):
