@@ -89,3 +89,57 @@ def test_export_without_lora_is_refused(tmp_path):
         ExportError, match="is not a saved LoRA folder: expected lora.safetensors and lora_config.json"
     ):
         export_lora_folder(tmp_path / "half", tmp_path / "out")
+
+
+def test_lora_trained_by_the_trainer_loads_in_diffusers(tmp_path):
+    """`b2diffurl train` on an SD-layout folder with LoRA: the adapter of its final checkpoint, exported, gives a
+    plain diffusers pipeline the trained UNet."""
+    import json
+
+    from b2diffurl import checkpoint
+    from b2diffurl import config as C
+    from b2diffurl.trainer import Trainer
+
+    root = _tiny_sd_folder(tmp_path / "sd")
+    sched = root / "scheduler" / "scheduler_config.json"
+    sched.write_text(
+        json.dumps({**json.loads(sched.read_text()), "clip_sample": False})
+    )  # as SD's own config
+    cfg = C.load_config(
+        overrides={
+            "model.path": str(root),
+            "model.lora": "on",
+            "model.lora_rank": 2,
+            "model.lora_alpha": 8.0,
+            "stages": 1,
+            "sample.num_steps": 4,
+            "sample.prompts_per_stage": 2,
+            "sample.branches": 2,
+            "sample.batch_size": 2,
+            "b2.k_left": 2,
+            "b2.k_right": 2,
+            "eval.prompts": "none",
+            "train.micro_batch_size": 2,
+            "train.grad_accum_steps": 1,
+            "train.lr": 0.05,
+            "out": str(tmp_path / "run"),
+            "progress": False,
+            "grid_every": 0,
+            "preset": "toy",
+        }
+    )
+    trainer = Trainer(
+        cfg,
+        reward_fn=lambda images, prompts: images.mean((1, 2, 3)),
+        train_prompts=["a cat", "two dogs", "a fox"],
+    )
+    assert trainer.run()["status"] == "finished"
+    emb = trainer.policy.encode_prompts(["a cat", "two dogs"])
+    trained = unet_out(trainer.policy.unet, emb)
+    pipe = fresh_pipeline(root)
+    base = unet_out(pipe.unet, emb)
+    assert (trained - base).abs().max() > 1e-5  # training moved the adapter off its zero init
+
+    export_lora_folder(checkpoint.find(tmp_path / "run") / "lora", tmp_path / "export")
+    pipe.load_lora_weights(tmp_path / "export")
+    torch.testing.assert_close(unet_out(pipe.unet, emb), trained, atol=1e-5, rtol=1e-5)
