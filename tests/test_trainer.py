@@ -75,14 +75,15 @@ def test_uninterrupted_run_outputs(reference_run):
     assert (out / "checkpoints" / "LATEST").read_text().strip() == "stage_00003"
 
 
-def test_sigterm_then_resume_is_exact(reference_run, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_then_resume_is_exact(reference_run, tmp_path, signum):
     ref_out, _, ref_params = reference_run
     calls = {"n": 0}
 
     def reward_with_sigterm(images, prompts):
         calls["n"] += 1
-        if calls["n"] == 3:  # stage 1's second sampling batch: SIGTERM arrives mid-stage
-            os.kill(os.getpid(), signal.SIGTERM)
+        if calls["n"] == 3:  # stage 1's second sampling batch: the signal arrives mid-stage
+            os.kill(os.getpid(), signum)
         return brightness_reward(images, prompts)
 
     cfg = cfg_for(tmp_path, checkpoint_every=0)
