@@ -292,7 +292,7 @@ class Trainer:
             "stage_time_s": time.perf_counter() - t0,
         }
         self.metrics.append(rec)
-        if hasattr(bar, "set_postfix"):
+        if self.cfg.progress:  # then ``bar`` is a tqdm bar (report.progress_bar)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
         grid_every = self.cfg.grid_every
         if grid_every and (stage + 1) % grid_every == 0 and data.images is not None:
