@@ -20,6 +20,7 @@ import copy
 import json
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -230,10 +231,9 @@ def main(argv=None) -> None:
     te = M.build_text_encoder().to(dev)
     if args.init_from is not None:
         index = json.loads((args.init_from / "model_index.json").read_text()).get("b2diffurl_toy", {})
-        init_info = {
-            k: index.get(k)
-            for k in ("train_steps", "prediction_type", "init_from", "wall_minutes", "text_encoder")
-        }
+        layout = ("latent_shape", "image_size", "patch", "decode")
+        init_info = {k: v for k, v in index.items() if k not in layout}  # the previous run's whole recipe
+        init_info.setdefault("text_encoder", None)
         init_info["text_encoder"] = init_info["text_encoder"] or "trained jointly with the UNet"
         if (args.init_from / "losses.json").is_file():
             prior_losses = json.loads((args.init_from / "losses.json").read_text())
@@ -295,6 +295,8 @@ def main(argv=None) -> None:
         if (step + 1) % args.save_every == 0 or last:
             meta = {
                 "train_steps": step + 1,
+                "command": "python -m b2diffurl.toy.pretrain "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
                 "prediction_type": args.prediction,
                 "init_from": init_info,
                 "batch": args.batch,

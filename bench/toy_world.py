@@ -1,0 +1,340 @@
+"""``python -m bench.toy_world``: the measured properties of the embedded toy world (or any toy-layout checkpoint).
+
+A toy world is only useful to RL if it can express its prompts and leaves the decisions the algorithms study
+open. This script measures each of those properties on one checkpoint, prints one table per property and
+writes ``bench/results/toy_world[-TAG]-<date>.json``:
+
+1. ``text`` — relative L2 change of the prompt embedding [L, D] when one reward-relevant word is swapped
+   (left↔right, above↔below, a colour, a shape, two↔three), mean over every prompt where the swap applies;
+2. ``categories`` — per prompt category: mean dense reward (:func:`b2diffurl.toy.score.toy_score`), binary
+   success rate (:func:`~b2diffurl.toy.score.toy_success`), mean within-prompt std of the dense reward, the
+   fraction of prompts whose images neither all succeed nor all fail, and for relations the success against
+   the prompt with the relation word swapped (a model that ignores the word satisfies both alike);
+3. ``speed`` — images per CPU-second (process CPU time) sampling 32 images, batched, CFG, η = 1;
+4. ``branches`` — B²'s branch points: P prompts × 4 branches sharing the first s DDIM steps; within-group
+   variance of the dense reward, fraction of groups whose 4 dense rewards tie (range < 0.01) and whose 4
+   success bits all agree;
+5. ``dfusion`` — one D-Fusion stage (:func:`b2diffurl.algos.dfusion.generate_pairs`): fraction of pairs whose
+   target beats its base, mean rewards, and how close target and reference are to the base (SSIM and mean
+   absolute pixel difference): D-Fusion's targets should stay visually consistent with their bases.
+
+``--threads`` (default 1) fixes torch's thread count so CPU-seconds are comparable between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import RESULTS_DIR, environment, print_table
+
+TIE = 0.01
+
+
+def _policy(source: str):
+    from b2diffurl.models import load_policy
+
+    return load_policy(source)
+
+
+# ------------------------------------------------------------------------------------------------ 1. text
+def _swaps(prompt: str) -> dict[str, str]:
+    from b2diffurl.toy import prompts as P
+
+    words = prompt.split()
+    out = {}
+    pairs = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    for w, o in pairs.items():
+        if w in words:
+            out["relation_" + ("left_right" if w in ("left", "right") else "above_below")] = " ".join(
+                o if x == w else x for x in words
+            )
+    c = next(x for x in words if x in P.COLOURS)
+    other = next(x for x in P.COLOURS if x not in words)
+    out["colour"] = prompt.replace(c, other, 1)
+    s = next(x for x in words if x in P.OBJECT_WORDS)
+    stem = s.rstrip("s") if s not in P.SHAPES else s
+    new = next(x for x in P.SHAPES if x != stem and x not in prompt)
+    out["shape"] = prompt.replace(stem, new, 1)
+    if words[0] in ("two", "three"):
+        out["count"] = " ".join([{"two": "three", "three": "two"}[words[0]], *words[1:]])
+    return out
+
+
+def text_rows(policy) -> list[dict]:
+    from b2diffurl.toy.prompts import get_prompts
+
+    prompts = get_prompts("all")
+    base = policy.encode_prompts(prompts).float()
+    jobs = [(i, kind, q) for i, p in enumerate(prompts) for kind, q in _swaps(p).items()]
+    swapped = policy.encode_prompts([q for _, _, q in jobs]).float()
+    changes: dict[str, list[float]] = {}
+    for (i, kind, _), e in zip(jobs, swapped):
+        changes.setdefault(kind, []).append(((e - base[i]).norm() / base[i].norm()).item())
+    colour = sum(changes["colour"]) / len(changes["colour"])
+    return [
+        {
+            "swap": k,
+            "prompts": len(v),
+            "rel_l2_change": sum(v) / len(v),
+            "min": min(v),
+            "vs_colour": sum(v) / len(v) / colour,
+        }
+        for k, v in sorted(changes.items())
+    ]
+
+
+# ------------------------------------------------------------------------------------------ 2. categories
+def _sample(policy, prompts, *, steps, cfg, seed, batch=64):
+    from b2diffurl.sampling import sample
+
+    return sample(
+        policy, prompts, num_steps=steps, guidance_scale=cfg, eta=1.0, seed=seed, batch_size=batch
+    ).images
+
+
+def _eval_prompts(per_category: int, seed: int = 0) -> dict[str, list[str]]:
+    """Every single and count prompt; ``per_category`` relation prompts (train and held-out alike)."""
+    from b2diffurl.toy.prompts import CATEGORIES, get_prompts
+
+    rng = random.Random(seed)
+    out = {}
+    for cat in CATEGORIES:
+        ps = get_prompts(f"all:{cat}")
+        out[cat] = sorted(rng.sample(ps, per_category)) if len(ps) > per_category else ps
+    return out
+
+
+def category_rows(policy, *, steps, cfg, n, per_category) -> list[dict]:
+    from b2diffurl.toy.score import toy_score, toy_success
+
+    rows = []
+    for cat, prompts in _eval_prompts(per_category).items():
+        ps = [p for p in prompts for _ in range(n)]
+        imgs = _sample(policy, ps, steps=steps, cfg=cfg, seed=1)
+        r, ok = toy_score(imgs, ps), toy_success(imgs, ps).float()
+        r_p, ok_p = r.view(-1, n), ok.view(-1, n)
+        row = {
+            "category": cat,
+            "prompts": len(prompts),
+            "images": len(ps),
+            "dense_mean": r.mean().item(),
+            "success": ok.mean().item(),
+            "within_prompt_std": r_p.std(1).mean().item(),
+            "prompts_mixed_success": ((ok_p.mean(1) > 0) & (ok_p.mean(1) < 1)).float().mean().item(),
+        }
+        if cat == "relation":
+            sw = [_swaps(p)[next(k for k in _swaps(p) if k.startswith("relation"))] for p in ps]
+            row["success_vs_swapped_prompt"] = toy_success(imgs, sw).float().mean().item()
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- 3. speed
+def speed_rows(policy, *, steps, cfg, images=32, repeats=2) -> list[dict]:
+    from b2diffurl.toy.prompts import get_prompts
+
+    ps = (get_prompts("train:count") + get_prompts("train:relation"))[:images]
+    best = None
+    for k in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        _sample(policy, ps, steps=steps, cfg=cfg, seed=k, batch=images)
+        c, w = time.process_time() - c0, time.perf_counter() - w0
+        best = (c, w) if best is None or c < best[0] else best
+    return [
+        {
+            "images": images,
+            "steps": steps,
+            "cfg": cfg,
+            "threads": torch.get_num_threads(),
+            "cpu_s": best[0],
+            "wall_s": best[1],
+            "images_per_cpu_s": images / best[0],
+        }
+    ]
+
+
+# -------------------------------------------------------------------------------------------- 4. branches
+def branch_rows(policy, *, steps, cfg, prompts_per_category, shared) -> list[dict]:
+    from b2diffurl.sampling import TreeSampler
+    from b2diffurl.toy.score import toy_score, toy_success
+
+    cats = _eval_prompts(prompts_per_category, seed=1)
+    ps = cats["count"][:prompts_per_category] + cats["relation"][:prompts_per_category]
+    sampler = TreeSampler(policy, num_steps=steps, guidance_scale=cfg, eta=1.0)
+    cond = policy.encode_prompts(ps)
+    B = 4
+    rows = []
+    for s in shared:
+        gen = torch.Generator().manual_seed(1000 + s)
+        with torch.no_grad():
+            out = sampler.sample_trees(cond, split_step=s, branches=B, generator=gen)
+            imgs = policy.decode(out.latents)
+        rep = [p for p in ps for _ in range(B)]
+        r = toy_score(imgs, rep).view(-1, B)
+        ok = toy_success(imgs, rep).view(-1, B).float()
+        rows.append(
+            {
+                "shared_steps": s,
+                "branch_k": steps - s,
+                "groups": len(ps),
+                "within_group_var": r.var(1).mean().item(),
+                "dense_ties": ((r.amax(1) - r.amin(1)) < TIE).float().mean().item(),
+                "success_ties": ((ok.mean(1) == 0) | (ok.mean(1) == 1)).float().mean().item(),
+                "success": ok.mean().item(),
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- 5. dfusion
+def _ssim(a: torch.Tensor, b: torch.Tensor, win: int = 7) -> torch.Tensor:
+    """Mean SSIM per image (uniform win×win window, per channel, constants of Wang et al. 2004 for range 1)."""
+    c1, c2 = 0.01**2, 0.03**2
+    pool = lambda x: F.avg_pool2d(x, win, 1)
+    mu_a, mu_b = pool(a), pool(b)
+    va, vb = pool(a * a) - mu_a**2, pool(b * b) - mu_b**2
+    cov = pool(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+    return s.mean((1, 2, 3))
+
+
+def dfusion_rows(policy, *, steps, cfg, prompts, n) -> list[dict]:
+    from b2diffurl.algos import dfusion as D
+    from b2diffurl.rewards import get_reward
+    from b2diffurl.sampling import TreeSampler
+    from b2diffurl.toy import prompts as TP
+    from b2kernels.buffer import TrajectoryArena
+
+    gen = torch.Generator().manual_seed(0)
+    train = TP.train_prompts()
+    ps = [train[i] for i in torch.randperm(len(train), generator=gen)[:prompts].tolist()]
+    sampler = TreeSampler(policy, num_steps=steps, guidance_scale=cfg, eta=1.0)
+    first = max(1, round(steps / 10))  # official 2 of 20: the noisiest steps stay the base's
+    conf = D.DFusionConfig(samples_per_prompt=n, fusion_steps=[first, -1])
+    arena = TrajectoryArena(policy.latent_shape, num_steps=steps, max_trees=prompts * n * 2, branches=1)
+    t0 = time.perf_counter()
+    st = D.generate_pairs(
+        sampler,
+        ps,
+        conf,
+        reward_fn=get_reward("toy"),
+        arena=arena,
+        run_seed=0,
+        epoch=0,
+        prompts_per_call=max(1, 64 // n),
+    )
+    arena.synchronize()
+    img = lambda ids: policy.decode(arena.latents(ids, steps).to(policy.dtype)).float()
+    ref, base, tgt = img(st.ref_ids), img(st.base_ids), img(st.target_ids)
+    m = st.metrics
+    return [
+        {
+            "prompts": prompts,
+            "n": n,
+            "steps": steps,
+            "fused_steps": f"{st.fused_steps[0]}-{st.fused_steps[-1]}",
+            "pairs": int(st.target_ids.numel()),
+            "reward_ref": m["reward_ref_mean"],
+            "reward_base": m["reward_base_mean"],
+            "reward_target": m["reward_target_mean"],
+            "target_beats_base": m["target_beats_base"],
+            "target_loses": float((st.target_rewards < st.base_rewards).float().mean()),
+            "ssim_target_base": _ssim(tgt, base).mean().item(),
+            "ssim_ref_base": _ssim(ref, base).mean().item(),
+            "l1_target_base": (tgt - base).abs().mean().item(),
+            "l1_ref_base": (ref - base).abs().mean().item(),
+            "mask_coverage": m["mask_coverage"],
+            "s": time.perf_counter() - t0,
+        }
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.toy_world", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--checkpoint", default="toy", help="'toy' (the embedded checkpoint) or a toy-layout folder"
+    )
+    ap.add_argument("--steps", type=int, default=10, help="DDIM steps T")
+    ap.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    ap.add_argument("--n", type=int, default=8, help="images per prompt for the category table")
+    ap.add_argument("--relation-prompts", type=int, default=24, help="relation prompts in the category table")
+    ap.add_argument(
+        "--branch-prompts", type=int, default=12, help="count and relation prompts each, branch table"
+    )
+    ap.add_argument(
+        "--shared", default=None, help="comma list of shared steps s (default: 0, 10 %%, ..., 80 %% of T)"
+    )
+    ap.add_argument("--dfusion-prompts", type=int, default=8)
+    ap.add_argument("--dfusion-n", type=int, default=16)
+    ap.add_argument(
+        "--skip", default="", help="comma list of sections to skip (text,categories,speed,branches,dfusion)"
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="", help="added to the result file name")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    policy = _policy(args.checkpoint)
+    T = args.steps
+    shared = (
+        [int(x) for x in args.shared.split(",")]
+        if args.shared
+        else sorted({round(T * f) for f in (0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)})
+    )
+    skip = set(filter(None, args.skip.split(",")))
+    sections = {
+        "text": lambda: text_rows(policy),
+        "categories": lambda: category_rows(
+            policy, steps=T, cfg=args.cfg, n=args.n, per_category=args.relation_prompts
+        ),
+        "speed": lambda: speed_rows(policy, steps=T, cfg=args.cfg),
+        "branches": lambda: branch_rows(
+            policy, steps=T, cfg=args.cfg, prompts_per_category=args.branch_prompts, shared=shared
+        ),
+        "dfusion": lambda: dfusion_rows(
+            policy, steps=T, cfg=args.cfg, prompts=args.dfusion_prompts, n=args.dfusion_n
+        ),
+    }
+    index = policy_index(args.checkpoint)
+    results = {"checkpoint": args.checkpoint, "model": index, "steps": T, "cfg": args.cfg}
+    for name, fn in sections.items():
+        if name in skip:
+            continue
+        t0 = time.perf_counter()
+        with torch.no_grad() if name != "dfusion" else contextlib.nullcontext():
+            rows = fn()
+        print(f"\n== {name} ({time.perf_counter() - t0:.0f} s)")
+        print_table(rows)
+        results[name] = rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = f"-{args.tag}" if args.tag else ""
+    path = args.out / f"toy_world{tag}-{_dt.date.today().isoformat()}.json"
+    path.write_text(json.dumps({"suite": "toy_world", "env": environment(), **results}, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def policy_index(source: str) -> dict:
+    """The checkpoint's recipe block (``b2diffurl_toy`` in model_index.json)."""
+    from b2diffurl.toy import CHECKPOINT_DIR
+
+    folder = CHECKPOINT_DIR if source == "toy" else Path(source)
+    try:
+        return json.loads((folder / "model_index.json").read_text()).get("b2diffurl_toy", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
