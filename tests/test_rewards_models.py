@@ -148,6 +148,12 @@ def test_open_clip_errors(tmp_path):
         get_reward("hpsv2", checkpoint=str(tmp_path / "missing.pt"))
     with pytest.raises(RewardError, match="unknown open_clip architecture 'NoSuchNet-1'"):
         get_reward("clip", model="NoSuchNet-1", random_init=True)
+    with pytest.raises(
+        RewardError, match="unknown open_clip architecture 'hf-hub:org/x'.*hub names are not fetched"
+    ):
+        get_reward("clip", model="hf-hub:org/x", random_init=True)
+    with pytest.raises(RewardError, match="needs a Hugging Face text tower/tokenizer .*would be downloaded"):
+        get_reward("clip", model="xlm-roberta-base-ViT-B-32", random_init=True)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(RewardError, match="could not be read as a weights file"):
         get_reward("clip", model="tiny-err", model_config=TINY_CLIP, checkpoint=str(tmp_path / "junk.pt"))

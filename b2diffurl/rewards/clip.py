@@ -39,10 +39,18 @@ def load_open_clip(
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / f"{model}.json").write_text(json.dumps(model_config))
             open_clip.add_model_config(Path(d) / f"{model}.json")
-    if open_clip.get_model_config(model) is None:
+    arch = open_clip.get_model_config(model) if not model.startswith(("hf-hub:", "local-dir:")) else None
+    if arch is None:
         raise RewardError(
-            f"unknown open_clip architecture {model!r}; expected e.g. 'ViT-H-14' or 'ViT-L-14-quickgelu' "
-            f"(see open_clip.list_models())"
+            f"unknown open_clip architecture {model!r}; expected a built-in name such as 'ViT-H-14' or "
+            "'ViT-L-14-quickgelu' (see open_clip.list_models(); hub names are not fetched)"
+        )
+    text_cfg = arch.get("text_cfg", {})
+    hub_parts = [k for k in ("hf_model_name", "hf_tokenizer_name") if text_cfg.get(k)]
+    if hub_parts:  # open_clip would fetch these from the Hugging Face hub
+        raise RewardError(
+            f"open_clip architecture {model!r} needs a Hugging Face text tower/tokenizer ({', '.join(hub_parts)}), "
+            "which would be downloaded; use an architecture with CLIP's own text tower, e.g. ViT-H-14"
         )
     path = None
     if not random_init:
