@@ -8,6 +8,8 @@
 * :func:`kl_estimate` - KL(policy ‖ reference) from log-probs of the same samples under both.
 * :func:`hacking_alarm` - the rule: the training reward rises while the gold reward or the diversity falls,
   by more than given margins over a window of stages.
+* :class:`StageMonitor` - collects the above batch by batch while a stage samples (one ``add`` per batch,
+  no host sync) and returns the stage's metrics, including its own cost.
 
 All image inputs are [N, 3, H, W] floats in [0, 1]; results are Python floats (ready for metrics.jsonl).
 """
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +76,8 @@ def image_diversity(
 
 
 # -- image statistics ------------------------------------------------------------------------------------------------
-def image_statistics(images: torch.Tensor, hf_cutoff: float = 0.25) -> dict[str, float]:
-    """Batch means of per-image statistics:
+def image_statistics_per_image(images: torch.Tensor, hf_cutoff: float = 0.25) -> dict[str, torch.Tensor]:
+    """Per-image statistics, each [N] fp32 on the images' device (no host sync):
 
     * ``brightness`` - mean luma;
     * ``saturation`` - mean HSV saturation (max − min) / max of the pixels (0 for black pixels);
@@ -101,11 +104,16 @@ def image_statistics(images: torch.Tensor, hf_cutoff: float = 0.25) -> dict[str,
     total = power.sum((1, 2))
     hf = torch.where(total > 0, (power * high).sum((1, 2)) / total.clamp_min(1e-30), torch.zeros_like(total))
     return {
-        "brightness": float(luma.mean()),
-        "saturation": float(sat.mean()),
-        "contrast": float(luma.std((1, 2), correction=0).mean()),
-        "high_freq_energy": float(hf.mean()),
+        "brightness": luma.mean((1, 2)),
+        "saturation": sat.mean((1, 2)),
+        "contrast": luma.std((1, 2), correction=0),
+        "high_freq_energy": hf,
     }
+
+
+def image_statistics(images: torch.Tensor, hf_cutoff: float = 0.25) -> dict[str, float]:
+    """Batch means of :func:`image_statistics_per_image`."""
+    return {k: float(v.mean()) for k, v in image_statistics_per_image(images, hf_cutoff).items()}
 
 
 # -- KL to the reference policy ----------------------------------------------------------------------------------
@@ -193,3 +201,69 @@ def hacking_alarm(
         else ""
     )
     return HackingAlarm(fired, changes, span, message)
+
+
+# -- per-stage collection -----------------------------------------------------------------------------------------
+class StageMonitor:
+    """Collects one stage's monitor inputs batch by batch: ``add(images, prompts, result)`` after each scored
+    batch (no host sync), then ``metrics()`` once.
+
+    ``gold_fn(images, prompts) -> [N]``: the held-out gold reward scored on the same images (None: off).
+    ``embed_fn(images) -> [N, D] | None``: image embeddings for diversity (e.g. ``Reward.image_embeddings``);
+    when it is None or returns None, diversity uses :func:`pixel_features`. ``time_s`` is the wall time spent
+    in ``add`` and ``metrics`` (on CUDA, ``metrics`` waits for the queued work, so the total is honest)."""
+
+    def __init__(self, gold_fn: Callable | None = None, embed_fn: Callable | None = None):
+        self.gold_fn, self.embed_fn = gold_fn, embed_fn
+        self.components_: dict[str, list[torch.Tensor]] = {}
+        self.gold: list[torch.Tensor] = []
+        self.features: list[torch.Tensor] = []
+        self.stats: dict[str, list[torch.Tensor]] = {}
+        self.prompts: list[str] = []
+        self.metric: str | None = None
+        self.time_s = 0.0
+
+    @torch.no_grad()
+    def add(self, images: torch.Tensor, prompts: Sequence[str], result=None) -> None:
+        """``result``: the batch's :class:`~b2diffurl.rewards.RewardResult` (its components are kept)."""
+        t0 = time.perf_counter()
+        if result is not None:
+            for name, c in result.components.items():
+                self.components_.setdefault(name, []).append(c.detach().float().reshape(-1))
+        if self.gold_fn is not None:
+            self.gold.append(
+                torch.as_tensor(self.gold_fn(images, list(prompts))).detach().float().reshape(-1)
+            )
+        emb = self.embed_fn(images) if self.embed_fn is not None and self.metric != "rms" else None
+        if self.metric is None:
+            self.metric = "cosine" if emb is not None else "rms"
+        self.features.append(emb.float() if emb is not None else pixel_features(images))
+        for k, v in image_statistics_per_image(images).items():
+            self.stats.setdefault(k, []).append(v)
+        self.prompts += list(prompts)
+        self.time_s += time.perf_counter() - t0
+
+    def components(self) -> dict[str, torch.Tensor]:
+        """{term: scores [N]} on the CPU, in ``add`` order (for per-term advantage aggregation)."""
+        return {n: torch.cat(v).cpu() for n, v in self.components_.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """``reward_<term>_mean`` / ``_std`` per term (multi-rewards only), ``gold_mean``, ``gold_std``,
+        ``diversity``, the image statistics' means and ``monitor_time_s``."""
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        comps = self.components()
+        if len(comps) > 1:
+            for n, v in comps.items():
+                out[f"reward_{n}_mean"] = float(v.mean())
+                out[f"reward_{n}_std"] = float(v.std()) if v.numel() > 1 else 0.0
+        if self.gold:
+            g = torch.cat(self.gold).cpu()
+            out["gold_mean"] = float(g.mean())
+            out["gold_std"] = float(g.std()) if g.numel() > 1 else 0.0
+        if self.features:
+            out["diversity"] = prompt_diversity(torch.cat(self.features), self.prompts, self.metric or "rms")
+        out.update({k: float(torch.cat(v).mean()) for k, v in self.stats.items()})
+        self.time_s += time.perf_counter() - t0
+        out["monitor_time_s"] = self.time_s
+        return out

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from b2diffurl.monitors import (
+    StageMonitor,
     hacking_alarm,
     image_diversity,
     image_statistics,
@@ -181,3 +182,39 @@ def test_alarm_arguments():
     flat = [{"stage": s, "reward": 1.0 + s, "gold": None} for s in range(5)]
     a = hacking_alarm(flat, window=5)
     assert not a.fired and a.changes["gold"] is None and a.changes["diversity"] is None
+
+
+def test_stage_monitor_batches_equal_one_pass():
+    """Two batches through StageMonitor give the same numbers as the functions on the whole stage at once."""
+    from b2diffurl.rewards import get_reward
+
+    prompts = [p for p in train_prompts()[:4] for _ in range(3)]
+    images = render(prompts, seed=2)
+    reward = get_reward("toy:0.5,jpeg_compressibility:0.5")
+    mon = StageMonitor(gold_fn=toy_score)
+    for a, b in ((0, 5), (5, 12)):
+        mon.add(images[a:b], prompts[a:b], reward.score(images[a:b], prompts[a:b]))
+    m = mon.metrics()
+    whole = reward.score(images, prompts)
+    assert m["reward_toy_mean"] == pytest.approx(float(whole.components["toy"].mean()))
+    assert m["reward_jpeg_compressibility_mean"] == pytest.approx(
+        float(whole.components["jpeg_compressibility"].mean())
+    )
+    assert m["gold_mean"] == pytest.approx(float(toy_score(images, prompts).mean()))
+    assert m["diversity"] == pytest.approx(image_diversity(images, prompts))
+    for k, v in image_statistics(images).items():
+        assert m[k] == pytest.approx(v, rel=1e-5), k
+    assert m["monitor_time_s"] > 0
+    torch.testing.assert_close(mon.components()["toy"], whole.components["toy"])
+    # embeddings, when given, replace pixels (cosine distance)
+    emb = StageMonitor(embed_fn=lambda im: im.mean((2, 3)))
+    emb.add(images, prompts)
+    assert emb.metrics()["diversity"] == pytest.approx(
+        image_diversity(images, prompts, embeddings=images.mean((2, 3)))
+    )
+    assert "gold_mean" not in emb.metrics()
+    single = StageMonitor()
+    single.add(images, prompts, get_reward("toy").score(images, prompts))
+    assert not any(
+        k.startswith("reward_") for k in single.metrics()
+    )  # one term: the stage's reward_mean says it

@@ -169,6 +169,9 @@ def test_multi_reward_option_errors(two_terms):
         get_reward("toy:0.5,python:terms:red:0.5", **{"clip.checkpoint": "x"})
     with pytest.raises(RewardError, match="aggregate='sum'; expected one of reward, advantage"):
         get_reward("toy,python:terms:red", aggregate="sum")
+    with pytest.raises(RewardError, match="aggregate='sum'; expected one of reward, advantage"):
+        get_reward("toy", aggregate="sum")
+    assert get_reward("toy", aggregate="advantage").aggregate == "advantage"  # one term: same either way
     with pytest.raises(RewardError, match="unknown option.*foo"):
         get_reward("toy,python:terms:red", **{"toy.foo": 1})
     assert get_reward("toy,python:terms:red", aggregate="advantage").aggregate == "advantage"

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     import torch
 
 
+# how a multi-reward's terms are combined (see b2diffurl.rewards.multi)
+AGGREGATES = ("reward", "advantage")
+
+
 class RewardError(ValueError):
     """A reward that cannot be built or run as asked; the message is one line naming the fix."""
 
@@ -204,25 +208,29 @@ def _unknown(name: str) -> str:
     )
 
 
-def get_reward(spec: str, **options) -> Reward:
+def get_reward(spec: str, *, aggregate: str = "reward", **options) -> Reward:
     """Build a batched reward from ``spec`` (see module docs). Problems raise :class:`RewardError` (a
     ValueError; :class:`RewardFileError` for a missing local file) with a one-line message.
 
-    A multi-reward spec takes per-term options either nested (``clip={"checkpoint": ...}``) or dotted
-    (``**{"clip.checkpoint": ...}``), plus ``aggregate="reward" | "advantage"``."""
+    ``aggregate`` (``"reward"`` | ``"advantage"``) says how the algorithm should combine a multi-reward's
+    terms; any spec takes it, so a config can set it once (one term: both mean the same). A multi-reward
+    spec takes per-term options either nested (``clip={"checkpoint": ...}``) or dotted
+    (``**{"clip.checkpoint": ...}``)."""
     if not isinstance(spec, str):
         raise TypeError(f"reward spec must be a string, got {type(spec).__name__}")
+    if aggregate not in AGGREGATES:
+        raise RewardError(f"reward aggregate={aggregate!r}; expected one of {', '.join(AGGREGATES)}")
     if _is_multi(spec):
         from b2diffurl.rewards.multi import build_multi_reward
 
-        return build_multi_reward(spec, options)
+        return build_multi_reward(spec, options, aggregate)
     if spec.startswith("python:"):
         from b2diffurl.rewards.python_fn import python_reward
 
-        return Reward(spec, python_reward(spec, options))
+        return Reward(spec, python_reward(spec, options), aggregate=aggregate)
     if spec not in _REGISTRY:
         raise RewardError(_unknown(spec))
-    return Reward(spec, _REGISTRY[spec](**options))
+    return Reward(spec, _REGISTRY[spec](**options), aggregate=aggregate)
 
 
 def _lazy(module: str, attr: str) -> Callable[..., RewardFn]:
@@ -254,6 +262,7 @@ register_reward("jpeg_compressibility", _lazy("jpeg", "jpeg_compressibility"))
 register_reward("jpeg_incompressibility", _lazy("jpeg", "jpeg_incompressibility"))
 
 __all__ = [
+    "AGGREGATES",
     "Reward",
     "as_reward",
     "RewardError",

@@ -18,8 +18,6 @@ import math
 
 from b2diffurl.rewards import Reward, RewardError, RewardResult
 
-AGGREGATES = ("reward", "advantage")
-
 
 def parse_multi_spec(spec: str) -> dict[str, float]:
     """``'aesthetic:0.7,clip:0.3'`` -> ``{'aesthetic': 0.7, 'clip': 0.3}``; checks every name and weight."""
@@ -74,13 +72,9 @@ def split_term_options(terms, options: dict) -> dict[str, dict]:
     return out
 
 
-def build_multi_reward(spec: str, options: dict) -> Reward:
+def build_multi_reward(spec: str, options: dict, aggregate: str = "reward") -> Reward:
     from b2diffurl.rewards import get_reward
 
-    options = dict(options)
-    aggregate = options.pop("aggregate", "reward")
-    if aggregate not in AGGREGATES:
-        raise RewardError(f"reward option aggregate={aggregate!r}; expected one of {', '.join(AGGREGATES)}")
     weights = parse_multi_spec(spec)
     per_term = split_term_options(weights, options)
     terms = {name: get_reward(name, **per_term[name]) for name in weights}
