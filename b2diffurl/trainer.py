@@ -1,13 +1,9 @@
 """The training loop shared by every algorithm: stages of sample → reward → select → train.
 
 The trainer owns what every algorithm needs (device and dtype, policy and LoRA, optimizer and LR schedule,
-random generators, held-out evaluation, JSONL metrics, grids, checkpoints, exact resume, SIGTERM); an
-algorithm (registered in ``b2diffurl.config.ALGORITHMS``) owns the stage. See docs/ARCHITECTURE.md for the
-data path of a stage and the run-directory layout.
-
-Resume restores parameters, optimizer, LR schedule, stage index, the algorithm's state (e.g. stat-tracker
-history), every RNG and truncates metrics.jsonl to the checkpoint, so a killed-and-resumed run logs the same
-numbers as an uninterrupted one (CPU, fp32; on GPU add ``deterministic=true``).
+random generators, held-out evaluation, metrics, grids, checkpoints, exact resume, stopping on signals); an
+algorithm (registered in ``b2diffurl.config.ALGORITHMS``) owns the stage. docs/ARCHITECTURE.md describes the
+data path of a stage, the run directory and why a resumed run logs the same numbers as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -115,7 +111,7 @@ class Trainer:
         self.ctx = RunContext(
             cfg=run_config,
             policy=policy,
-            reward_fn=self.reward_fn,
+            reward_fn=self._reward_or_stop,
             sampler=self.sampler,
             params=self.params,
             optimizer=self.optimizer,
@@ -212,6 +208,12 @@ class Trainer:
         self.start_stage = int(state["next_stage"])
         self.metrics.truncate(int(state["metrics_lines"]))  # later lines are redone by this run
         log.info("resumed from %s at stage %d", ckpt, self.start_stage)
+
+    def _reward_or_stop(self, images, prompts):
+        """The reward as algorithms see it: algorithms score each sampling batch as it is done, so checking
+        for a stop request first makes every sampling batch a stopping point."""
+        self.ctx.check_stop()
+        return self.reward_fn(images, prompts)
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     def _evaluate(self, stage: int) -> None:

@@ -88,7 +88,7 @@ def test_signal_then_resume_is_exact(reference_run, tmp_path, signum):
 
     cfg = cfg_for(tmp_path, checkpoint_every=0)
     first = trainer(cfg, reward=reward_with_sigterm).run()
-    # the stop lands at stage 1's first optimizer step: stage 1 is redone from its saved start
+    # the stop lands at stage 1's next sampling batch: stage 1 is redone from its saved start
     assert first["status"] == "interrupted" and first["stages_done"] == 1
     assert (tmp_path / "checkpoints" / "LATEST").read_text().strip() == "stage_00001"
     tr = trainer(cfg, resume=str(tmp_path))
