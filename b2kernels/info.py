@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import platform
 
 import torch
@@ -12,7 +13,15 @@ from b2kernels import _dispatch
 OPS = ("ddim_logprob", "kv_inject_attention")
 
 
+# module -> distribution (package metadata answers without importing: diffusers/open_clip take seconds to import)
+_DISTRIBUTIONS = {"b2kernels": "b2diffurl", "open_clip": "open_clip_torch"}
+
+
 def _version(mod: str) -> str:
+    try:
+        return importlib.metadata.version(_DISTRIBUTIONS.get(mod, mod))
+    except importlib.metadata.PackageNotFoundError:
+        pass
     try:
         return getattr(importlib.import_module(mod), "__version__", "unknown")
     except Exception as exc:  # noqa: BLE001 - report, never crash

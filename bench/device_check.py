@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.results_table import targets_of
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,7 +57,7 @@ DEVICE_PLAN = [
     ),
     Step("unet_step", ["--model", "sd15", "--images", "16", "--iters", "10"], 170, min_s=60),
     Step("arena", ["--prompts", "64", "--rows", "320", "1280", "--iters", "5"], 40),
-    Step("stage", ["--models", "sd15", "--steps", "20"], 150, min_s=60),
+    Step("stage", ["--models", "sd15", "--prompts", "4", "--branches", "5", "--steps", "20"], 150, min_s=60),
     Step("dfusion", ["--steps", "20"], 100, min_s=40),
 ]
 
@@ -131,7 +133,7 @@ def run_suite(step: Step, out: Path, limit_s: float, log) -> dict:
         data = json.loads(path.read_text())
         entry["complete"] = data.get("complete")
         entry["rows"] = len(data.get("rows", []))
-        entry["targets"] = [t for t in data.get("targets", []) if isinstance(t, dict) and "name" in t]
+        entry["targets"] = targets_of(data)  # stored by the suite, or derived from its rows
     print(f"=== {step.suite}: {status} in {wall:.0f} s", file=log, flush=True)
     return entry
 

@@ -118,7 +118,9 @@ def run(args) -> list[dict]:
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     cfg = MODELS[args.model]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**cfg).to(device, dtype).eval().requires_grad_(False)
+    with torch.device(device):  # random init on the device: seconds instead of a minute of CPU init for 860 M
+        unet = UNet2DConditionModel(**cfg)
+    unet = unet.to(dtype).eval().requires_grad_(False)
     n = args.images
     size = cfg["sample_size"]
     g = torch.Generator(device=device).manual_seed(0)

@@ -1,0 +1,204 @@
+"""The GPU device check, without a GPU: its CPU dry run end to end, the result schema, the summary, partial
+results when a suite is stopped, and the README table generated from bench/results.
+
+GPU time is scarce, so ``bench/device_check.sh`` must work the first time it meets a GPU; this dry run (tiny
+shapes, Triton interpreted) keeps the script, the runner and the JSON/summary formats from rotting in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# bench/ lives in the checkout, not in the installed wheel: import it from there, then take the checkout off
+# sys.path again so b2kernels keeps coming from the installed package (bench imports it lazily)
+sys.path.insert(0, str(ROOT))
+try:
+    from bench.common import target
+    from bench.device_check import DRY_PLAN
+    from bench.results_table import BEGIN, END, render_readme, table, targets_of
+finally:
+    sys.path.remove(str(ROOT))
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back from $OUT
+
+
+def _env(**extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "PYTHON": sys.executable, **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _check_target(t):
+    assert {"name", "measured", "goal", "op", "unit", "met", "note"} <= t.keys(), t
+    assert t["op"] in (">=", "<=")
+    if t["measured"] is None:
+        assert t["met"] is None
+    else:
+        assert t["met"] == (t["measured"] >= t["goal"] if t["op"] == ">=" else t["measured"] <= t["goal"])
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("device_check_out")
+    r = subprocess.run(
+        ["bash", str(ROOT / "bench" / "device_check.sh"), "--dry-run"],
+        cwd=ROOT,
+        env=_env(OUT=str(out)),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return r, out
+
+
+def test_dry_run_writes_one_result_per_suite_a_summary_and_a_log(dry_run):
+    r, out = dry_run
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files  # the device tool returns at most 8 files from $OUT
+    assert all(TOOL_NAME.match(f) for f in files), files
+    assert not [f for f in files if f.endswith(".tmp")], files
+    for step in DRY_PLAN:
+        assert [f for f in files if f.startswith(step.suite + "-") and f.endswith(".json")], (
+            step.suite,
+            files,
+        )
+    assert [f for f in files if f.startswith("summary-") and f.endswith(".md")], files
+    assert [f for f in files if f.startswith("device-check-") and f.endswith(".log")], files
+
+
+def test_dry_run_results_follow_the_schema(dry_run):
+    _, out = dry_run
+    for path in out.glob("*.json"):
+        data = json.loads(path.read_text())
+        assert data["schema_version"] == 1 and data["complete"] is True, path.name
+        assert {"device", "torch", "triton", "commit", "date"} <= data["env"].keys()
+        assert isinstance(data["args"], dict) and data["wall_s"] > 0
+        assert data["rows"] and all(isinstance(row, dict) for row in data["rows"]), path.name
+        assert data["targets"], f"{path.name}: no measured-vs-goal targets"
+        for t in data["targets"]:
+            _check_target(t)
+
+
+def test_dry_run_summary_lists_every_suite_and_target(dry_run):
+    _, out = dry_run
+    text = next(out.glob("summary-*.md")).read_text()
+    assert "## Targets" in text and "## Suites" in text
+    for step in DRY_PLAN:
+        assert re.search(rf"^\| {step.suite} \| ok \|", text, re.M), step.suite
+    for path in out.glob("*.json"):
+        for t in json.loads(path.read_text())["targets"]:
+            assert t["name"] in text
+
+
+def test_a_stopped_suite_keeps_the_rows_it_finished(tmp_path):
+    """SIGTERM in the middle of a suite (the device check's time limit): the finished rows are written,
+    marked incomplete, and the runner exits 124."""
+    (tmp_path / "halfway_suite.py").write_text(
+        textwrap.dedent(
+            """
+            import os, signal, time
+
+            def run(args):
+                args.result_rows.append({"row": 1})
+                args.result_rows.append({"row": 2})
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)
+                args.result_rows.append({"row": 3})
+                return args.result_rows
+            """
+        )
+    )
+    script = (
+        "import sys; import bench.common as c; c.SUITES['halfway'] = 'halfway_suite'; "
+        "from bench.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, "halfway", "--out", str(tmp_path / "out"), "--no-plot"],
+        cwd=ROOT,
+        env=_env(PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)])),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 124, r.stderr[-2000:]
+    data = json.loads(next((tmp_path / "out").glob("halfway-*.json")).read_text())
+    assert data["complete"] is False and data["stopped_by"] == "SIGTERM"
+    assert data["rows"] == [{"row": 1}, {"row": 2}]
+
+
+def test_suite_past_its_limit_is_stopped(tmp_path):
+    from bench.device_check import Step, run_suite
+
+    log = open(tmp_path / "log", "w")  # noqa: SIM115
+    try:
+        entry = run_suite(Step("arena", ["--prompts", "2", "--rows", "8"], 1), tmp_path, 1.0, log)
+    finally:
+        log.close()
+    assert entry["status"].startswith(("stopped", "killed")), entry
+
+
+def test_targets_compare_in_the_stated_direction():
+    assert target("a", 0.9, 0.85)["met"] is True
+    assert target("b", 6.0, 5.0, "<=", "us")["met"] is False
+    assert target("c", None, 1.0)["met"] is None
+    with pytest.raises(ValueError):
+        target("d", 1.0, 1.0, ">")
+
+
+def test_results_table_puts_gpu_runs_first_and_derives_targets(tmp_path):
+    def write(name, suite, device, rows, **extra):
+        env = {"device": device, "date": "2026-12-01T00:00:00+00:00"}
+        (tmp_path / name).write_text(json.dumps({"suite": suite, "env": env, "rows": rows, **extra}))
+
+    write(
+        "stage-cpu.json",
+        "stage",
+        "cpu-x86_64-1threads",
+        [
+            {"model": "tiny", "impl": "ours", "images_per_s": 2.0},
+            {"model": "tiny", "impl": "official", "images_per_s": 1.0},
+        ],
+    )
+    gpu_targets = [target("fwd N=1280 bf16: fraction of copy bandwidth", 0.9, 0.85)]
+    write(
+        "ddim-h100.json",
+        "ddim_logprob",
+        "NVIDIA H100 80GB HBM3",
+        [{"x": 1}],
+        targets=gpu_targets,
+        complete=False,
+    )
+    text = table(tmp_path)
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert "H100" in lines[0] and "pass" in lines[0] and "(partial run)" in lines[0]
+    assert "stage tiny: ours vs official-style" in lines[1] and "**miss**" in lines[1]  # 2× < 3×
+    assert "No GPU run" not in text
+    assert targets_of({"suite": "dfusion", "rows": [{"impl": "engine", "unet": "sd21", "speedup": 2.5}]})[0][
+        "met"
+    ]
+
+
+def test_readme_block_is_replaced_and_nothing_else():
+    text = f"intro\n{BEGIN}\nold table\n{END}\nrest\n"
+    assert render_readme(text, "new") == f"intro\n{BEGIN}\nnew\n{END}\nrest\n"
+
+
+def test_readme_measured_table_is_up_to_date():
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.results_table", "--check"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
