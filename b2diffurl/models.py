@@ -14,37 +14,100 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _LORA_WEIGHTS, _LORA_CONFIG = "lora.safetensors", "lora_config.json"
 
 
+class VAECodec:
+    """Latent space of Stable Diffusion: ``AutoencoderKL`` with its scaling factor (frozen)."""
+
+    def __init__(self, vae):
+        self.vae = vae.requires_grad_(False).eval()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE posterior mean of images in [0, 1], scaled."""
+        x = images.to(self.vae.device, self.vae.dtype) * 2 - 1
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+
+class PixelShuffleCodec:
+    """Pixel space behind a lossless pixel-(un)shuffle: latents = unshuffle(2·image − 1, patch), so a UNet runs at
+    1/patch of the image side on 3·patch² channels (the embedded toy model: patch 2, 32×32 images)."""
+
+    def __init__(self, patch: int):
+        self.patch = int(patch)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((F.pixel_shuffle(latents.float(), self.patch) + 1) / 2).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(images * 2 - 1, self.patch)
+
+
+class Codec(Protocol):
+    """Images [N, 3, H, W] float in [0, 1] <-> latents [N, *latent_shape] (the UNet's space)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
 class Policy:
-    """UNet + text encoder + tokenizer + DDIMScheduler (+ VAE) on one device.
+    """UNet + text encoder + tokenizer + DDIMScheduler + image codec on one device.
 
     ``latent_shape`` is (C, H, W) of one latent; ``encode_prompts`` -> [N, L, D]; ``decode`` latents ->
-    images [N, 3, H_img, W_img] in [0, 1]. The text encoder and VAE are frozen; the UNet is frozen too
-    once LoRA is attached (only adapter weights train)."""
+    images [N, 3, H_img, W_img] in [0, 1]. The text encoder is frozen; the UNet is frozen too once LoRA is
+    attached (only adapter weights train). ``object_words``: the nouns whose cross-attention marks the objects
+    of a prompt (D-Fusion's mask) when the model's world knows them (the toy model does; SD: empty, set them
+    in the config). Build one with :meth:`from_components` or :func:`load_policy`."""
 
-    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae, *, source: str, is_toy: bool):
-        self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae = (
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, codec: Codec, *, source, object_words):
+        self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.codec = (
             unet,
             text_encoder,
             tokenizer,
             scheduler,
-            vae,
+            codec,
         )
-        self.source, self.is_toy = source, is_toy
+        self.source, self.object_words = source, tuple(object_words)
         self.text_encoder.requires_grad_(False).eval()
-        if vae is not None:
-            vae.requires_grad_(False).eval()
         size = unet.config.sample_size
         size = size if isinstance(size, int) else size[0]
         self.latent_shape = (int(unet.config.in_channels), int(size), int(size))
         self.lora_config: dict | None = None
+
+    @classmethod
+    def from_components(
+        cls,
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        codec: Codec,
+        *,
+        object_words: tuple[str, ...] = (),
+        source: str = "components",
+    ) -> Policy:
+        """A policy from modules in memory (e.g. tiny random ones in tests and benches): ``scheduler`` is any
+        DDIM-compatible diffusers scheduler (its config is turned into a ``DDIMScheduler``), ``codec`` maps
+        latents to images (:class:`VAECodec`, :class:`PixelShuffleCodec` or any object with ``decode`` and
+        ``encode``). The text encoder moves to the UNet's device."""
+        from diffusers import DDIMScheduler
+
+        text_encoder = text_encoder.to(unet.device)
+        cfg = {**scheduler.config, "_class_name": type(scheduler).__name__}
+        ddim = DDIMScheduler.from_config(_ddim_compatible(cfg, source))
+        return cls(unet, text_encoder, tokenizer, ddim, codec, source=source, object_words=object_words)
 
     @property
     def device(self) -> torch.device:
@@ -69,21 +132,11 @@ class Policy:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [N, *latent_shape] -> images [N, 3, H, W] float32 in [0, 1]."""
-        if self.vae is None:
-            from b2diffurl.toy.model import latents_to_images
-
-            return latents_to_images(latents.float())
-        x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        return self.codec.decode(latents).float()
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [N, 3, H, W] in [0, 1] -> latents [N, *latent_shape] (VAE posterior mean for SD)."""
-        if self.vae is None:
-            from b2diffurl.toy.model import images_to_latents
-
-            return images_to_latents(images.to(self.device, self.dtype))
-        x = images.to(self.vae.device, self.vae.dtype) * 2 - 1
-        return (self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor).to(self.dtype)
+        """Images [N, 3, H, W] in [0, 1] -> latents [N, *latent_shape] in the policy's dtype and device."""
+        return self.codec.encode(images.to(self.device)).to(self.device, self.dtype)
 
     # -- LoRA -----------------------------------------------------------------------------------
     def add_lora(
@@ -118,10 +171,6 @@ class Policy:
             if p.requires_grad:
                 p.data = p.data.float()
         self.lora_config = cfg
-
-    def lora_parameters(self) -> list[torch.nn.Parameter]:
-        """The trainable (adapter) parameters."""
-        return [p for p in self.unet.parameters() if p.requires_grad]
 
     def save_lora(self, directory) -> Path:
         """Write only the adapter: ``lora.safetensors`` + ``lora_config.json`` into ``directory``."""
@@ -210,12 +259,10 @@ def _read_json(p: Path) -> dict:
         raise ValueError(f"cannot read {p}: {e}") from None
 
 
-def _ddim_from(path: Path):
-    """DDIMScheduler with the folder's noise schedule; refuses schedulers that DDIM cannot stand in for."""
+def _ddim_compatible(cfg: dict, where) -> dict:
+    """The scheduler config ``cfg`` if DDIM can stand in for its scheduler, else a ValueError naming the fix."""
     import diffusers
-    from diffusers import DDIMScheduler
 
-    cfg = _read_json(path / "scheduler" / "scheduler_config.json")
     name = cfg.get("_class_name", "?")
     cls = getattr(diffusers, name, None)
     compatible = name == "DDIMScheduler" or "DDIMScheduler" in [
@@ -224,21 +271,21 @@ def _ddim_from(path: Path):
     pred = cfg.get("prediction_type", "epsilon")
     if not compatible or pred not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(
-            f"{path} has scheduler {name} (prediction_type={pred!r}); expected a DDPM-family "
+            f"{where} has scheduler {name} (prediction_type={pred!r}); expected a DDPM-family "
             "scheduler that DDIMScheduler can replace (DDIM, DDPM, PNDM, Euler, DPM-Solver, ...) with "
             "prediction_type epsilon, v_prediction or sample — e.g. Stable Diffusion 1.x/2.x"
         )
-    return DDIMScheduler.from_config(cfg)
+    return cfg
 
 
 def load_policy(source: str = "toy", *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
-    """``source``: ``"toy"`` (the embedded checkpoint) or the path of a local diffusers folder of
-    SD 1.x/2.x (unet/, text_encoder/, tokenizer/, scheduler/, vae/). Offline only."""
-    from diffusers import UNet2DConditionModel
+    """``source``: ``"toy"`` (the embedded checkpoint), a toy checkpoint folder (its ``model_index.json`` has a
+    ``b2diffurl_toy`` entry: pixel-space codec, the toy world's object words) or the path of a local diffusers
+    folder of SD 1.x/2.x (unet/, text_encoder/, tokenizer/, scheduler/, vae/). Offline only."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    is_toy = str(source) == "toy"
-    if is_toy:
+    if str(source) == "toy":
         from b2diffurl.toy import CHECKPOINT_DIR as path
 
         if not (path / "unet").is_dir():
@@ -250,7 +297,7 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype = torch.float32, devi
         path = Path(source).expanduser()
     _check_folder(path)
     index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
-    is_toy = is_toy or "b2diffurl_toy" in index
+    toy = index.get("b2diffurl_toy")
     unet_cls = (
         _read_json(path / "unet" / "config.json").get("_class_name")
         if (path / "unet" / "config.json").is_file()
@@ -260,21 +307,27 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype = torch.float32, devi
         raise ValueError(
             f"{path}/unet holds {unet_cls or 'no config.json'}; expected a UNet2DConditionModel (SD 1.x/2.x)"
         )
-    scheduler = _ddim_from(path)
+    sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
+    scheduler = DDIMScheduler.from_config(_ddim_compatible(sched_cfg, path))
     kw = dict(local_files_only=True, torch_dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw).to(device)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    vae = None
-    if not is_toy:
+    if toy is not None:
+        from b2diffurl.toy.prompts import OBJECT_WORDS  # the toy world tells what its objects are
+
+        codec, object_words = PixelShuffleCodec(toy["patch"]), OBJECT_WORDS
+    else:
         from diffusers import AutoencoderKL
 
         if not (path / "vae").is_dir():
             raise ValueError(
                 f"{str(path)!r} has no vae/ subfolder; expected an SD 1.x/2.x diffusers folder with a VAE"
             )
-        vae = AutoencoderKL.from_pretrained(path / "vae", **kw).to(device)
-    return Policy(unet, text_encoder, tokenizer, scheduler, vae, source=str(source), is_toy=is_toy)
+        codec, object_words = VAECodec(AutoencoderKL.from_pretrained(path / "vae", **kw).to(device)), ()
+    return Policy.from_components(
+        unet, text_encoder, tokenizer, scheduler, codec, object_words=object_words, source=str(source)
+    )
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -133,15 +133,13 @@ class Trainer:
     def _wants_lora(self, algo_cls) -> bool:
         m = self.cfg.model
         # 'auto': LoRA for real models; also on the toy for an algorithm whose reference policy is the same UNet
-        # with the adapters disabled (an optional class attribute of the plug-in, see algos/api.py)
-        needs_reference = bool(getattr(algo_cls, "needs_reference_policy", False))
+        # with the adapters disabled (Algorithm.needs_reference_policy, see algos/api.py)
+        needs_reference = algo_cls.needs_reference_policy
         return m.lora == "on" or (m.lora == "auto" and (m.path != "toy" or needs_reference))
 
     def _setup_trainable(self) -> list[torch.nn.Parameter]:
         p, m = self.policy, self.cfg.model
         p.text_encoder.requires_grad_(False)
-        if p.vae is not None:
-            p.vae.requires_grad_(False)
         if self.lora:
             p.unet.requires_grad_(False)
             p.add_lora(rank=m.lora_rank, alpha=m.lora_alpha, targets=tuple(m.lora_targets))

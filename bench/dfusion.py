@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from b2diffurl.config import DFusionConfig
 from bench.common import device_name, sync, time_fn
 
 UNETS = {
@@ -87,47 +88,20 @@ def add_args(p):
     )
 
 
-class _BenchPolicy:
-    """Random-init UNet + fixed random text embeddings (77 tokens), SD's DDIM scheduler settings."""
+def _bench_policy(kind: str, device, dtype):
+    """Random-init SD-layout UNet of size ``kind`` (77-token text, SD's DDIM scheduler settings), frozen."""
+    from bench.stage import random_policy
 
-    def __init__(self, kind: str, device, dtype, num_steps: int):
-        from diffusers import DDIMScheduler, UNet2DConditionModel
-
-        torch.manual_seed(0)
-        spec = dict(UNETS[kind])
-        self.unet = (
-            UNet2DConditionModel(
-                in_channels=4,
-                out_channels=4,
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                **spec,
-            )
-            .to(device, dtype)
-            .eval()
-        )
-        self.unet.requires_grad_(False)
-        self.scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
-        self.scheduler.set_timesteps(num_steps)
-        s = spec["sample_size"]
-        self.latent_shape = (4, s, s)
-        self.mask_grid = s // 4  # SD: 64 → 16×16 mask layers
-        self.dim = spec["cross_attention_dim"]
-        self.device, self.dtype = device, dtype
-
-    def encode_prompts(self, prompts):
-        out = []
-        for p in prompts:
-            g = torch.Generator().manual_seed(hash(p) % 2**31)
-            out.append(torch.randn(77, self.dim, generator=g) * (0.0 if p == "" else 1.0))
-        return torch.stack(out).to(self.device, self.dtype)
+    spec = dict(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        **UNETS[kind],
+    )
+    pol = random_policy(spec, device, dtype, seq=77)
+    pol.unet.eval().requires_grad_(False)
+    return pol
 
 
 def _throughput_rows(args, device) -> list[dict]:
@@ -149,14 +123,15 @@ def _throughput_rows(args, device) -> list[dict]:
         if args.dtype
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )
-    pol = _BenchPolicy(kind, device, dtype, T)
+    pol = _bench_policy(kind, device, dtype)
     sampler = TreeSampler(pol, num_steps=T, guidance_scale=5.0, eta=1.0)
-    cfg = D.DFusionConfig(samples_per_prompt=4, fusion_layers="3-6", mask_grid=pol.mask_grid)
+    mask_grid = pol.latent_shape[-1] // 4  # SD: 64 → 16×16 mask layers
+    cfg = DFusionConfig(samples_per_prompt=4, fusion_layers="3-6", mask_grid=mask_grid)
     fused = D.fused_step_range(cfg, T)
     layers = D.fusion_block_indices(pol.unet, cfg.fusion_layers)
     r = nt // 2
     shape = pol.latent_shape
-    g = pol.mask_grid
+    g = mask_grid
     cond_ref = pol.encode_prompts([f"ref {i}" for i in range(r)])
     cond_t = pol.encode_prompts([f"ref {i // 2}" for i in range(nt)])
     ref_lat = torch.randn(r, T + 1, *shape, device=device, dtype=dtype)
@@ -269,7 +244,7 @@ def _toy_rows(args) -> list[dict]:
     sampler = TreeSampler(policy, num_steps=T, guidance_scale=5.0, eta=1.0)
     rows = []
     for rule, thr in (("threshold", 0.05), ("mean", 0.05)):
-        cfg = D.DFusionConfig(samples_per_prompt=n, mask_rule=rule, mask_threshold=thr)
+        cfg = DFusionConfig(samples_per_prompt=n, mask_rule=rule, mask_threshold=thr)
         arena = TrajectoryArena(policy.latent_shape, num_steps=T, max_trees=P * n * 2, branches=1)
         t0 = time.perf_counter()
         st = D.generate_pairs(

@@ -66,50 +66,52 @@ UNETS = {
 }
 
 
-class RandomPolicy:
-    """Random-init UNet + 1-layer CLIP text encoder (hidden = cross_attention_dim) with the policy interface."""
+class PreviewCodec:
+    """Latents [N, 4, h, w] <-> "images" [N, 3, h, w]: the first 3 channels mapped from [-1, 1] to [0, 1]. A stand-in
+    for the VAE of a random-init model (throughput does not depend on what the pixels show)."""
 
-    def __init__(self, name: str, device, dtype=torch.float32):
-        from diffusers import DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        cfg = UNETS[name]
-        torch.manual_seed(0)
-        self.unet = UNet2DConditionModel(**cfg).to(device, dtype)
-        d = cfg["cross_attention_dim"]
-        self.text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=1000,
-                hidden_size=d,
-                intermediate_size=2 * d,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                max_position_embeddings=77 if name == "sd15" else 8,
-            )
-        ).to(device, dtype)
-        self.seq = 77 if name == "sd15" else 8
-        self.scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
-        self.latent_shape = (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
-        self.vae = None
-        self.device = torch.device(device)
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts):
-        ids = torch.tensor(
-            [[(hash(w) % 997) + 2 for w in (p.split() + [""] * self.seq)[: self.seq]] for p in prompts],
-            device=self.device,
-        )
-        return self.text_encoder(ids).last_hidden_state
-
-    def decode(self, latents):
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents[:, :3].float() * 0.5 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = images * 2 - 1
+        return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+
+
+def random_policy(unet_config: dict, device, dtype=torch.float32, *, seq: int = 77):
+    """A :class:`b2diffurl.models.Policy` from random-init modules: ``UNet2DConditionModel(**unet_config)``, a
+    1-layer CLIP text encoder (hidden = cross_attention_dim, ``seq`` positions) over a word tokenizer padded to
+    ``seq`` tokens, SD's DDIM scheduler settings and :class:`PreviewCodec`."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from b2diffurl.models import Policy
+    from b2diffurl.toy.model import build_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config).to(device, dtype)
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = seq
+    d = unet_config["cross_attention_dim"]
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=seq,
+        )
+    ).to(device, dtype)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return Policy.from_components(unet, text_encoder, tokenizer, scheduler, PreviewCodec(), source="random")
 
 
 def _dense_reward(images, prompts):
@@ -138,7 +140,7 @@ def _policy(name, device):
         from b2diffurl.models import load_policy
 
         return load_policy("toy", device=device), "toy"
-    return RandomPolicy(name, device), "dense"
+    return random_policy(UNETS[name], device, seq=77 if name == "sd15" else 8), "dense"
 
 
 def _ours(policy, reward_fn, prompts, P, B, T, k, mb, device):

@@ -133,66 +133,34 @@ def official_targets(
 
 
 # ----------------------------------------------------------------------------------------------- tiny policy
-class TinyPolicy:
-    """A random-init toy-world policy small enough for CPU tests (the real one comes from models.load_policy):
-    toy tokenizer + tiny CLIP text encoder + a tiny UNet with cross-attention at 16×16, 8×8 and the 4×4 mid
-    block. ``lora_disabled`` toggles peft adapters like the real policy."""
+def toy_policy(seed: int = 0, channels=(16, 16, 32)):
+    """A random-init toy-world :class:`b2diffurl.models.Policy` small enough for CPU tests (the shipped one comes
+    from ``load_policy``): toy tokenizer + text encoder, a tiny UNet with cross-attention at 16×16, 8×8 and the
+    4×4 mid block, the toy's pixel codec and object words."""
+    from b2diffurl.models import PixelShuffleCodec, Policy
+    from b2diffurl.toy import model as tm
+    from b2diffurl.toy.prompts import OBJECT_WORDS
 
-    def __init__(self, seed: int = 0, channels=(16, 16, 32), num_steps: int = 6):
-        import contextlib
+    torch.manual_seed(seed)
+    unet = tm.build_unet(channels).eval().requires_grad_(False)
+    _, ddim = tm.build_schedulers()
+    return Policy.from_components(
+        unet,
+        tm.build_text_encoder(),
+        tm.build_tokenizer(),
+        ddim,
+        PixelShuffleCodec(tm.PATCH),
+        object_words=OBJECT_WORDS,
+        source="toy-random",
+    )
 
-        from b2diffurl.toy import model as tm
 
-        self._tm = tm
-        torch.manual_seed(seed)
-        self.tokenizer = tm.build_tokenizer()
-        self.text_encoder = tm.build_text_encoder().eval()
-        self.unet = tm.build_unet(channels).eval()
-        self.unet.requires_grad_(False)
-        _, self.scheduler = tm.build_schedulers()
-        self.scheduler.set_timesteps(num_steps)
-        self.latent_shape = tm.LATENT_SHAPE
-        self.vae = None
-        self.lora_config = None
-        self._ctx = contextlib
-
-    def encode_prompts(self, prompts):
-        tm = self._tm
-        ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tm.MAX_TOKENS,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        with torch.no_grad():
-            return self.text_encoder(ids)[0]
-
-    def decode(self, latents):
-        return self._tm.latents_to_images(latents.float())
-
-    def add_lora(self, rank=4, alpha=4, targets=("to_q", "to_k", "to_v", "to_out.0"), random_b: bool = False):
-        from peft import LoraConfig
-
-        self.unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=not random_b)
-        )
-        self.lora_config = {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}
-        for n_, p in self.unet.named_parameters():
-            p.requires_grad_("lora_" in n_)
-
-    def lora_disabled(self):
-        unet = self.unet
-
-        @self._ctx.contextmanager
-        def cm():
-            unet.disable_adapters()
-            try:
-                yield
-            finally:
-                unet.enable_adapters()
-
-        return cm()
+def randomize_lora(policy, std: float = 0.1, seed: int = 0) -> None:
+    """Draw the LoRA B matrices (zero at attach) so the adapter really changes the UNet."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in policy.unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * std
 
 
 def toy_reward(images: torch.Tensor, prompts) -> torch.Tensor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from dfusion_reference import TinyPolicy, official_targets, row_noise, toy_reward
+from dfusion_reference import official_targets, row_noise, toy_policy, toy_reward
 
 from b2diffurl.algos import dfusion as D
+from b2diffurl.config import DFusionConfig
 
 T = 5
 PROMPTS = ["a blue square to the left of a green triangle"]
@@ -32,18 +32,9 @@ def _traj(arena, ids):
     return torch.stack([arena.latents(ids, i) for i in range(T + 1)], 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The CPU is shared by several jobs: OpenMP spin-waiting with 2 threads makes these tiny convs ~30× slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def policy():
-    return TinyPolicy(num_steps=T)
+    return toy_policy()
 
 
 # ----------------------------------------------------------------------------------------------- pairing
@@ -73,9 +64,7 @@ def test_pairing_errors(n, ref, base, reuse, msg):
     with pytest.raises(ValueError, match=msg):
         D.pairing_sizes(n, ref, base, reuse)
     with pytest.raises(ValueError, match=msg):
-        D.DFusionConfig(
-            samples_per_prompt=n, ref_fraction=ref, base_fraction=base, ref_reuse=reuse
-        ).validate()
+        DFusionConfig(samples_per_prompt=n, ref_fraction=ref, base_fraction=base, ref_reuse=reuse).validate()
 
 
 # ----------------------------------------------------------------------------------------------- tokens
@@ -97,52 +86,30 @@ def test_object_tokens_by_tokenizer_multi_token():
     tok = _SubwordTokenizer()
     # "triangle" -> "tria", "ngle"; "cat" one piece. Positions include BOS at 0.
     cols = D.object_token_columns(tok, "a big triangle near a cat", ["triangle", "cat"], required=True)
-    assert cols == [[3, 4], [7]]
+    assert cols == [("triangle", [3, 4]), ("cat", [7])]
     with pytest.raises(ValueError, match="not in prompt"):
         D.object_token_columns(tok, "a red circle", ["dog"], required=True)
 
 
 def test_object_tokens_toy_tokenizer(policy):
     cols = D.object_token_columns(policy.tokenizer, PROMPTS[0], ["square", "triangle"], required=True)
-    assert cols == [[3], [10]]  # word index + 1 (BOS)
-    cfg = D.DFusionConfig(object_words=("circle",))
+    assert cols == [("square", [3]), ("triangle", [10])]  # word index + 1 (BOS)
+    cfg = DFusionConfig(object_words=("circle",))
     with pytest.raises(ValueError, match="'circle' is not in prompt"):
         D.item_selection(policy.tokenizer, PROMPTS, cfg, 16)
 
 
-# ----------------------------------------------------------------------------------------------- masks
-def test_object_mask_hand_made():
-    # 2 rows, 2×2 grid (4 tokens), sequence of 4 text tokens; item 0 = column 1, item 1 = columns 2+3 (summed)
-    probs = torch.tensor(
-        [
-            [
-                [0.0, 0.50, 0.10, 0.00],
-                [0.0, 0.01, 0.10, 0.15],
-                [0.0, 0.02, 0.01, 0.01],
-                [0.0, 0.30, 0.00, 0.00],
-            ],
-            [[0.0, 0.0, 0.0, 0.0]] * 4,
-        ]
-    )
-    probs[1, 2, 3] = 0.9
-    sel = torch.zeros(2, 4, 2)
-    sel[:, 1, 0] = 1
-    sel[:, 2, 1] = sel[:, 3, 1] = 1
-    thr = torch.tensor([[0.3, 0.2], [0.5, 0.5]])
-    m = D.object_mask(probs, sel, thr)
-    # row 0: item0 on at tokens 0 (0.5), 3 (0.3); item1 (sum) on at token 1 (0.25) -> union {0, 1, 3}
-    assert m.tolist() == [[1, 1, 0, 1], [0, 0, 1, 0]]
-    # mean rule: item means row0 = (0.5+0.01+0.02+0.3)/4 = 0.2075 -> {0, 3}; item1 sums (0.1,0.25,0.02,0) mean 0.0925 -> {0,1}
-    assert D.object_mask(probs, sel, thr, "mean")[0].tolist() == [1, 1, 0, 1]
-    # nearest resize (F.interpolate semantics: src = floor(dst · in / out)) against numpy
-    g = torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float32).reshape(
-        1, 16
-    )
-    src = g.reshape(4, 4).numpy()
-    for out in (2, 3, 8):
-        idx = np.floor(np.arange(out) * 4 / out).astype(int)
-        want = src[np.ix_(idx, idx)].reshape(1, -1)
-        np.testing.assert_array_equal(D.resize_mask(g, (4, 4), (out, out)).numpy(), want)
+def test_items_are_occurrences(policy):
+    """A repeated object word gives one item per occurrence, each with its own threshold and column."""
+    prompt = "a blue circle above a green circle"
+    cfg = DFusionConfig(item_thresholds={"circle": 0.2})
+    sel, thr = D.item_selection(policy.tokenizer, [prompt, "a red square"], cfg, 16, policy.object_words)
+    assert sel.shape == (2, 16, 2)
+    torch.testing.assert_close(thr, torch.tensor([[0.2, 0.2], [cfg.mask_threshold, math.inf]]))
+    assert sel[0].nonzero().tolist() == [[3, 0], [7, 1]]  # "circle" at words 2 and 6 (+1 for BOS)
+    assert sel[1].nonzero().tolist() == [[3, 0]]
+    with pytest.raises(ValueError, match="object words"):
+        D.item_selection(policy.tokenizer, [prompt], DFusionConfig(), 16, ())
 
 
 def test_row_noise_replays():
@@ -167,7 +134,7 @@ def test_zero_mask_target_equals_base(policy):
     # threshold +inf: the mask is all zero, so the fused attention blends nothing in. Targets replay the bases'
     # noise; the only difference is numerical (batch of 2+4 rows through the K/V-injection op vs 4 rows through
     # SDPA in Phase A), so fp32 agreement is ~1e-6 rather than bitwise.
-    stage, arena = _run(policy, D.DFusionConfig(samples_per_prompt=4, mask_threshold=math.inf))
+    stage, arena = _run(policy, DFusionConfig(samples_per_prompt=4, mask_threshold=math.inf))
     assert stage.masks.sum() == 0
     tgt, base = _traj(arena, stage.target_ids), _traj(arena, stage.base_ids)
     torch.testing.assert_close(tgt, base, rtol=0, atol=2e-5)
@@ -177,7 +144,7 @@ def test_zero_mask_target_equals_base(policy):
 
 
 def test_fusion_changes_target_from_first_fused_step(policy):
-    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0, fusion_steps=(2, -1))  # m ≡ 1
+    cfg = DFusionConfig(samples_per_prompt=4, mask_threshold=0.0, fusion_steps=(2, -1))  # m ≡ 1
     stage, arena = _run(policy, cfg)
     assert stage.masks[:, 2:].all() and not stage.masks[:, :2].any()
     tgt, base = _traj(arena, stage.target_ids), _traj(arena, stage.base_ids)
@@ -188,7 +155,7 @@ def test_fusion_changes_target_from_first_fused_step(policy):
 
 def test_one_call_fusion_equals_official_three_call_procedure(policy):
     thr = 0.0625  # ~ half the tokens on for this random toy model
-    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=thr)
+    cfg = DFusionConfig(samples_per_prompt=4, mask_threshold=thr)
     calls = []
     hook = policy.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
@@ -230,7 +197,7 @@ def test_one_call_fusion_equals_official_three_call_procedure(policy):
 
 
 def test_preference_by_reward_ties_excluded(policy):
-    stage, arena = _run(policy, D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625))
+    stage, arena = _run(policy, DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625))
     rt, rb = stage.target_rewards, stage.base_rewards
     want_pref = [
         int(t if a > b else s) for t, s, a, b in zip(stage.target_ids, stage.base_ids, rt, rb) if a != b
@@ -242,12 +209,13 @@ def test_preference_by_reward_ties_excluded(policy):
 
 
 def test_save_pairs_png(policy, tmp_path):
-    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625)
+    cfg = DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625)
     stage, _ = _run(policy, cfg, save_dir=str(tmp_path))
     from PIL import Image
 
     img = Image.open(stage.metrics["pairs_png"])
-    assert img.size == (4 * 96, 2 * 96)  # 32-px toy tiles enlarged 3× (nearest)
+    # one row per pair (reference | base | target | mask), 32-px tiles + 2-px gutters, enlarged 3× (nearest)
+    assert img.size == (4 * 34 * 3, 2 * 34 * 3)
 
 
 def test_config_errors(policy):
@@ -255,18 +223,18 @@ def test_config_errors(policy):
         D.fusion_block_indices(policy.unet, "3-6")
     assert D.fusion_block_indices(policy.unet, "auto") == (2, 3, 4)
     with pytest.raises(ValueError, match="fusion_steps"):
-        D.fused_step_range(D.DFusionConfig(fusion_steps=(2, 30)), 20)
-    assert D.fused_step_range(D.DFusionConfig(), 20) == list(range(2, 20))
+        D.fused_step_range(DFusionConfig(fusion_steps=(2, 30)), 20)
+    assert D.fused_step_range(DFusionConfig(), 20) == list(range(2, 20))
     with pytest.raises(ValueError, match="mask_grid=32"):
-        _run(policy, D.DFusionConfig(samples_per_prompt=4, mask_grid=32))
+        _run(policy, DFusionConfig(samples_per_prompt=4, mask_grid=32))
     with pytest.raises(ValueError, match="does not split"):
-        _run(policy, D.DFusionConfig(samples_per_prompt=6))
+        _run(policy, DFusionConfig(samples_per_prompt=6))
 
 
 def test_prompt_chunks_equal_one_batch(policy):
     # two prompts in one call vs one prompt per call: same seeds (global sample index), same pairs and targets
     prompts = PROMPTS + ["two red circles"]
-    cfg = D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625)
+    cfg = DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625)
     out = []
     for per_call in (None, 1):
         arena = _arena(policy)
@@ -301,10 +269,9 @@ def test_triton_backend_pipeline_matches_reference(device):
     from b2diffurl.sampling import TreeSampler
 
     steps = 3
-    pol = TinyPolicy(num_steps=steps)
+    pol = toy_policy()
     pol.unet.to(device)
-    enc = pol.encode_prompts
-    pol.encode_prompts = lambda ps: enc(ps).to(device)
+    pol.text_encoder.to(device)
     out = []
     for backend in ("reference", "triton"):
         from b2kernels.buffer import TrajectoryArena
@@ -313,7 +280,7 @@ def test_triton_backend_pipeline_matches_reference(device):
         st = D.generate_pairs(
             TreeSampler(pol, num_steps=steps, guidance_scale=5.0, backend=backend),
             PROMPTS,
-            D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625),
+            DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625),
             reward_fn=toy_reward,
             arena=arena,
             run_seed=1,

@@ -15,8 +15,6 @@ from b2kernels.integrations.diffusers import (
     StreamLayout,
     attach,
     cross_attention_blocks,
-    object_mask_from_maps,
-    resize_mask,
     token_grid,
 )
 
@@ -79,20 +77,6 @@ def test_blocks_and_grids(unet):
     )
     with pytest.raises(ValueError, match="cannot place 7 tokens"):
         token_grid(7, (5, 7))
-    m = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    assert torch.equal(
-        resize_mask(m, (4, 4)), m.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(1, 16)
-    )
-    big = torch.arange(16.0).reshape(1, 4, 4)
-    assert torch.equal(resize_mask(big, (2, 2)), big[:, ::2, ::2].reshape(1, 4))
-
-
-def test_object_mask_rule():
-    maps = torch.tensor([[[0.1, 0.0], [0.0, 0.3], [0.04, 0.04], [0.05, 0.2]]])  # [R=1, N=4, I=2]
-    got = object_mask_from_maps(maps, (2, 2), [0.05, 0.25])
-    want = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])  # item0 ≥ .05 at 0,3; item1 ≥ .25 at 1
-    assert torch.equal(got, want)
-    assert torch.equal(object_mask_from_maps(maps, (2, 2), 0.5), torch.zeros(1, 2, 2))
 
 
 def test_layout_builder_and_errors():
@@ -249,7 +233,7 @@ def test_cross_attention_maps_and_mask_match_diffusers_scores(unet):
     for r in range(R):
         for i in range(2):
             want_mask[r] = torch.maximum(want_mask[r], (want[r, :, i] >= thr[r, i]).float())
-    assert torch.equal(ctx.mask.reshape(R, 64), want_mask)
+    assert torch.equal(ctx.object_mask().reshape(R, 64).float(), want_mask)
     assert 0 < want_mask.sum() < want_mask.numel()  # thresholds chosen so the mask is partial
 
 
@@ -273,7 +257,7 @@ def test_one_call_batched_streams_equal_separate_calls(unet, backend="reference"
             for step in range(3):
                 ctx.step = step
                 one.append(unet(x, T_STEP, e).sample)
-                masks.append(ctx.mask.clone())
+                masks.append(ctx.object_mask().clone())
         ctx2 = InjectionContext(cfg)
         ctx2.set_objects(tokens)
         with attach(unet, ctx2):
@@ -281,13 +265,13 @@ def test_one_call_batched_streams_equal_separate_calls(unet, backend="reference"
             for step in range(3):
                 ctx2.step = step
                 ctx2.layout = StreamLayout.cfg(R)
-                sep_ref.append(unet(xr, T_STEP, er).sample)  # stores K/V, builds this step's mask
-                this_mask = ctx2.mask
-                torch.testing.assert_close(this_mask, masks[step], atol=0, rtol=0)
-                ctx2.mask = prev  # one-call timing: the mask of step i comes from step i-1's maps
+                sep_ref.append(unet(xr, T_STEP, er).sample)  # stores K/V, records this step's maps
+                torch.testing.assert_close(ctx2.object_mask(), masks[step], atol=0, rtol=0)
+                this_maps = ctx2.cross_maps
+                ctx2.cross_maps = prev  # one-call timing: the mask of step i comes from step i-1's maps
                 ctx2.layout = StreamLayout.cfg(0, T, pairing=pairing)
                 sep_tgt.append(unet(xt, T_STEP, et).sample)
-                prev = this_mask
+                prev = this_maps
     for m in masks:
         assert 0 < m.sum() < m.numel()
     plain = None

@@ -9,21 +9,14 @@ import math
 
 import pytest
 import torch
-from dfusion_reference import TinyPolicy, toy_reward
+from dfusion_reference import randomize_lora, toy_policy, toy_reward
 
 from b2diffurl.algos import dfusion as D
 from b2diffurl.algos import dpo
+from b2diffurl.config import DFusionConfig
 
 T = 5
 PROMPTS = ["a blue square to the left of a green triangle"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: avoid OpenMP spin-wait slowdowns
-    yield
-    torch.set_num_threads(n)
 
 
 def _sampler(policy):
@@ -37,15 +30,16 @@ def staged():
     """A LoRA policy (random B so LoRA on ≠ off), its base copy, and one stage of D-Fusion pairs."""
     from b2kernels.buffer import TrajectoryArena
 
-    policy = TinyPolicy(num_steps=T)
+    policy = toy_policy()
     base_unet = copy.deepcopy(policy.unet)
-    policy.add_lora(random_b=True)
+    policy.add_lora()
+    randomize_lora(policy)
     sampler = _sampler(policy)
     arena = TrajectoryArena(policy.latent_shape, num_steps=T, max_trees=16, branches=1, backend="python")
     stage = D.generate_pairs(
         sampler,
         PROMPTS,
-        D.DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625),
+        DFusionConfig(samples_per_prompt=4, mask_threshold=0.0625),
         reward_fn=toy_reward,
         arena=arena,
         run_seed=5,
@@ -172,7 +166,7 @@ def _trainer(tmp_path, stages, resume=None, extra=()):
             *extra,
         ]
     )
-    policy = TinyPolicy(num_steps=T)
+    policy = toy_policy()
     return Trainer(
         cfg,
         policy=policy,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from b2diffurl.models import load_policy
+from b2diffurl.models import PixelShuffleCodec, Policy, VAECodec, load_policy
 from b2diffurl.toy import CHECKPOINT_DIR
 
 
@@ -36,7 +36,8 @@ def test_toy_policy_loads(toy):
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     assert isinstance(toy.unet, UNet2DConditionModel) and isinstance(toy.scheduler, DDIMScheduler)
-    assert toy.vae is None and toy.latent_shape == (12, 16, 16) and toy.is_toy
+    assert isinstance(toy.codec, PixelShuffleCodec) and toy.latent_shape == (12, 16, 16)
+    assert {"circle", "squares"} <= set(toy.object_words)  # the toy world names its objects
     emb = toy.encode_prompts(["a red circle", ""])
     assert emb.shape == (2, 16, 64)
     assert not torch.allclose(emb[0], emb[1])
@@ -126,7 +127,7 @@ def test_sd_layout_folder_loads(tmp_path):
     from diffusers import DDIMScheduler
 
     pol = load_policy(str(_tiny_sd_folder(tmp_path)), dtype=torch.float32, device="cpu")
-    assert pol.vae is not None and not pol.is_toy and pol.latent_shape == (4, 8, 8)
+    assert isinstance(pol.codec, VAECodec) and pol.object_words == () and pol.latent_shape == (4, 8, 8)
     assert isinstance(pol.scheduler, DDIMScheduler)
     assert pol.scheduler.config.beta_schedule == "scaled_linear" and pol.scheduler.config.steps_offset == 1
     assert pol.encode_prompts(["a cat", ""]).shape == (2, 77, 32)
@@ -181,7 +182,7 @@ def test_lora_save_load_round_trip_and_disable(tmp_path):
     pol = load_policy("toy")
     base = _unet_out(pol)
     pol.add_lora(rank=2, alpha=4, targets=("to_q", "to_v"))
-    trainable = pol.lora_parameters()
+    trainable = [p for p in pol.unet.parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n, p in pol.unet.named_parameters() if p.requires_grad)
     assert all(p.dtype == torch.float32 for p in trainable)
     assert torch.allclose(_unet_out(pol), base, atol=1e-6)  # B = 0: starts as the identity
@@ -209,3 +210,20 @@ def test_lora_errors(tmp_path):
         pol.load_lora(tmp_path)
     with pytest.raises(ValueError, match="could not attach LoRA"):
         pol.add_lora(targets=("no_such_module",))
+
+
+def test_from_components_equals_the_loaded_policy(toy):
+    """A policy built from in-memory modules (what tests and benches do) behaves as the loaded one; a scheduler
+    DDIM cannot replace is refused."""
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    pndm = PNDMScheduler.from_config(toy.scheduler.config)
+    pol = Policy.from_components(toy.unet, toy.text_encoder, toy.tokenizer, pndm, PixelShuffleCodec(2))
+    assert type(pol.scheduler).__name__ == "DDIMScheduler" and pol.object_words == ()
+    assert pol.scheduler.config.prediction_type == toy.scheduler.config.prediction_type
+    assert torch.equal(pol.encode_prompts(["a red circle"]), toy.encode_prompts(["a red circle"]))
+    lat = torch.randn(2, *toy.latent_shape)
+    assert torch.equal(pol.decode(lat), toy.decode(lat))
+    flow = EulerDiscreteScheduler.from_config({**toy.scheduler.config, "prediction_type": "flow"})
+    with pytest.raises(ValueError, match="prediction_type"):
+        Policy.from_components(toy.unet, toy.text_encoder, toy.tokenizer, flow, PixelShuffleCodec(2))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from ddim_oracle import ddim_scheduler, transition_logprobs
-from dfusion_reference import TinyPolicy, toy_reward
+from dfusion_reference import toy_policy, toy_reward
 
 from b2diffurl.sampling import TreeSampler
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def policy():
-    p = TinyPolicy(num_steps=T)
+    p = toy_policy()
     p.add_lora()  # identity adapter (B = 0): π_θ = π_ref, so DPO's reference pass is the same policy
     return p
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from tiny_policy import TinyPolicy, brightness_reward
+from tiny_policy import brightness_reward, tiny_policy
 
 from b2diffurl import config as C
 from b2diffurl.report import is_timing_key
@@ -43,7 +43,7 @@ def cfg_for(out, **over):
 
 
 def trainer(cfg, resume=None, reward=brightness_reward):
-    return Trainer(cfg, policy=TinyPolicy(), reward_fn=reward, train_prompts=PROMPTS, resume=resume)
+    return Trainer(cfg, policy=tiny_policy(), reward_fn=reward, train_prompts=PROMPTS, resume=resume)
 
 
 def stage_metrics(out):
@@ -206,7 +206,7 @@ def test_cli_smoke_one_stage(tmp_path, monkeypatch, capsys):
     real = trainer_mod.Trainer
 
     def patched(cfg, **kw):
-        return real(cfg, policy=TinyPolicy(), reward_fn=brightness_reward, train_prompts=PROMPTS, **kw)
+        return real(cfg, policy=tiny_policy(), reward_fn=brightness_reward, train_prompts=PROMPTS, **kw)
 
     monkeypatch.setattr(trainer_mod, "Trainer", patched)
     rc = _cli(
@@ -260,7 +260,7 @@ def test_final_eval_is_paired_with_the_first(tmp_path):
     )
     tr = Trainer(
         cfg,
-        policy=TinyPolicy(),
+        policy=tiny_policy(),
         reward_fn=brightness_reward,
         train_prompts=PROMPTS,
         heldout_prompts=PROMPTS[1:],

@@ -4,6 +4,7 @@ Register a new algorithm in ``b2diffurl.config.ALGORITHMS`` (``"name": "package.
 
     class MyAlgorithm:                      # satisfies the Algorithm protocol below
         name = "mine"
+        needs_reference_policy = False      # True: π_ref is the UNet with LoRA disabled (the trainer adds LoRA)
         def __init__(self, ctx: RunContext): ...
         def sample_stage(self, stage: int) -> StageData[MyPayload]: ...  # sample, score, select (no optimizer use)
         def train_stage(self, stage: int, data: StageData[MyPayload]) -> dict: ...  # update via ctx.optimizer_step
@@ -46,6 +47,9 @@ class StageData(Generic[PayloadT]):
 
 class Algorithm(Protocol):
     name: str
+    # True when the algorithm's reference policy is the same UNet with its LoRA adapters disabled (D3PO's π_ref):
+    # with model.lora=auto the trainer then attaches LoRA even where it would fine-tune the whole UNet
+    needs_reference_policy: bool
 
     def sample_stage(self, stage: int) -> StageData: ...
 

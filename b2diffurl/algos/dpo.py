@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from b2diffurl.config import DPOConfig  # noqa: F401  (re-exported; the config lives torch-free)
+from b2diffurl.config import DPOConfig
 
 
 def d3po_loss(

@@ -220,6 +220,7 @@ class TreePPOAlgorithm:
     (split step, branches), the selection rule and the trained steps (subclass hooks)."""
 
     name = "tree-ppo"
+    needs_reference_policy = False
 
     def __init__(self, ctx: RunContext, *, tracker, max_trees: int, branches: int):
         from b2kernels.buffer import TrajectoryArena

@@ -18,13 +18,15 @@ whose layout has reference rows and no targets stores their K/V, and a later cal
 the stored K/V.
 
 Masks. In ``mask_mode="captured"`` the cross-attention processors of the layers whose token grid is ``mask_grid``
-record, for the conditional reference rows, the softmax probabilities of the object-token columns averaged over
-heads; when the UNet call ends these are averaged over layers, thresholded per item and united over items
-(:func:`object_mask_from_maps`), giving one binary mask per reference stream at ``mask_grid`` resolution, resized
-nearest to each fused layer's grid. The mask built at the end of a call is the one used by the *next* call:
-with separate calls (reference call, then target call) that is the same step as D-Fusion's code; with one batched
-call per step it is the previous step's reference maps (the current step's 16×16 up-block maps are produced after
-the mid block has already been fused, so they cannot be used within the same call).
+only *record*, for the conditional reference rows, the softmax probabilities of the object-token columns averaged
+over heads; when the UNet call ends these are averaged over layers into :attr:`InjectionContext.cross_maps`. A
+target row that needs a mask gets :meth:`InjectionContext.object_mask`: built once from the last recorded maps by
+:func:`b2kernels.integrations.masks.object_mask` (each column an item, thresholded, united), resized nearest to
+each fused layer's grid. So the mask of a call comes from the maps of the *previous* call: with separate calls
+(reference call, then target call) that is the same step as D-Fusion's code; with one batched call per step it is
+the previous step's reference maps (the current step's 16×16 up-block maps are produced after the mid block has
+already been fused, so they cannot be used within the same call). Callers that build their own mask (D-Fusion)
+read ``cross_maps`` and pass the result to :meth:`InjectionContext.set_mask`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from b2kernels.integrations.masks import object_mask, resize_mask
 from b2kernels.ops.kv_inject_attention import KVMask, kv_inject_attention
 from b2kernels.ops.kv_inject_attention.reference import blend, expand_rows
 
@@ -47,8 +50,6 @@ __all__ = [
     "KVInjectionAttnProcessor",
     "attach",
     "cross_attention_blocks",
-    "object_mask_from_maps",
-    "resize_mask",
     "token_grid",
 ]
 
@@ -240,36 +241,6 @@ def token_grid(num_tokens: int, sample_hw: tuple[int, int]) -> tuple[int, int]:
     raise ValueError(f"cannot place {num_tokens} tokens on a grid of the {sample_hw} latent")
 
 
-def resize_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[R, h, w] → [R, grid_h·grid_w] float32, nearest-neighbour (D-Fusion's ``F.interpolate`` default)."""
-    m = mask.to(torch.float32)
-    if tuple(m.shape[-2:]) != tuple(grid):
-        m = F.interpolate(m[:, None], size=tuple(grid), mode="nearest")[:, 0]
-    return m.reshape(m.shape[0], -1)
-
-
-def object_mask_from_maps(
-    maps: torch.Tensor, grid: tuple[int, int], thresholds: float | Sequence[float] | torch.Tensor
-) -> torch.Tensor:
-    """D-Fusion's mask rule: binarise each item's map with its threshold (``≥``) and unite over items.
-
-    maps: [R, h·w, I] cross-attention probabilities of the object tokens (already averaged over layers and
-    heads); thresholds: a float, [I] (per item) or [R, I] (per row and item). Returns [R, h, w] float32 in {0, 1}.
-    """
-    if maps.dim() != 3:
-        raise ValueError(f"object_mask_from_maps: expected maps [R, h*w, I], got {list(maps.shape)}")
-    R, N, I = maps.shape
-    if N != grid[0] * grid[1]:
-        raise ValueError(f"object_mask_from_maps: {N} tokens do not fill the grid {grid}")
-    thr = torch.as_tensor(thresholds, dtype=torch.float32, device=maps.device)
-    if thr.dim() == 1:
-        thr = thr[None, None, :]
-    elif thr.dim() == 2:
-        thr = thr[:, None, :]
-    on = (maps.to(torch.float32) >= thr).any(dim=2)
-    return on.to(torch.float32).reshape(R, *grid)
-
-
 # --------------------------------------------------------------------------------------------- shared context
 
 
@@ -294,8 +265,8 @@ class InjectionContext:
     layout: StreamLayout | None = None
     step: int | None = None
     enabled: bool = True
+    mask: torch.Tensor | None = None  # [R, h, w] per reference stream, set by set_mask ("given" mode)
     # Filled by the processors / call hooks:
-    mask: torch.Tensor | None = None  # [R, h, w] binary per reference stream
     cross_maps: torch.Tensor | None = None  # [R, h·w, I] last call's averaged object-token maps
     stored: dict[str, _Stored] = field(
         default_factory=dict
@@ -307,6 +278,7 @@ class InjectionContext:
     _maps_this_call: list = field(default_factory=list)
     _row_mask_cache: dict = field(default_factory=dict)
     _index_cache: dict = field(default_factory=dict)
+    _captured: tuple = (None, None)  # (the cross_maps tensor, the mask built from it)
     block_of: dict[str, int] = field(default_factory=dict)
 
     # -- user API --------------------------------------------------------------------------------------------
@@ -336,10 +308,29 @@ class InjectionContext:
         self.mask = mask.to(torch.float32)
         self._row_mask_cache.clear()
 
+    def object_mask(self) -> torch.Tensor | None:
+        """The object mask [R, h, w] the next fused call uses: the given one, m ≡ None for ``"full"``, or (mode
+        ``"captured"``) the one built from the last recorded :attr:`cross_maps` (built once per maps)."""
+        if self.config.mask_mode != "captured":
+            return self.mask
+        maps, built = self._captured
+        if maps is not self.cross_maps:
+            built = None
+            if self.cross_maps is not None:
+                grid = self.config.mask_grid
+                if self.cross_maps.shape[1] != grid[0] * grid[1]:
+                    raise ValueError(
+                        f"captured maps have {self.cross_maps.shape[1]} cells, not the grid {grid}"
+                    )
+                built = object_mask(self.cross_maps, self._thresholds).reshape(-1, *grid)
+            self._captured = (self.cross_maps, built)
+        return built
+
     def clear(self) -> None:
         """Forget masks, maps and stored K/V (e.g. between batches of prompts)."""
         self.mask = None
         self.cross_maps = None
+        self._captured = (None, None)
         self.stored.clear()
         self._maps_this_call.clear()
         self._row_mask_cache.clear()
@@ -377,10 +368,7 @@ class InjectionContext:
 
     def _end_call(self, module, args, kwargs, output):
         if self._maps_this_call:
-            maps = torch.stack(self._maps_this_call).mean(dim=0)  # [R, N, I]
-            self.cross_maps = maps
-            if self.config.mask_mode == "captured":
-                self.mask = object_mask_from_maps(maps, self.config.mask_grid, self._thresholds)
+            self.cross_maps = torch.stack(self._maps_this_call).mean(dim=0)  # [R, N, I]
             self._maps_this_call.clear()
         self._row_mask_cache.clear()
         return output
@@ -405,7 +393,8 @@ class InjectionContext:
         if self.config.mask_mode == "full":
             out[self._index_tensors(layout, device)[0]] = 1.0
         else:
-            if self.mask is None:
+            mask = self.object_mask()
+            if mask is None:
                 how = (
                     "call ctx.set_mask(...)"
                     if self.config.mask_mode == "given"
@@ -414,11 +403,11 @@ class InjectionContext:
                 )
                 raise RuntimeError(f"K/V injection needs an object mask but none is available: {how}")
             ids = [layout.ref_id[i] for i in tgt]
-            if max(ids) >= self.mask.shape[0]:
+            if max(ids) >= mask.shape[0]:
                 raise ValueError(
-                    f"target rows use ref_id up to {max(ids)} but the mask has {self.mask.shape[0]} streams"
+                    f"target rows use ref_id up to {max(ids)} but the mask has {mask.shape[0]} streams"
                 )
-            per_ref = resize_mask(self.mask.to(device), self._grid(num_tokens))
+            per_ref = resize_mask(mask.to(device), self._grid(num_tokens)).flatten(1)
             tgt_t, ids_t = self._index_tensors(layout, device)
             out[tgt_t] = per_ref[ids_t]
         if self.config.mask_mode != "given" or self._mask_binary:
