@@ -32,10 +32,11 @@ class UsageError(ValueError):
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the user asked for something impossible" (reported in one line)."""
     from b2diffurl.checkpoint import CheckpointError
+    from b2diffurl.distributed import DistributedError
     from b2diffurl.prompts import PromptSetError
     from b2diffurl.rewards import RewardError
 
-    return (UsageError, C.ConfigError, PromptSetError, RewardError, CheckpointError)
+    return (UsageError, C.ConfigError, PromptSetError, RewardError, CheckpointError, DistributedError)
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -126,8 +127,13 @@ def cmd_train(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_config, resume = config_from_args(args)
-    summary = trainer.Trainer(run_config, resume=resume).run()
-    print(json.dumps(summary, indent=2))
+    from b2diffurl import distributed
+
+    # under torchrun: a rank that fails prints its error and ends the job (user errors stay one line)
+    with distributed.record_failure(_user_errors()):
+        summary = trainer.Trainer(run_config, resume=resume).run()
+    if distributed.is_main():
+        print(json.dumps(summary, indent=2))
     return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
 
 

@@ -220,13 +220,17 @@ def quiet_other_ranks() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- work split
-def shard(n: int, rank: int | None = None, size: int | None = None) -> range:
-    """The global indices ``[start, stop)`` of ``n`` items rank ``rank`` (default: this one) handles: a
-    contiguous block, sizes differing by at most one, rank order = index order (so gathered shards
-    concatenate to the global order)."""
+def shard(n: int, rank: int | None = None, size: int | None = None, *, block: int = 1) -> range:
+    """The global indices ``[start, stop)`` of ``n`` items rank ``rank`` (default: this one) handles.
+
+    Items go in whole blocks of ``block`` (a sampling batch: each rank then runs exactly the batches one
+    process would run, so batched kernels round the same way), a contiguous run of blocks per rank, block counts
+    differing by at most one, rank order = index order (gathered shards concatenate to the global order)."""
     r = _WORLD.rank if rank is None else int(rank)
     w = _WORLD.size if size is None else int(size)
-    return range(n * r // w, n * (r + 1) // w)
+    block = max(1, int(block))
+    blocks = -(-n // block)
+    return range(min(n, blocks * r // w * block), min(n, blocks * (r + 1) // w * block))
 
 
 def localize(global_rows: torch.Tensor, owned: range, local_ids: torch.Tensor) -> torch.Tensor:
@@ -294,6 +298,15 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (e.g. a run directory named after the clock); ``obj`` in one process."""
+    if not _WORLD.distributed:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """``t`` reduced over ranks (``op``: sum | max | min), in place when possible; returned for chaining."""
     if not _WORLD.distributed:
@@ -321,8 +334,9 @@ def barrier() -> None:
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum the ``.grad`` of ``params`` over ranks in one coalesced all-reduce per dtype (a parameter without a
-    gradient counts as zeros: its rank held no row of the batch).
+    """Sum the ``.grad`` of ``params`` over ranks in one coalesced all-reduce per dtype. A rank without a
+    gradient for a parameter (it held no row of the batch) contributes zeros; a parameter without a gradient
+    on every rank keeps ``grad = None``, as in one process (the optimizer then skips it, weight decay too).
 
     Each rank's loss must be its share of the global loss (its rows' sum divided by the global row count), so
     the sum is the single-process gradient. A no-op in a single process."""
@@ -334,16 +348,22 @@ def sum_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     for p in params:
         by_dtype.setdefault(p.dtype, []).append(p)
     for group in by_dtype.values():
-        for p in group:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = _comm_tensor(torch.cat([p.grad.reshape(-1) for p in group]))
+        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in group]
+        present = torch.tensor(
+            [p.grad is not None for p in group], dtype=group[0].dtype, device=group[0].device
+        )
+        flat = _comm_tensor(torch.cat([*grads, present]))
         tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
         nbytes += flat.numel() * flat.element_size()
+        flat = flat.to(group[0].device)
+        anywhere = flat[-len(group) :] > 0
         offset = 0
-        for p in group:
+        for p, has in zip(group, anywhere.tolist()):
             n = p.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            if has:
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+                p.grad.copy_(flat[offset : offset + n].view_as(p))
             offset += n
     stats.add("sum_gradients", time.perf_counter() - t0, nbytes)
 

@@ -52,8 +52,9 @@ class MetricsLog:
     """``metrics.jsonl``: one JSON record per line, each line fsynced as it is written, so that a checkpoint
     can name how many lines belong to it (:meth:`truncate` drops the rest on resume)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, write: bool = True):
         self.path = path
+        self.write = write  # False on the processes of a data-parallel run other than rank 0
         self.records: list[dict] = []
 
     def append(self, record: dict) -> None:
@@ -61,6 +62,8 @@ class MetricsLog:
         if bad:  # JSON has no NaN/inf: write null and say so, rather than emit a file other tools reject
             log.warning("non-finite metric values written as null: %s", ", ".join(bad))
         self.records.append(record)
+        if not self.write:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
             fh.flush()
@@ -77,7 +80,8 @@ class MetricsLog:
                 "%s has %d lines, fewer than the %d the checkpoint logged", self.path, len(keep), n_lines
             )
         self.records = [json.loads(ln) for ln in keep]
-        atomic_write(self.path, "".join(ln + "\n" for ln in keep))
+        if self.write:
+            atomic_write(self.path, "".join(ln + "\n" for ln in keep))
 
     def of_kind(self, kind: str) -> list[dict]:
         return [m for m in self.records if m.get("kind") == kind]
@@ -123,9 +127,19 @@ def evaluate(
     chosen = [heldout[(i * len(heldout)) // n] for i in range(n)]
     prompts = [p for p in chosen for _ in range(images_per_prompt)]
     t0 = time.perf_counter()
-    res = sample(sampler.policy, prompts, seed=eval_config.seed, batch_size=batch_size, sampler=sampler)
-    with torch.no_grad():
-        r = reward_fn(res.images, prompts).float().cpu()
+    # each process samples its share of the batches, every image with its own noise stream, so the numbers do
+    # not depend on the number of processes; the rewards are gathered in image order
+    from b2diffurl import distributed
+
+    part = distributed.shard(len(prompts), block=batch_size)
+    mine = prompts[part.start : part.stop]
+    r = torch.zeros(0)
+    if mine:
+        gens = distributed.tree_generators(eval_config.seed, 0, part, sampler.device)
+        res = sample(sampler.policy, mine, batch_size=batch_size, sampler=sampler, generators=gens)
+        with torch.no_grad():
+            r = reward_fn(res.images, mine).float().cpu()
+    r = distributed.all_gather_cat(r)
     rec = {
         "kind": "eval",
         "stage": stage,

@@ -17,6 +17,7 @@ runs eagerly.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -232,14 +233,16 @@ class TreeSampler:
         *,
         split_step: int,
         branches: int,
-        generator: torch.Generator,
+        generator: torch.Generator | Sequence[torch.Generator],
         arena=None,
         ids: torch.Tensor | None = None,
     ) -> TreeSample:
         """Sample P trees: cond [P, L, D] prompt embeddings; latents 0..split_step shared, then B branches.
 
         ``arena``/``ids`` (ids [P·B] from ``arena.add_trees``): latents are written as they are produced and
-        log-probs at the end. ``generator`` (on the policy's device) draws x_T and every step's noise in float32.
+        log-probs at the end. ``generator`` (on the policy's device) draws x_T and every step's noise in float32:
+        one generator for all rows, or one per tree (P of them), which makes a tree's noise independent of the
+        other trees in its batch (data-parallel runs shard trees over processes: b2diffurl.distributed).
         """
         T, B, s = self.num_steps, int(branches), int(split_step)
         if not 0 <= s <= T:
@@ -248,7 +251,21 @@ class TreeSampler:
         shape = tuple(self.policy.latent_shape)
         dev = self.device
         tree_ids = ids[::B] if ids is not None else None
-        x = torch.randn((P, *shape), generator=generator, device=dev, dtype=torch.float32).to(self.dtype)
+        per_tree = None if isinstance(generator, torch.Generator) else list(generator)
+        if per_tree is not None and len(per_tree) != P:
+            raise ValueError(f"sample_trees: {len(per_tree)} generators for {P} trees")
+
+        def draw(rows: int) -> torch.Tensor:  # [rows, ...] standard normal; per-tree streams stay tree-major
+            if per_tree is None:
+                return torch.randn((rows, *shape), generator=generator, device=dev, dtype=torch.float32)
+            return torch.cat(
+                [
+                    torch.randn((rows // P, *shape), generator=g, device=dev, dtype=torch.float32)
+                    for g in per_tree
+                ]
+            )
+
+        x = draw(P).to(self.dtype)
         embeds = self.embeds_for(cond)
         if arena is not None:
             arena.write_latents(tree_ids, 0, x.to(arena.dtype))  # latent 0 is always shared (s >= 0)
@@ -258,7 +275,7 @@ class TreeSampler:
                 x = x.repeat_interleave(B, dim=0)
                 embeds = self.embeds_for(cond.repeat_interleave(B, dim=0))
             rows = x.shape[0]
-            noise = torch.randn((rows, *shape), generator=generator, device=dev, dtype=torch.float32)
+            noise = draw(rows)
             x, logp = self.step(x, i, embeds, noise)
             logps.append(logp)
             if arena is not None:
@@ -292,11 +309,13 @@ def sample(
     backend: str = "auto",
     cuda_graphs: bool = False,
     sampler: TreeSampler | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> SampleResult:
     """Plain sampling (no branching) with the tree sampler's batched step; used by ``b2diffurl sample/eval``.
 
     Returns images [N, 3, H, W] in [0, 1] (``policy.decode``), final latents and per-step log-probs. The same
     ``seed`` and ``batch_size`` give the same noise, hence the same images, for any policy weights.
+    ``generators`` (one per prompt, in place of ``seed``) make each image's noise independent of the batching.
     """
     prompts = list(prompts)
     if not prompts:
@@ -316,7 +335,8 @@ def sample(
         chunk = prompts[i : i + bs]
         with torch.no_grad():
             cond = policy.encode_prompts(chunk)
-        out = sampler.sample_trees(cond, split_step=sampler.num_steps, branches=1, generator=gen)
+        g = gen if generators is None else generators[i : i + bs]
+        out = sampler.sample_trees(cond, split_step=sampler.num_steps, branches=1, generator=g)
         lat.append(out.latents)
         lps.append(out.logprobs)
         if decode:

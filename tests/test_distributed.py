@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -49,21 +50,24 @@ def _worker(rank, fn, port, out_dir, args):
 
 def run_ranks(fn, tmp_path, *args) -> list:
     """``fn(*args)`` on 2 forked gloo ranks; the list of each rank's return value."""
-    out = tmp_path / f"ranks-{fn.__name__}"
-    out.mkdir()
+    out = tempfile.mkdtemp(prefix=f"ranks-{fn.__name__}-", dir=tmp_path)
     mp.start_processes(
         _worker, args=(fn, _free_port(), str(out), args), nprocs=WORLD, join=True, start_method="fork"
     )
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
 # ----------------------------------------------------------------------------------------------- pure helpers
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_shard_partitions_in_order(world):
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_shard_partitions_in_order(world, block):
     for n in range(0, 11):
-        parts = [dist.shard(n, r, world) for r in range(world)]
+        parts = [dist.shard(n, r, world, block=block) for r in range(world)]
         assert [i for p in parts for i in p] == list(range(n))
-        assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+        # whole blocks of the single-process batching: every part starts on a block boundary
+        assert all(p.start % block == 0 for p in parts if len(p))
+        blocks = [-(-len(p) // block) for p in parts]
+        assert max(blocks) - min(blocks) <= 1
 
 
 def test_localize_keeps_global_order():
@@ -150,21 +154,23 @@ def _summed_gradients():
     # each rank's share of the global mean: its rows' sum / the global row count
     loss = model(x[part.start : part.stop]).pow(2).sum() / x.shape[0]
     loss.backward()
-    frozen = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # no grad on any rank
+    partial = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # a gradient on rank 1 only
     if dist.rank() == 1:
-        frozen.grad = torch.ones(2, dtype=torch.float64)
-    dist.sum_gradients([*model.parameters(), frozen])
-    return [p.grad.clone() for p in model.parameters()], frozen.grad.clone()
+        partial.grad = torch.ones(2, dtype=torch.float64)
+    unused = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # no gradient on any rank
+    dist.sum_gradients([*model.parameters(), partial, unused])
+    return [p.grad.clone() for p in model.parameters()], partial.grad.clone(), unused.grad
 
 
 def test_sum_gradients_equals_full_batch_autograd(tmp_path):
     model, x = _model_and_batch()
     model(x).pow(2).mean().backward()
     want = [p.grad for p in model.parameters()]
-    for grads, frozen in run_ranks(_summed_gradients, tmp_path):
+    for grads, partial, unused in run_ranks(_summed_gradients, tmp_path):
         for g, w in zip(grads, want):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
-        assert frozen.tolist() == [1.0, 1.0]  # missing grads count as zeros
+        assert partial.tolist() == [1.0, 1.0]  # a missing gradient counts as zeros
+        assert unused is None  # as in one process: the optimizer skips it
 
 
 def _rng_round_trip():
