@@ -46,6 +46,15 @@ class Trainer:
         self.out = Path(run_config.out)
         if not resume and (why := checkpoint.refuse_existing_run(self.out)):
             raise C.ConfigError(why)
+        resume_from = checkpoint.find(resume) if resume else None  # read and compared before the model loads
+        resume_state = checkpoint.load(resume_from) if resume_from else None
+        if resume_state and (
+            changed := C.resume_differences(C.from_dict(resume_state["config"]), run_config)
+        ):
+            raise C.ConfigError(
+                f"--resume {resume_from}: the configuration differs from the saved run in {'; '.join(changed)}; "
+                "drop those overrides (only stages, output and logging keys may change on resume)"
+            )
         from b2diffurl.models import DTYPES, resolve_device
 
         self.device = resolve_device(run_config.model.device)
@@ -126,8 +135,8 @@ class Trainer:
         self.algo = algo_cls(self.ctx)
         self.start_stage = 0
         self.metrics = report.MetricsLog(self.out / "metrics.jsonl")
-        if resume:
-            self._load_checkpoint(checkpoint.find(resume))
+        if resume_state:
+            self._restore(resume_from, resume_state)
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def _wants_lora(self, algo_cls) -> bool:
@@ -181,14 +190,7 @@ class Trainer:
         checkpoint.prune(root, self.cfg.keep_checkpoints, keep=final)
         return final
 
-    def _load_checkpoint(self, ckpt: Path) -> None:
-        state = checkpoint.load(ckpt)
-        changed = C.resume_differences(C.from_dict(state["config"]), self.cfg)
-        if changed:
-            raise C.ConfigError(
-                f"--resume {ckpt}: the configuration differs from the saved run in {'; '.join(changed)}; "
-                "drop those overrides (only stages, output and logging keys may change on resume)"
-            )
+    def _restore(self, ckpt: Path, state: dict) -> None:
         named = dict(self.policy.unet.named_parameters())
         unknown = [n for n in state["model"] if n not in named]
         if unknown or set(state["model"]) != {n for n, q in named.items() if q.requires_grad}:
