@@ -98,8 +98,12 @@ def _coerce(key: str, value: Any, typ) -> Any:
     return value
 
 
+# Keys that were renamed: the saved config.yaml of an older run still resumes.
+RENAMED = {"train.cfg": "train.use_guidance"}
+
+
 def set_value(run_config: RunConfig, key: str, value: Any) -> None:
-    obj, f, typ = _lookup(run_config, key)
+    obj, f, typ = _lookup(run_config, RENAMED.get(key, key))
     setattr(obj, f.name, _coerce(key, value, typ))
 
 
