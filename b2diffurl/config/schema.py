@@ -198,6 +198,11 @@ class DFusionConfig(_SelfChecking):
         "'threshold' (official) or 'mean': keep tokens >= the item's spatial mean "
         "(scale-free: transfers between models and prompt lengths)",
     )
+    pairs: str = _f(
+        "fused",
+        "training pairs: 'fused' (D-Fusion: target vs its base) or 'plain' (D3PO's own: the Phase-A "
+        "reference vs the base, no fusion in training; for the D-Fusion-vs-plain comparison at equal pair count)",
+    )
     objective: str = _f(
         "dpo",
         "training on the (target, base) pairs: 'dpo' (D3PO, as the paper) or 'ppo' "
@@ -219,6 +224,8 @@ class DFusionConfig(_SelfChecking):
             errs.append(f"dfusion.fusion_steps must be [first, last], got {self.fusion_steps!r}")
         if self.mask_rule not in ("threshold", "mean"):
             errs.append(f"dfusion.mask_rule must be 'threshold' or 'mean', got {self.mask_rule!r}")
+        if self.pairs not in ("fused", "plain"):
+            errs.append(f"dfusion.pairs must be 'fused' or 'plain', got {self.pairs!r}")
         if self.objective not in ("dpo", "ppo"):
             errs.append(f"dfusion.objective must be 'dpo' or 'ppo', got {self.objective!r}")
         if self.mask_grid < 1:

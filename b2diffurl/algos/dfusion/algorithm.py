@@ -11,7 +11,7 @@ import torch
 from b2diffurl.algos.api import StageData
 from b2diffurl.algos.dfusion.fusion import fused_step_range, fusion_block_indices
 from b2diffurl.algos.dfusion.generation import DFusionStage, generate_pairs
-from b2diffurl.algos.dfusion.pairs import pairing_sizes
+from b2diffurl.algos.dfusion.pairs import pairing_sizes, preference_pairs
 
 
 class DFusionAlgorithm:
@@ -102,14 +102,27 @@ class DFusionAlgorithm:
             return self._train_ppo(st)
         from b2diffurl.algos.dpo import train_dpo
 
+        if self.dcfg.pairs == "plain":
+            # D3PO's own pairs: the Phase-A reference against the base, two independent trajectories (every
+            # step differs); same pairs and count as the fused arm, fusion not used for training
+            by_id = torch.full((int(st.sample_ids.max()) + 1,), float("nan"))
+            by_id[st.sample_ids] = st.sample_rewards.float()
+            preferred, dispreferred, _ = preference_pairs(
+                st.ref_ids, st.base_ids, by_id[st.ref_ids], st.base_rewards.float()
+            )
+            preferred, dispreferred = preferred[: st.num_pairs], dispreferred[: st.num_pairs]  # equal count
+            steps = list(range(self.T))
+        else:
+            preferred, dispreferred = st.preferred, st.dispreferred
+            # target == base before the first fused step (zero gradient: skipped); every later step can differ,
+            # including any after a window that ends early
+            steps = list(range(st.fused_steps[0], self.T))
         return train_dpo(
             s,
             self.arena,
-            st.preferred,
-            st.dispreferred,
-            # target == base before the first fused step (zero gradient: skipped); every later step can differ,
-            # including any after a window that ends early
-            list(range(st.fused_steps[0], self.T)),
+            preferred,
+            dispreferred,
+            steps,
             st.cond,
             self.pcfg,
             inner_epochs=ctx.cfg.train.inner_epochs,

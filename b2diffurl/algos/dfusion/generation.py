@@ -16,7 +16,14 @@ from b2diffurl.algos.dfusion.fusion import (
     run_fusion,
     run_phase_a,
 )
-from b2diffurl.algos.dfusion.pairs import RowNoise, item_selection, pair_indices, pairing_sizes, sample_seed
+from b2diffurl.algos.dfusion.pairs import (
+    RowNoise,
+    item_selection,
+    pair_indices,
+    pairing_sizes,
+    preference_pairs,
+    sample_seed,
+)
 from b2diffurl.config import DFusionConfig
 from b2kernels.integrations.masks import resize_mask
 
@@ -204,10 +211,8 @@ def generate_pairs(
     arena.synchronize()
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "final"}
     rb, rt = cat["base_rewards"], cat["target_rewards"]
-    win, lose = rt > rb, rt < rb
-    decisive = win | lose
-    preferred = torch.where(win, cat["target_ids"], cat["base_ids"])[decisive]
-    dispreferred = torch.where(win, cat["base_ids"], cat["target_ids"])[decisive]
+    preferred, dispreferred, decisive = preference_pairs(cat["target_ids"], cat["base_ids"], rt, rb)
+    win = rt > rb
     metrics = {
         "images": int(cat["sample_ids"].numel() + cat["target_ids"].numel()),
         "reward_mean": float(cat["sample_rewards"].mean()),

@@ -125,3 +125,15 @@ class RowNoise:
 
     def step(self, i: int) -> torch.Tensor:
         return self.noise[:, i + 1]
+
+
+def preference_pairs(
+    ids_a: torch.Tensor, ids_b: torch.Tensor, reward_a: torch.Tensor, reward_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(preferred ids, dispreferred ids, decisive mask) of the pairs (a_i, b_i): the higher reward wins; a tie
+    gives no preference and the pair is left out."""
+    win, lose = reward_a > reward_b, reward_a < reward_b
+    decisive = win | lose
+    preferred = torch.where(win, ids_a, ids_b)[decisive]
+    dispreferred = torch.where(win, ids_b, ids_a)[decisive]
+    return preferred, dispreferred, decisive
