@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # sys.path again so b2kernels keeps coming from the installed package (bench imports it lazily)
 sys.path.insert(0, str(ROOT))
 try:
-    from bench.common import target
-    from bench.device_check import DRY_PLAN
+    from bench.common import SUITES, target
+    from bench.device_check import DEVICE_PLAN, DRY_PLAN
     from bench.results_table import BEGIN, END, render_readme, table, targets_of
 finally:
     sys.path.remove(str(ROOT))
@@ -202,3 +202,19 @@ def test_readme_measured_table_is_up_to_date():
         text=True,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_planned_suite_accepts_its_device_arguments():
+    """The device plan names options of suites that others may change: parse them here, not first on a GPU."""
+    import argparse
+    import importlib
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        for step in DEVICE_PLAN + DRY_PLAN:
+            module = importlib.import_module(SUITES[step.suite])
+            parser = argparse.ArgumentParser(prog=step.suite, exit_on_error=False)
+            module.add_args(parser)
+            parser.parse_args(step.args)
+    finally:
+        sys.path.remove(str(ROOT))
