@@ -325,7 +325,10 @@ class TrajectoryArena:
 
     @property
     def memory(self) -> torch.Tensor:
-        """The arena's latent storage as a [capacity_slots, C, H, W] tensor view (zero-copy, also DLPack-able)."""
+        """The arena's latent storage as a [capacity_slots, C, H, W] tensor view (zero-copy, also DLPack-able).
+
+        Writes through this view are not recorded as written: ``latents``/``gather`` raise for slots that
+        ``write_latents`` never stored since their tree was added."""
         return self._view
 
     def reset(self) -> None:
