@@ -48,14 +48,14 @@ DEVICE_PLAN = [
     Step(
         "ddim_logprob",
         ["--n", "16,1280", "--dtypes", "bf16", "--modes", "fwd,fwd+bwd", "--compile", "--launch-n", "16,64"],
-        75,
+        100,
     ),
     Step(
         "kv_inject_attention",
         ["--shapes", "0,1,2", "--dtypes", "bfloat16", "--batch", "16", "--iters", "10"],
         75,
     ),
-    Step("unet_step", ["--model", "sd15", "--images", "16", "--iters", "10"], 170, min_s=60),
+    Step("unet_step", ["--model", "sd15", "--images", "16", "--iters", "10"], 160, min_s=60),
     Step("arena", ["--prompts", "64", "--rows", "320", "1280", "--iters", "5"], 40),
     Step("stage", ["--models", "sd15", "--prompts", "4", "--branches", "5", "--steps", "20"], 150, min_s=60),
     Step("dfusion", ["--steps", "20"], 100, min_s=40),
@@ -66,7 +66,7 @@ DRY_PLAN = [
     Step(
         "ddim_logprob",
         ["--n", "2", "--latent", "2,4,4", "--dtypes", "fp32", "--modes", "fwd,fwd+bwd", "--compile"]
-        + ["--compile-backend", "eager", "--iters", "1", "--cpu-timer", "wall"],
+        + ["--compile-backend", "aot_eager", "--iters", "1", "--cpu-timer", "wall"],
         120,
     ),
     Step(

@@ -63,8 +63,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
 
 TEST_RESULT="not run"
 if [ "$TESTS" = 1 ] && [ "$DRY" = 0 ]; then
-  # the GPU tests get at most a third of what is left: the measurements are the point of the lease
-  T=$(($(left) / 3)); [ "$T" -gt 120 ] && T=120
+  # the GPU tests get at most a quarter of what is left: the measurements are the point of the lease
+  T=$(($(left) / 4)); [ "$T" -gt 90 ] && T=90
   say "pytest -m gpu (limit ${T}s)"
   timeout -s TERM "$T" $PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -ra tests >>"$LOG" 2>&1
   rc=$?
