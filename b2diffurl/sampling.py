@@ -70,7 +70,9 @@ class _GraphedStep:
 
 
 class TreeSampler:
-    """Branch-tree DDIM sampler for a policy (see module docs). Holds the DDIM table and the uncond embedding."""
+    """Branch-tree DDIM sampler for a policy (see module docs). Holds the DDIM table and the uncond embedding, and
+    owns the policy step (:meth:`policy_step`): every log-prob of the project, sampled or trained, comes from it.
+    ``train_cfg=False`` runs training forwards without CFG even when sampling uses it (``train.use_guidance``)."""
 
     def __init__(
         self,
