@@ -8,7 +8,7 @@ false``), and is killed 20 s later if it has not. Suites that no longer fit are 
 the order of ``PLAN`` (most important first), so a short lease still measures the kernels.
 
 Writes ``<suite>-<device>-<date>.json`` per suite (``python -m bench`` does) and
-``summary-<device>-<date>.md`` — measured vs goal per target, pass/fail, and each suite's status — into
+``summary-<device>-<date>-<hhmm>.md`` — measured vs goal per target, pass/fail, and each suite's status — into
 ``--out`` (default ``$OUT`` when set, else bench/results/). The summary is rewritten after every suite, so a
 run stopped from outside still leaves the table of what finished.
 
@@ -191,6 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes, Triton interpreted")
     p.add_argument("--log", default=None, help="append suite output to this file (default: stdout)")
     p.add_argument("--note", action="append", default=[], help="KEY=VALUE lines for the summary header")
+    p.add_argument("--stamp", default=None, help="date-time part of the summary's name (default: now, UTC)")
     args = p.parse_args(argv)
 
     out = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "results")
@@ -207,7 +208,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     slug = _slug()
-    summary = out / f"summary-{slug}-{_today()}.md"
+    stamp = args.stamp or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d-%H%M")
+    summary = out / f"summary-{slug}-{stamp}.md"
     header = {
         "device": slug,
         "date": _today(),

@@ -9,7 +9,7 @@
 # Everything must end within B2K_CHECK_BUDGET_S seconds (default 470: an 8-minute lease slot, build included);
 # each stage gets what is left, suites are stopped at their limits and keep the rows they finished. Results go
 # to $OUT when set (the device tool brings that folder back), else bench/results/: one JSON per suite,
-# summary-<gpu>-<date>.md and device-check-<gpu>-<date>.log, at most 8 files. Commit them under bench/results/.
+# summary-<gpu>-<date>-<hhmm>.md and device-check-<gpu>-<date>-<hhmm>.log, at most 8 files. Commit them under bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -33,8 +33,8 @@ if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1
 fi
 SLUG=$($PY -c "from bench.common import device_slug; print(device_slug())" 2>/dev/null || echo unknown-device)
-DATE=$(date -u +%F)
-LOG="$OUT_DIR/device-check-$SLUG-$DATE.log"
+STAMP=$(date -u +%F-%H%M)  # a second call the same day must not overwrite the first one's summary and log
+LOG="$OUT_DIR/device-check-$SLUG-$STAMP.log"
 : >"$LOG"
 say() { echo "[device_check $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
 left() { echo $((DEADLINE - $(date +%s))); }
@@ -74,7 +74,7 @@ if [ "$TESTS" = 1 ] && [ "$DRY" = 0 ]; then
 fi
 
 say "bench suites ($(left)s left)"
-ARGS=(--out "$OUT_DIR" --deadline $((DEADLINE - 5)) --log "$LOG" --note "gpu tests=$TEST_RESULT")
+ARGS=(--out "$OUT_DIR" --deadline $((DEADLINE - 5)) --log "$LOG" --stamp "$STAMP" --note "gpu tests=$TEST_RESULT")
 [ "$DRY" = 1 ] && ARGS+=(--dry-run)
 [ -n "$SUITES" ] && ARGS+=(--suites "$SUITES")
 $PY -m bench.device_check "${ARGS[@]}"
