@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from b2diffurl import checkpoint, prompts, report
+from b2diffurl import checkpoint, distributed, prompts, report
 from b2diffurl import config as C
 from b2diffurl.preemption import StopSignal
 
@@ -39,15 +39,22 @@ class Trainer:
         heldout_prompts: list[str] | None = None,
     ):
         C.validate(run_config)
+        from b2diffurl.models import DTYPES, resolve_device
+
+        # under torchrun: join the process group first (this rank's device; rank 0 names the run directory)
+        self.world = distributed.init(resolve_device(run_config.model.device))
+        distributed.quiet_other_ranks()
         self.fresh_dir = run_config.out == "auto"
         if self.fresh_dir:  # the saved config names the resolved directory, so --resume finds it
-            run_config.out = str(checkpoint.new_run_dir())
+            run_config.out = distributed.broadcast_object(str(checkpoint.new_run_dir()))
         self.cfg = run_config
         self.out = Path(run_config.out)
         if not resume and (why := checkpoint.refuse_existing_run(self.out)):
             raise C.ConfigError(why)
         resume_from = checkpoint.find(resume) if resume else None  # read and compared before the model loads
         resume_state = checkpoint.load(resume_from) if resume_from else None
+        if resume_state:
+            distributed.check_world_size(resume_state.get("world_size", 1), f"checkpoint {resume_from}")
         if resume_state and (
             changed := C.resume_differences(C.from_dict(resume_state["config"]), run_config)
         ):
@@ -55,9 +62,8 @@ class Trainer:
                 f"--resume {resume_from}: the configuration differs from the saved run in {'; '.join(changed)}; "
                 "drop those overrides (only stages, output and logging keys may change on resume)"
             )
-        from b2diffurl.models import DTYPES, resolve_device
-
-        self.device = resolve_device(run_config.model.device)
+        distributed.barrier()  # every rank checked the run directory before rank 0 writes into it
+        self.device = self.world.device
         self.dtype = DTYPES[run_config.model.dtype]
         self.stop = StopSignal(run_config.stop_timeout_s)
         if run_config.deterministic:
@@ -78,6 +84,11 @@ class Trainer:
         self.reward_fn = reward_fn
         mod, _, cls = C.ALGORITHMS[run_config.algo].partition(":")
         algo_cls = getattr(importlib.import_module(mod), cls)
+        if self.world.distributed and not getattr(algo_cls, "data_parallel", False):
+            raise C.ConfigError(
+                f"algo={run_config.algo!r} does not run data-parallel yet: start it as one process (without "
+                "torchrun), or use algo=b2 or ddpo"
+            )
 
         random.seed(run_config.seed)
         np.random.seed(run_config.seed % 2**32)
@@ -117,6 +128,7 @@ class Trainer:
         )
         self.noise_gen = torch.Generator(device=self.device).manual_seed(run_config.seed)
         self.cpu_gen = torch.Generator().manual_seed(run_config.seed + 1)
+        show_progress = run_config.progress and distributed.is_main()  # one process draws progress bars
         self.ctx = RunContext(
             cfg=run_config,
             policy=policy,
@@ -129,12 +141,12 @@ class Trainer:
             device=self.device,
             noise_gen=self.noise_gen,
             cpu_gen=self.cpu_gen,
-            progress=report.progress_bar if run_config.progress else (lambda it, **kw: it),
+            progress=report.progress_bar if show_progress else (lambda it, **kw: it),
             should_stop=lambda: self.stop.requested,
         )
         self.algo = algo_cls(self.ctx)
         self.start_stage = 0
-        self.metrics = report.MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = report.MetricsLog(self.out / "metrics.jsonl", write=distributed.is_main())
         if resume_state:
             self._restore(resume_from, resume_state)
 
@@ -185,9 +197,16 @@ class Trainer:
         # current state: the live adapters are not those of a stage-start snapshot)
         export = (lambda d: self.policy.save_lora(str(d / "lora"))) if self.lora and state is None else None
         state = state or self._state(next_stage)
+        # rank 0 writes the checkpoint of all ranks: theirs differ only in their random streams
+        state = dict(
+            state, world_size=self.world.size, rng_per_rank=distributed.gather_rng_states(state["rng"])
+        )
         root = self.out / "checkpoints"
-        final = checkpoint.save(root, next_stage, state, export)
-        checkpoint.prune(root, self.cfg.keep_checkpoints, keep=final)
+        final = root / checkpoint.stage_name(next_stage)
+        if distributed.is_main():
+            final = checkpoint.save(root, next_stage, state, export)
+            checkpoint.prune(root, self.cfg.keep_checkpoints, keep=final)
+        distributed.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
         return final
 
     def _restore(self, ckpt: Path, state: dict) -> None:
@@ -204,7 +223,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.algo.load_state_dict(state["algo"])
-        checkpoint.set_rng_state(state["rng"], self.noise_gen, self.cpu_gen)
+        rng = state.get("rng_per_rank", [state["rng"]])[self.world.rank]
+        checkpoint.set_rng_state(rng, self.noise_gen, self.cpu_gen)
         self.start_stage = int(state["next_stage"])
         self.metrics.truncate(int(state["metrics_lines"]))  # later lines are redone by this run
         log.info("resumed from %s at stage %d", ckpt, self.start_stage)
@@ -212,7 +232,10 @@ class Trainer:
     def _reward_or_stop(self, images, prompts):
         """The reward as algorithms see it: algorithms score each sampling batch as it is done, so checking
         for a stop request first makes every sampling batch a stopping point."""
-        self.ctx.check_stop()
+        # with several processes the polls are collective, and ranks may sample different numbers of batches:
+        # they agree on a stop at the optimizer steps and stage ends instead, which every rank passes together
+        if not self.world.distributed:
+            self.ctx.check_stop()
         return self.reward_fn(images, prompts)
 
     # ---- evaluation ----------------------------------------------------------------------------------------
@@ -239,11 +262,12 @@ class Trainer:
 
         run_config = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.fresh_dir:
+        if self.fresh_dir and distributed.is_main():
             checkpoint.point_latest(self.out)
-        checkpoint.atomic_write(
-            self.out / "config.yaml", yaml.safe_dump(C.to_dict(run_config), sort_keys=False)
-        )
+        if distributed.is_main():
+            checkpoint.atomic_write(
+                self.out / "config.yaml", yaml.safe_dump(C.to_dict(run_config), sort_keys=False)
+            )
         t_start = time.perf_counter()
         status = "finished"
         with self.stop:
@@ -268,12 +292,14 @@ class Trainer:
                 if last or (every and (stage + 1) % every == 0):
                     self._evaluate(stage + 1)
                 ckpt_every = run_config.checkpoint_every
-                if last or self.stop.requested or (ckpt_every and (stage + 1) % ckpt_every == 0):
+                stop = distributed.any_rank(self.stop.requested)  # all ranks stop after the same stage
+                if last or stop or (ckpt_every and (stage + 1) % ckpt_every == 0):
                     self.save_checkpoint(stage + 1)
-                if self.stop.requested and not last:
+                if stop and not last:
                     status = "interrupted"
                     break
-        report.plot_reward_curve(self.metrics.records, self.out / "reward_curve.png")
+        if distributed.is_main():
+            report.plot_reward_curve(self.metrics.records, self.out / "reward_curve.png")
         return {
             "status": status,
             "stages_done": len(self.metrics.of_kind("stage")),
@@ -297,5 +323,5 @@ class Trainer:
         if self.cfg.progress:  # then ``bar`` is a tqdm bar (report.progress_bar)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
         grid_every = self.cfg.grid_every
-        if grid_every and (stage + 1) % grid_every == 0 and data.images is not None:
+        if grid_every and (stage + 1) % grid_every == 0 and data.images is not None and distributed.is_main():
             report.save_grid(data.images, self.out / "grids" / f"stage_{stage:05d}.png", data.captions)

@@ -34,6 +34,7 @@ SUITES = {
     "stage": "bench.stage",
     "dfusion": "bench.dfusion",
     "unet_step": "bench.unet_step",
+    "scaling": "bench.scaling",
 }
 
 # bf16 dense tensor-core peaks (datasheet, TFLOP/s) for MFU; unknown devices report MFU against the matmul

@@ -7,6 +7,7 @@ CI machine) and join a gloo group through the same environment variables torchru
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -227,3 +228,197 @@ def test_a_rank_that_raises_ends_the_job_nonzero(tmp_path):
     assert "rank 1/2] failed" in proc.stderr and "rank one fails on purpose" in proc.stderr
     # well before the collective timeout: torchrun stopped rank 0 when rank 1 exited
     assert elapsed < 110, elapsed
+
+
+# ----------------------------------------------------------------------------------------------- training runs
+T = 4
+PROMPTS = ["a red circle", "two blue squares", "a green triangle", "three yellow circles"]
+HELDOUT = ["one red square", "a blue circle", "two green circles"]
+
+
+def _config(out, algo, stages):
+    from b2diffurl import config as C
+
+    return C.load_config(
+        overrides={
+            "algo": algo,
+            "stages": stages,
+            "sample.num_steps": T,
+            "sample.prompts_per_stage": 5,  # 5 trees over 2 ranks: uneven shards
+            "sample.branches": 3,
+            "sample.batch_size": 2,
+            "b2.k_left": 2,
+            "b2.k_right": 4,
+            "eval.prompts": "none",
+            "eval.num_prompts": 3,
+            "eval.images_per_prompt": 1,
+            "eval.every": 1,
+            "model.lora": "off",
+            "train.micro_batch_size": 2,
+            "train.grad_accum_steps": 2,
+            "train.lr": 1e-3,
+            # Adam's first steps are sign-like: with a tiny eps a gradient element near zero turns float
+            # rounding (batch composition) into a full lr step; eps 1e-4 bounds that gain by lr/eps
+            "train.adam_eps": 1e-4,
+            "out": str(out),
+            "progress": False,
+            "grid_every": 1,
+            "checkpoint_every": 1,
+            "preset": "toy",
+        }
+    )
+
+
+def _train(out, algo, stages, resume=None, kill_at=None):
+    """A run on the tiny policy; returns per-stage selections (positions held here, their final latents and
+    advantages), the final parameters and the metrics this process logged."""
+    from tiny_policy import brightness_reward, tiny_policy
+
+    from b2diffurl.trainer import Trainer
+
+    tr = Trainer(
+        _config(out, algo, stages),
+        policy=tiny_policy(),
+        reward_fn=brightness_reward,
+        train_prompts=PROMPTS,
+        heldout_prompts=HELDOUT,
+        resume=resume,
+    )
+    seen, sample_stage = [], tr.algo.sample_stage
+
+    def recording(stage):
+        if stage == kill_at:
+            os._exit(3)  # killed: no clean-up, no checkpoint of this stage
+        before = {n: p.detach().clone() for n, p in tr.policy.unet.named_parameters()}
+        data = sample_stage(stage)
+        ids = data.payload.ids
+        here = dist.held(ids)
+        seen.append(
+            {
+                "n": len(ids),
+                "pos": here.nonzero().reshape(-1),
+                "final": tr.algo.arena.latents(ids[here], T),
+                "adv": tr.algo.arena.advantages(ids[here]),
+                "params_before": before,
+            }
+        )
+        return data
+
+    tr.algo.sample_stage = recording
+    tr.run()
+    params = {n: p.detach().clone() for n, p in tr.policy.unet.named_parameters()}
+    return seen, params, tr.metrics.records
+
+
+def _numbers(records):
+    from b2diffurl.report import is_timing_key
+
+    skip = ("arena_mb",)  # this process's share of the trajectories
+    return [{k: v for k, v in r.items() if not is_timing_key(k) and k not in skip} for r in records]
+
+
+def _assert_same_numbers(a, b, tol):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float) or isinstance(ra[k], list):
+                torch.testing.assert_close(torch.tensor(ra[k]), torch.tensor(rb[k]), rtol=0, atol=tol, msg=k)
+            else:
+                assert ra[k] == rb[k], k
+
+
+STAGES = 2
+
+
+@pytest.fixture(scope="module")
+def b2_one(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b2-one")
+    return out, _train(out, "b2", STAGES)
+
+
+@pytest.fixture(scope="module")
+def b2_two(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b2-two")
+    return out, run_ranks(_train, out, str(out / "run"), "b2", STAGES)
+
+
+def _check_equivalence(one, ranks, two_out):
+    """Stage 0 (samples, selection, advantages, the parameter update) within 1e-6; the next stage, which
+    samples with those parameters, and every logged number within 1e-4 (float rounding of different batch
+    compositions in training forwards, amplified by DDIM's x0 prediction, is all that differs)."""
+    one_seen, one_params, one_metrics = one
+    for s in range(STAGES):
+        tol = 1e-6 if s == 0 else 1e-4
+        n = one_seen[s]["n"]
+        final = torch.full_like(one_seen[s]["final"], float("nan"))
+        adv = torch.full_like(one_seen[s]["adv"], float("nan"))
+        count = torch.zeros(n, dtype=torch.long)
+        for seen, _, _ in ranks:
+            st = seen[s]
+            assert st["n"] == n  # every rank iterates the same global selection
+            final[st["pos"]], adv[st["pos"]] = st["final"], st["adv"]
+            count[st["pos"]] += 1
+        assert count.tolist() == [1] * n  # each selected sample held by exactly one rank
+        torch.testing.assert_close(final, one_seen[s]["final"], rtol=0, atol=tol)
+        torch.testing.assert_close(adv, one_seen[s]["adv"], rtol=0, atol=tol)
+    for seen, params, metrics in ranks:
+        for name, p in one_seen[1]["params_before"].items():  # after stage 0's update
+            torch.testing.assert_close(seen[1]["params_before"][name], p, rtol=0, atol=1e-6, msg=name)
+        moved = max((p - one_seen[0]["params_before"][name]).abs().max() for name, p in params.items())
+        assert moved > 1e-4  # the update is not trivially equal
+        for name, p in one_params.items():
+            torch.testing.assert_close(params[name], p, rtol=0, atol=1e-4, msg=name)
+        _assert_same_numbers(_numbers(metrics), _numbers(one_metrics), 1e-4)
+    # rank 0 alone wrote the run directory, with both ranks' random streams in the checkpoint
+    logged = [json.loads(ln) for ln in (two_out / "metrics.jsonl").read_text().splitlines()]
+    assert _numbers(logged) == _numbers(ranks[0][2])
+    state = torch.load(two_out / "checkpoints" / f"stage_{STAGES:05d}" / "state.pt", weights_only=False)
+    assert state["world_size"] == WORLD and len(state["rng_per_rank"]) == WORLD
+
+
+def test_b2_two_ranks_half_batch_equal_one_rank_full_batch(b2_one, b2_two):
+    _check_equivalence(b2_one[1], b2_two[1], b2_two[0] / "run")
+
+
+def test_ddpo_two_ranks_half_batch_equal_one_rank_full_batch(tmp_path):
+    one = _train(tmp_path / "one", "ddpo", STAGES)
+    _check_equivalence(
+        one, run_ranks(_train, tmp_path, str(tmp_path / "two"), "ddpo", STAGES), tmp_path / "two"
+    )
+
+
+def test_kill_and_resume_under_two_ranks_is_exact(b2_two, tmp_path):
+    full = b2_two[1]
+    run = str(tmp_path / "run")
+    with pytest.raises(mp.ProcessExitedException):  # both ranks die at the start of stage 1
+        run_ranks(_train, tmp_path, run, "b2", STAGES, None, 1)
+    assert (tmp_path / "run" / "checkpoints" / "stage_00001" / "state.pt").is_file()
+    resumed = run_ranks(_train, tmp_path, run, "b2", STAGES, run)
+    for r in range(WORLD):
+        _assert_same_numbers(_numbers(resumed[r][2]), _numbers(full[r][2]), 0.0)
+        for name, p in full[r][1].items():
+            assert torch.equal(resumed[r][1][name], p), name
+
+
+def _resume_other_world(out):
+    from tiny_policy import brightness_reward, tiny_policy
+
+    from b2diffurl.trainer import Trainer
+
+    try:
+        Trainer(
+            _config(out, "b2", STAGES),
+            policy=tiny_policy(),
+            reward_fn=brightness_reward,
+            train_prompts=PROMPTS,
+            resume=out,
+        )
+    except dist.DistributedError as exc:
+        return str(exc)
+    return None
+
+
+def test_resume_with_another_world_size_is_refused(b2_one, tmp_path):
+    for msg in run_ranks(_resume_other_world, tmp_path, str(b2_one[0])):
+        assert msg is not None and "written by 1 process" in msg and "this run has 2" in msg

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import torch
 
+from b2diffurl import distributed
+
 if TYPE_CHECKING:
     from b2diffurl.config import RunConfig
     from b2diffurl.models import Policy
@@ -50,6 +52,9 @@ class Algorithm(Protocol):
     # True when the algorithm's reference policy is the same UNet with its LoRA adapters disabled (D3PO's π_ref):
     # with model.lora=auto the trainer then attaches LoRA even where it would fine-tune the whole UNet
     needs_reference_policy: bool
+    # Optional (default False): True when the algorithm runs data-parallel under torchrun through
+    # b2diffurl.distributed (sharded sampling, gathered scores, gradient shares); the trainer refuses the others
+    data_parallel: bool
 
     def sample_stage(self, stage: int) -> StageData: ...
 
@@ -89,7 +94,8 @@ class RunContext:
     def check_stop(self) -> None:
         """Call between sampling batches and between optimizer steps: raises :class:`StopRequested` once a
         stop was asked for, so a preempted run stops within one batch or step."""
-        if self.should_stop():
+        # every process stops at the same poll, whichever received the signal (polls are collective)
+        if distributed.any_rank(self.should_stop()):
             raise StopRequested
 
     def draw_prompts(self, n: int) -> list[str]:
@@ -100,6 +106,7 @@ class RunContext:
     def optimizer_step(self) -> torch.Tensor:
         """Clip, step, schedule, zero grads, then :meth:`check_stop`. Returns the pre-clip grad norm (device
         tensor, no sync)."""
+        distributed.sum_gradients(self.params)  # data-parallel: each process's share -> the global gradient
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()

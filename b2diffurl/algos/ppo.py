@@ -11,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from b2diffurl import distributed
 from b2diffurl.algos.api import RunContext, StageData
 
 log = logging.getLogger(__name__)
@@ -176,19 +177,24 @@ def ppo_update(
                     left = total - done
                     # the last, partial group: its mean when it will be applied, else the official scale
                     group_size = min(full_group, left) if tc.flush_partial_accum else full_group
-                batch = arena.gather(mb_ids, mb_steps[:, j], device=dev)
-                logp = ctx.sampler.batch_logprob(batch, cond_table)
-                old = batch.logprob.to(dev)
-                ratio = torch.exp(logp - old)
-                adv = batch.advantage.to(dev)
-                loss = ppo_clip_loss(adv, ratio, tc.clip_range)
-                (loss / group_size).backward()
-                with torch.no_grad():
-                    if pre_update:
-                        ratio_dev = torch.maximum(ratio_dev, (ratio - 1).abs().max())
-                    stats["loss"] += loss.detach()
-                    stats["approx_kl"] += 0.5 * ((logp - old) ** 2).mean()
-                    stats["clipfrac"] += ((ratio - 1).abs() > tc.clip_range).float().mean()
+                # the rows of this micro-batch this process holds (all of them in one process): its loss is
+                # their share of the micro-batch mean; optimizer_step sums the shares over processes
+                here = distributed.held(mb_ids)
+                share = int(here.sum()) / len(mb_ids)
+                if share > 0:
+                    batch = arena.gather(mb_ids[here], mb_steps[here, j], device=dev)
+                    logp = ctx.sampler.batch_logprob(batch, cond_table)
+                    old = batch.logprob.to(dev)
+                    ratio = torch.exp(logp - old)
+                    adv = batch.advantage.to(dev)
+                    loss = ppo_clip_loss(adv, ratio, tc.clip_range) * share
+                    (loss / group_size).backward()
+                    with torch.no_grad():
+                        if pre_update:
+                            ratio_dev = torch.maximum(ratio_dev, (ratio - 1).abs().max())
+                        stats["loss"] += loss.detach()
+                        stats["approx_kl"] += 0.5 * ((logp - old) ** 2).mean() * share
+                        stats["clipfrac"] += ((ratio - 1).abs() > tc.clip_range).float().mean() * share
                 n_micro += 1
                 done += 1
                 group += 1
@@ -200,6 +206,10 @@ def ppo_update(
     dropped = group  # micro-steps of a partial group whose gradient is never applied
     if dropped:
         ctx.optimizer.zero_grad(set_to_none=True)
+    # each process summed its shares of the micro-batch means: add them up (grad_norm is global already)
+    for k in ("loss", "approx_kl", "clipfrac"):
+        distributed.all_reduce(stats[k])
+    distributed.all_reduce(ratio_dev, "max")
     out = {k: (v / max(n_opt if k == "grad_norm" else n_micro, 1)).item() for k, v in stats.items()}
     out.update(
         train_samples=M,
@@ -221,6 +231,7 @@ class TreePPOAlgorithm:
 
     name = "tree-ppo"
     needs_reference_policy = False
+    data_parallel = True  # trees sharded, rewards gathered, gradient shares summed (b2diffurl.distributed)
 
     def __init__(self, ctx: RunContext, *, tracker, max_trees: int, branches: int):
         from b2kernels.buffer import TrajectoryArena
@@ -258,36 +269,44 @@ class TreePPOAlgorithm:
         pid = {p: i for i, p in enumerate(uniq)}
         cond_table = ctx.encode(uniq)
         self.arena.reset()
-        ids = self.arena.add_trees([pid[p] for p in tree_prompts], split)
         rows_prompts = [p for p in tree_prompts for _ in range(B)]
         # equal UNet rows per call for every layout: batch_size prompts × the config's branches
         bs = max(1, ctx.cfg.sample.batch_size * ctx.cfg.sample.branches // B)
-        rewards, grid = [], None
-        n_trees = len(tree_prompts)
-        for a in range(0, n_trees, bs):
-            b = min(a + bs, n_trees)
-            cond = cond_table[torch.tensor([pid[p] for p in tree_prompts[a:b]], device=cond_table.device)]
+        # this process samples the trees `mine` (all of them in one process), in the batches one process would
+        # use; each tree has its own noise stream
+        mine = distributed.shard(len(tree_prompts), block=bs)
+        ids = self.arena.add_trees([pid[tree_prompts[t]] for t in mine], split)
+        rewards, grid = [torch.zeros(0, device=ctx.device)], None
+        for a in range(0, len(mine), bs):
+            trees = mine[a : a + bs]
+            cond = cond_table[torch.tensor([pid[tree_prompts[t]] for t in trees], device=cond_table.device)]
             out = ctx.sampler.sample_trees(
                 cond,
                 split_step=split,
                 branches=B,
-                generator=ctx.noise_gen,
+                generator=distributed.tree_generators(ctx.cfg.seed, stage, trees, ctx.device),
                 arena=self.arena,
-                ids=ids[a * B : b * B],
+                ids=ids[a * B : (a + len(trees)) * B],
             )
             with torch.no_grad():
                 images = ctx.policy.decode(out.latents).float().clamp(0, 1)
-                rewards.append(ctx.reward_fn(images, rows_prompts[a * B : b * B]).float().reshape(-1))
+                rows = rows_prompts[trees.start * B : trees.stop * B]
+                rewards.append(ctx.reward_fn(images, rows).float().reshape(-1))
             if grid is None:
                 grid = images[:16].cpu()
-        rewards_t = torch.cat(rewards).cpu()  # the stage's one host sync for scores
+        # every process gets every reward: statistics and selection see all samples, as one process would;
+        # the stage's one host sync for scores
+        rewards_t = distributed.all_gather_cat(torch.cat(rewards)).cpu()
         sample_time = time.perf_counter() - t0
         z = self.tracker.update(rows_prompts, rewards_t.numpy())
         sel, adv, sel_metrics = self.select(z, stage)
-        self.arena.set_rewards(ids, rewards_t)
-        sel_ids = ids[torch.as_tensor(sel, dtype=torch.long)] if len(sel) else ids[:0]
-        if len(sel):
-            self.arena.set_advantages(sel_ids, torch.as_tensor(adv, dtype=torch.float32))
+        rows_here = range(mine.start * B, mine.stop * B)
+        self.arena.set_rewards(ids, rewards_t[rows_here.start : rows_here.stop])
+        # the selected rows in global order; rows another process sampled get id -1 (distributed.localize)
+        sel_ids = distributed.localize(torch.as_tensor(sel, dtype=torch.long), rows_here, ids)
+        here = distributed.held(sel_ids)
+        if bool(here.any()):
+            self.arena.set_advantages(sel_ids[here], torch.as_tensor(adv, dtype=torch.float32)[here])
         steps = self.trained_steps(stage, split)
         if ctx.cfg.train.min_step_sigma > 0:
             sigma = ctx.sampler.table.sigmas(ctx.sampler.eta).to(steps.device)
