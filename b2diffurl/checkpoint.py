@@ -41,7 +41,8 @@ _TMP = ".tmp-"  # a checkpoint being assembled
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used (missing, corrupt, or not from this kind of run)."""
+    """A run directory or checkpoint that cannot be used (not empty for a new run; missing, corrupt, or not
+    from this kind of run)."""
 
 
 # ----------------------------------------------------------------------------------------------- atomic files
@@ -137,6 +138,25 @@ def point_latest(run_dir: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(run_dir.name, tmp)
     os.replace(tmp, link)
+
+
+def open_run(out: Path, resume: str | None, run_config) -> tuple[Path | None, dict | None]:
+    """Before any work: a new run needs an empty ``out``; a resumed one gets (checkpoint, verified state),
+    and only when ``run_config`` changes nothing but the keys safe to change on resume."""
+    from b2diffurl import config
+
+    if resume:
+        ckpt = find(resume)
+        state = load(ckpt)
+        if changed := config.resume_differences(config.from_dict(state["config"]), run_config):
+            raise config.ConfigError(
+                f"--resume {ckpt}: the configuration differs from the saved run in {'; '.join(changed)}; "
+                "drop those overrides (only stages, output and logging keys may change on resume)"
+            )
+        return ckpt, state
+    if why := refuse_existing_run(out):
+        raise CheckpointError(why)
+    return None, None
 
 
 def refuse_existing_run(out: Path) -> str | None:

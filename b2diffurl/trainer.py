@@ -49,19 +49,11 @@ class Trainer:
             run_config.out = distributed.broadcast_object(str(checkpoint.new_run_dir()))
         self.cfg = run_config
         self.out = Path(run_config.out)
-        if not resume and (why := checkpoint.refuse_existing_run(self.out)):
-            raise C.ConfigError(why)
-        resume_from = checkpoint.find(resume) if resume else None  # read and compared before the model loads
-        resume_state = checkpoint.load(resume_from) if resume_from else None
+        resume_from, resume_state = checkpoint.open_run(
+            self.out, resume, run_config
+        )  # before the model loads
         if resume_state:
             distributed.check_world_size(resume_state.get("world_size", 1), f"checkpoint {resume_from}")
-        if resume_state and (
-            changed := C.resume_differences(C.from_dict(resume_state["config"]), run_config)
-        ):
-            raise C.ConfigError(
-                f"--resume {resume_from}: the configuration differs from the saved run in {'; '.join(changed)}; "
-                "drop those overrides (only stages, output and logging keys may change on resume)"
-            )
         distributed.barrier()  # every rank checked the run directory before rank 0 writes into it
         self.device = self.world.device
         self.dtype = DTYPES[run_config.model.dtype]
@@ -98,8 +90,20 @@ class Trainer:
 
             policy = load_policy(run_config.model.path, dtype=self.dtype, device=self.device)
         self.policy = policy
-        self.lora = self._wants_lora(algo_cls)
-        self.params = self._setup_trainable()
+        model_config = run_config.model
+        # 'auto': LoRA for real models, and on the toy for an algorithm whose reference policy is the same UNet
+        # with the adapters disabled (Algorithm.needs_reference_policy, see algos/api.py)
+        self.lora = model_config.lora == "on" or (
+            model_config.lora == "auto" and (model_config.path != "toy" or algo_cls.needs_reference_policy)
+        )
+        policy.text_encoder.requires_grad_(False)
+        if self.lora:  # add_lora freezes the UNet and keeps the adapter weights in float32
+            policy.add_lora(model_config.lora_rank, model_config.lora_alpha, tuple(model_config.lora_targets))
+        else:
+            policy.unet.requires_grad_(True)
+        self.params = [q for q in policy.unet.parameters() if q.requires_grad]
+        if not self.params:
+            raise C.ConfigError("no trainable UNet parameters: model.lora_targets matched no module")
         train_config = run_config.train
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -150,30 +154,6 @@ class Trainer:
         if resume_state:
             self._restore(resume_from, resume_state)
 
-    # ---- setup ---------------------------------------------------------------------------------------------
-    def _wants_lora(self, algo_cls) -> bool:
-        m = self.cfg.model
-        # 'auto': LoRA for real models; also on the toy for an algorithm whose reference policy is the same UNet
-        # with the adapters disabled (Algorithm.needs_reference_policy, see algos/api.py)
-        needs_reference = algo_cls.needs_reference_policy
-        return m.lora == "on" or (m.lora == "auto" and (m.path != "toy" or needs_reference))
-
-    def _setup_trainable(self) -> list[torch.nn.Parameter]:
-        p, m = self.policy, self.cfg.model
-        p.text_encoder.requires_grad_(False)
-        if self.lora:
-            p.unet.requires_grad_(False)
-            p.add_lora(rank=m.lora_rank, alpha=m.lora_alpha, targets=tuple(m.lora_targets))
-            params = [q for q in p.unet.parameters() if q.requires_grad]
-            for q in params:  # LoRA weights train in float32 whatever the base dtype
-                q.data = q.data.float()
-        else:
-            p.unet.requires_grad_(True)
-            params = list(p.unet.parameters())
-        if not params:
-            raise C.ConfigError("no trainable UNet parameters: model.lora_targets matched no module")
-        return params
-
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _state(self, next_stage: int) -> dict:
         """Everything a run continues from at the start of stage ``next_stage`` (CPU copies)."""
@@ -210,13 +190,8 @@ class Trainer:
         return final
 
     def _restore(self, ckpt: Path, state: dict) -> None:
+        # open_run refused any change of model, LoRA or targets: the parameter names are the saved ones
         named = dict(self.policy.unet.named_parameters())
-        unknown = [n for n in state["model"] if n not in named]
-        if unknown or set(state["model"]) != {n for n, q in named.items() if q.requires_grad}:
-            raise C.ConfigError(
-                f"{ckpt}: the checkpoint's trainable parameters do not match this model "
-                f"(lora={state['lora']} in the checkpoint vs {self.lora} now; {len(unknown)} unknown names)"
-            )
         with torch.no_grad():
             for n, v in state["model"].items():
                 named[n].copy_(v)
@@ -238,14 +213,12 @@ class Trainer:
             self.ctx.check_stop()
         return self.reward_fn(images, prompts)
 
-    # ---- evaluation ----------------------------------------------------------------------------------------
     def _evaluate(self, stage: int) -> None:
-        sample_config = self.cfg.sample
         report.evaluate(
             stage,
             self.heldout_prompts,
             self.cfg.eval,
-            batch_size=sample_config.batch_size * sample_config.branches,
+            batch_size=self.cfg.sample.batch_size * self.cfg.sample.branches,
             sampler=self.sampler,
             reward_fn=self.reward_fn,
             group_of=self.group_of,
