@@ -23,6 +23,7 @@ from b2diffurl import config as C
 from b2diffurl.preemption import EXIT_INTERRUPTED
 
 EXIT_USAGE = 2
+EXIT_KILLED = 128 + 2  # the shell's code for a process ended by SIGINT (a second Ctrl-C)
 
 
 class UsageError(ValueError):
@@ -123,12 +124,10 @@ def config_from_args(args) -> tuple[C.RunConfig, str | None]:
 
 
 def cmd_train(args) -> int:
-    from b2diffurl import trainer
+    from b2diffurl import distributed, trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_config, resume = config_from_args(args)
-    from b2diffurl import distributed
-
     # under torchrun: a rank that fails prints its error and ends the job (user errors stay one line)
     with distributed.record_failure(_user_errors()):
         summary = trainer.Trainer(run_config, resume=resume).run()
@@ -392,9 +391,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"b2diffurl {args.command}: stopped at once; resume from the last checkpoint", file=sys.stderr)
         return EXIT_KILLED
-
-
-EXIT_KILLED = 128 + 2  # the shell's code for a process ended by SIGINT
 
 
 if __name__ == "__main__":
