@@ -73,7 +73,12 @@ class Trainer:
             from b2diffurl.rewards import get_reward
 
             reward_fn = get_reward(run_config.reward, **run_config.reward_options)
-        self.reward_fn = reward_fn
+        from b2diffurl.rewards import as_reward
+
+        self.reward_fn = as_reward(reward_fn).limit(
+            timeout_s=run_config.reward_timeout_s,
+            max_nonfinite_fraction=run_config.reward_max_nonfinite_fraction,
+        )
         mod, _, cls = C.ALGORITHMS[run_config.algo].partition(":")
         algo_cls = getattr(importlib.import_module(mod), cls)
         if self.world.distributed and not getattr(algo_cls, "data_parallel", False):

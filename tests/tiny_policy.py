@@ -54,6 +54,9 @@ def tiny_policy(seed: int = 0, dtype=torch.float32, device="cpu") -> Policy:
             num_attention_heads=2,
             max_position_embeddings=tokenizer.model_max_length,
             projection_dim=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     ).to(device, dtype)
     scheduler = DDIMScheduler(

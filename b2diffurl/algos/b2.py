@@ -20,10 +20,11 @@ def split_k(stage: int, stages: int, k_left: int, k_right: int) -> int:
 def select_branches(z: np.ndarray, pos_threshold: float, neg_threshold: float):
     """Per branch group (row of z [P, B]): the best branch if z ≥ pos_threshold (positive), the worst if
     z < neg_threshold (negative); ties → lowest branch index. Returns (flat row indices p·B + b, is_positive),
-    positive before negative within a group."""
-    z = np.asarray(z)
+    positive before negative within a group. A NaN z (a sample without a finite reward) is never selected."""
+    z = np.asarray(z, dtype=np.float64)
     P, B = z.shape
-    best, worst = z.argmax(axis=1), z.argmin(axis=1)  # numpy: first occurrence on ties
+    nan = np.isnan(z)  # numpy: first occurrence on ties; NaN rows lose both contests
+    best, worst = np.where(nan, -np.inf, z).argmax(axis=1), np.where(nan, np.inf, z).argmin(axis=1)
     rows, positive = [], []
     for p in range(P):
         if z[p, best[p]] >= pos_threshold:
@@ -58,8 +59,11 @@ class B2Algorithm(TreePPOAlgorithm):
     def select(self, z: np.ndarray, stage: int):
         b2, tc = self.ctx.cfg.b2, self.ctx.cfg.train
         z = z.reshape(-1, self.branches)
-        if b2.group_centering:
-            z = z - z.mean(axis=1, keepdims=True)
+        if b2.group_centering:  # over the group's finite z-scores (NaN: no reward, stays NaN)
+            ok = np.isfinite(z)
+            z = z - np.where(ok, z, 0.0).sum(axis=1, keepdims=True) / np.maximum(
+                ok.sum(axis=1, keepdims=True), 1
+            )
         z = z.reshape(-1)
         rows, positive = select_branches(z.reshape(-1, self.branches), b2.pos_threshold, b2.neg_threshold)
         adv = clamp_advantages(z[rows], tc.adv_clip, b2.beta1, b2.beta2) if len(rows) else np.zeros(0)

@@ -35,8 +35,9 @@ class DDPOAlgorithm(TreePPOAlgorithm):
         return [p for p in prompts for _ in range(self.per_prompt)], self.T
 
     def select(self, z: np.ndarray, stage: int):
-        adv = clamp_advantages(z, self.ctx.cfg.train.adv_clip)
-        return np.arange(len(z)), adv, {"n_selected": len(z)}
+        rows = np.flatnonzero(np.isfinite(z))  # a sample without a finite reward is not trained on
+        adv = clamp_advantages(z[rows], self.ctx.cfg.train.adv_clip)
+        return rows, adv, {"n_selected": len(rows)}
 
     def trained_steps(self, stage: int, split_step: int) -> torch.Tensor:
         return torch.arange(self.T, dtype=torch.long)

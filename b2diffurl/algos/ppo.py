@@ -30,7 +30,9 @@ class PromptStatTracker:
     ``history`` stages (official B²-DiffuRL). Unbiased (N−1) std, z = (r − mean) / (std + 1e-8).
 
     A prompt with a single pooled score has no std: its z-score is 0 (the official code would give NaN).
-    The history (raw scores, not z-scores) is run state: ``state_dict``/``load_state_dict``.
+    A non-finite score (the reward boundary made it NaN) is never pooled or stored; its z-score is NaN, which
+    selection reads as "no score". The history (raw scores, not z-scores) is run state:
+    ``state_dict``/``load_state_dict``.
     """
 
     def __init__(self, history: int):
@@ -41,18 +43,18 @@ class PromptStatTracker:
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         if len(prompts) != scores.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {scores.shape[0]} scores")
+        finite = np.isfinite(scores)
         current: dict[str, list[float]] = {}
-        for p, s in zip(prompts, scores):
-            current.setdefault(p, []).append(s)
+        for p, s, ok in zip(prompts, scores, finite):
+            if ok:
+                current.setdefault(p, []).append(s)
         cur = {p: np.asarray(v) for p, v in current.items()}
         past = self.past[-self.history :] if self.history > 0 else []
-        mean, std = {}, {}
+        z = np.full(scores.shape, math.nan)
         for p, v in cur.items():
             pool = np.concatenate([d[p] for d in past if p in d] + [v])
-            mean[p] = pool.mean()
-            std[p] = pool.std(ddof=1) if pool.size > 1 else math.nan
-        z = np.array([(s - mean[p]) / (std[p] + 1e-8) for p, s in zip(prompts, scores)])
-        z = np.where(np.isnan(z), 0.0, z)
+            rows = finite & (np.asarray(prompts, dtype=object) == p)
+            z[rows] = (scores[rows] - pool.mean()) / (pool.std(ddof=1) + 1e-8) if pool.size > 1 else 0.0
         self.past.append(cur)
         self.past = self.past[-self.history :] if self.history > 0 else []
         return z
@@ -69,7 +71,8 @@ class BufferStatTracker:
     """ddpo-pytorch's per-prompt statistics: each prompt keeps its last ``buffer_size`` raw rewards (the
     current stage's included); z = (r − mean) / (std + 1e-6) with the biased (N) std of that buffer. Until a
     prompt's buffer holds ``min_count`` rewards, the whole stage's mean/std stand in. ``buffer_size`` 0 keeps no
-    memory: the current stage's rewards of that prompt only."""
+    memory: the current stage's rewards of that prompt only. Non-finite rewards are never buffered or pooled;
+    their z-score is NaN ("no score")."""
 
     def __init__(self, buffer_size: int, min_count: int):
         self.buffer_size = int(buffer_size)
@@ -81,16 +84,17 @@ class BufferStatTracker:
         if len(prompts) != scores.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {scores.shape[0]} scores")
         prompts_arr = np.asarray(prompts, dtype=object)
-        z = np.empty_like(scores)
-        for p in dict.fromkeys(prompts):
-            mask = prompts_arr == p
+        finite = np.isfinite(scores)
+        z = np.full_like(scores, math.nan)
+        for p in dict.fromkeys(prompts_arr[finite].tolist()):
+            mask = (prompts_arr == p) & finite
             mine = scores[mask]
             if self.buffer_size > 0:
                 buf = (self.buffers.get(p, []) + mine.tolist())[-self.buffer_size :]
                 self.buffers[p] = buf
             else:
                 buf = mine.tolist()
-            pool = np.asarray(buf) if len(buf) >= self.min_count else scores
+            pool = np.asarray(buf) if len(buf) >= self.min_count else scores[finite]
             z[mask] = (mine - pool.mean()) / (pool.std() + 1e-6)
         return z
 
@@ -100,6 +104,22 @@ class BufferStatTracker:
     def load_state_dict(self, state: dict) -> None:
         self.buffer_size, self.min_count = int(state["buffer_size"]), int(state["min_count"])
         self.buffers = {p: [float(x) for x in v] for p, v in state["buffers"].items()}
+
+
+def reward_stats(rewards: torch.Tensor) -> dict:
+    """Mean, std, max and min of a stage's finite rewards, and ``rewards_nonfinite``: how many were NaN (the
+    reward boundary, :meth:`b2diffurl.rewards.Reward.score`, turns every non-finite score into NaN)."""
+    r = rewards.detach().float().cpu().reshape(-1)
+    ok = r[torch.isfinite(r)]
+    if not ok.numel():
+        ok = torch.full((1,), math.nan)
+    return {
+        "reward_mean": float(ok.mean()),
+        "reward_std": float(ok.std()) if ok.numel() > 1 else 0.0,
+        "reward_max": float(ok.max()),
+        "reward_min": float(ok.min()),
+        "rewards_nonfinite": int(r.numel() - int(torch.isfinite(r).sum())),
+    }
 
 
 def lopsided_warning(adv: np.ndarray, stage: int, fraction: float = 0.9, minimum: int = 8) -> str | None:
@@ -318,10 +338,7 @@ class TreePPOAlgorithm:
             "split_step": split,
             "trained_steps": int(steps.numel()),
             "images": len(rows_prompts),
-            "reward_mean": float(rewards_t.mean()),
-            "reward_std": float(rewards_t.std()) if rewards_t.numel() > 1 else 0.0,
-            "reward_max": float(rewards_t.max()),
-            "reward_min": float(rewards_t.min()),
+            **reward_stats(rewards_t),
             "sample_time_s": sample_time,
             "sample_images_per_s": len(rows_prompts) / max(sample_time, 1e-9),
             "arena_mb": self.arena.bytes_used / 2**20,

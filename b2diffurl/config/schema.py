@@ -282,6 +282,14 @@ class RunConfig:
     )
     reward: str = _f("toy", "reward: toy | clip | python:pkg.mod:fn")
     reward_options: dict = _f({}, "keyword options passed to the reward factory (e.g. clip weights path)")
+    reward_timeout_s: float = _f(
+        0.0, "abandon a reward call that runs longer than this and end the run (exit 2); 0 = no limit"
+    )
+    reward_max_nonfinite_fraction: float = _f(
+        0.1,
+        "NaN/inf scores are left out of statistics and training; a reward call with a larger fraction of "
+        "them ends the run (exit 2)",
+    )
     out: str = _f(
         "auto",
         "run directory (metrics.jsonl, checkpoints, grids, plots); 'auto' = a fresh runs/<date-time>/ with a "

@@ -19,6 +19,8 @@ RANGES = {
     "keep_checkpoints": "[0, inf)",
     "grid_every": "[0, inf)",
     "stop_timeout_s": "(0, inf)",
+    "reward_timeout_s": "[0, inf)",
+    "reward_max_nonfinite_fraction": "[0, 1]",
     "model.lora_rank": "[1, inf)",
     "model.lora_alpha": "(0, inf)",
     "sample.num_steps": "[1, inf)",
@@ -166,6 +168,8 @@ SAFE_ON_RESUME = frozenset(
         "keep_checkpoints",
         "grid_every",
         "stop_timeout_s",
+        "reward_timeout_s",  # NaN scores are dropped either way; these only decide when the run gives up
+        "reward_max_nonfinite_fraction",
         "eval.every",
         "dfusion.save_pairs",
     }

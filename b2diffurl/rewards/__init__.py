@@ -24,6 +24,8 @@ Torch is imported lazily so that the torch-free configuration can validate specs
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,12 +34,22 @@ if TYPE_CHECKING:
     import torch
 
 
+log = logging.getLogger("b2diffurl.rewards")
+
 # how a multi-reward's terms are combined (see b2diffurl.rewards.multi)
 AGGREGATES = ("reward", "advantage")
 
 
 class RewardError(ValueError):
     """A reward that cannot be built or run as asked; the message is one line naming the fix."""
+
+
+class NonFiniteRewardError(RewardError):
+    """More than ``max_nonfinite_fraction`` of one reward call's scores were NaN or infinite."""
+
+
+class RewardTimeoutError(RewardError):
+    """A reward call ran longer than ``timeout_s`` and was abandoned."""
 
 
 class RewardFileError(RewardError, FileNotFoundError):
@@ -83,7 +95,17 @@ class Reward:
     """A checked, batched reward. ``weights`` maps component name -> weight; ``aggregate`` is ``"reward"``
     (weighted sum of scores, then normalisation) or ``"advantage"`` (normalise each component, then weighted
     sum: :func:`b2diffurl.rewards.multi.aggregate_advantages`). ``name`` is the spec it was built from;
-    ``terms`` the sub-rewards of a multi-reward."""
+    ``terms`` the sub-rewards of a multi-reward.
+
+    :meth:`score` is the one boundary where scores enter the project: it checks their shape [N] and
+    floating dtype, and turns every non-finite score into NaN, which downstream means "no score" (statistics,
+    selection and pairing leave such rows out). Each such call is warned about and counted in ``nonfinite``;
+    a call with more than ``max_nonfinite_fraction`` of its rows non-finite raises
+    :class:`NonFiniteRewardError` (a broken reward, not an odd image). ``timeout_s`` > 0 abandons a call that
+    runs longer (:class:`RewardTimeoutError`)."""
+
+    timeout_s: float = 0.0  # 0: wait as long as the reward takes
+    max_nonfinite_fraction: float = 1.0  # the trainer sets reward_max_nonfinite_fraction
 
     def __init__(
         self,
@@ -99,6 +121,12 @@ class Reward:
         self.weights = dict(weights) if weights else {name: 1.0}
         self.aggregate = aggregate
         self.__name__ = f"reward_{name.replace(':', '_').replace('.', '_').replace(',', '_')}"
+        self.nonfinite = 0  # non-finite scores returned so far (as NaN)
+
+    def limit(self, *, timeout_s: float = 0.0, max_nonfinite_fraction: float = 1.0) -> Reward:
+        """Set the call timeout (0 = none) and the largest tolerated non-finite fraction of one call."""
+        self.timeout_s, self.max_nonfinite_fraction = float(timeout_s), float(max_nonfinite_fraction)
+        return self
 
     def _check(self, images, prompts: list):
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
@@ -108,6 +136,8 @@ class Reward:
             )
 
     def _as_scores(self, out, images, label: str):
+        """``out`` as float32 [N] on the images' device, non-finite entries NaN; a wrong shape or a
+        non-floating dtype is a RewardError naming the reward."""
         import torch
 
         out = torch.as_tensor(out)
@@ -115,16 +145,76 @@ class Reward:
             raise RewardError(
                 f"reward {label!r} returned shape {tuple(out.shape)}; expected [{images.shape[0]}]"
             )
-        return out.to(device=images.device, dtype=torch.float32)
+        if not out.is_floating_point():
+            raise RewardError(
+                f"reward {label!r} returned {out.dtype} scores; expected floating point (e.g. float32)"
+            )
+        out = out.to(device=images.device, dtype=torch.float32)
+        return torch.where(torch.isfinite(out), out, torch.full_like(out, float("nan")))
+
+    def _call(self, images, prompts):
+        """The reward function, in a worker thread when ``timeout_s`` > 0. Python cannot kill a thread: an
+        abandoned call keeps running in the background (a daemon thread, so it does not hold the process
+        open), and the error ends the run."""
+        if not self.timeout_s > 0:
+            return self._fn(images, prompts)
+        import torch
+
+        box: dict = {}
+        grad = torch.is_grad_enabled()  # grad mode is per thread: the worker inherits the caller's
+
+        def work():
+            try:
+                with torch.set_grad_enabled(grad):
+                    box["out"] = self._fn(images, prompts)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box["err"] = e
+
+        worker = threading.Thread(target=work, name=f"reward {self.name}", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise RewardTimeoutError(
+                f"reward {self.name!r} did not return within reward_timeout_s={self.timeout_s:g} s; the "
+                "call was abandoned (raise reward_timeout_s, or fix what the reward waits for)"
+            )
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
 
     def score(self, images, prompts) -> RewardResult:
         prompts = list(prompts)
         self._check(images, prompts)
-        out = self._fn(images, prompts)
-        if isinstance(out, RewardResult):  # a multi-reward scores its own components
-            return out
-        total = self._as_scores(out, images, self.name)
-        return RewardResult(total=total, components={self.name: total})
+        out = self._call(images, prompts)
+        if isinstance(out, RewardResult):  # a multi-reward scores its own components (each term checked)
+            total = self._as_scores(out.total, images, self.name)
+            result = RewardResult(total=total, components=out.components)
+        else:
+            total = self._as_scores(out, images, self.name)
+            result = RewardResult(total=total, components={self.name: total})
+        self._count_nonfinite(total)
+        return result
+
+    def _count_nonfinite(self, total) -> None:
+        # one host sync per reward call: the scores are small, and a broken reward must stop the run now
+        bad = int(total.isnan().sum())
+        if not bad:
+            return
+        self.nonfinite += bad
+        n = total.numel()
+        if bad > self.max_nonfinite_fraction * n:
+            raise NonFiniteRewardError(
+                f"reward {self.name!r} returned {bad} non-finite scores out of {n}, more than "
+                f"reward_max_nonfinite_fraction={self.max_nonfinite_fraction:g}; fix the reward (or raise "
+                "the limit)"
+            )
+        log.warning(
+            "reward %r returned %d non-finite score(s) out of %d: those samples are left out of statistics "
+            "and training",
+            self.name,
+            bad,
+            n,
+        )
 
     def __call__(self, images, prompts):
         return self.score(images, prompts).total
@@ -265,8 +355,10 @@ __all__ = [
     "AGGREGATES",
     "Reward",
     "as_reward",
+    "NonFiniteRewardError",
     "RewardError",
     "RewardFileError",
+    "RewardTimeoutError",
     "RewardResult",
     "check_reward_spec",
     "get_reward",

@@ -21,11 +21,14 @@ def pair_indices(
     ``scores`` [P, n] (row = prompt). Returns ``(ref_idx, base_idx)``, both [P, n_base] LongTensors of sample
     indices within the prompt's row: sorted best first (stable: ties keep the lower index first), references are
     the top ``n·ref_fraction`` each repeated ``reuse`` times in order [o₁, o₁, o₂, o₂, …]; bases are the last
-    ``n·base_fraction`` of the order. Pair i = (ref_idx[:, i], base_idx[:, i]).
+    ``n·base_fraction`` of the order. Pair i = (ref_idx[:, i], base_idx[:, i]). A NaN score (no finite reward)
+    ranks last: such a sample is a reference only when too few are scored, and a pair with a NaN base is left
+    out of the preferences (:func:`preference_pairs`).
     """
     p, n = scores.shape
     n_ref, n_base = pairing_sizes(n, ref_fraction, base_fraction, reuse)
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    ranked = torch.where(scores.isnan(), float("-inf"), scores)  # torch sorts NaN above everything
+    order = torch.argsort(ranked, dim=1, descending=True, stable=True)
     refs = order[:, :n_ref].repeat_interleave(reuse, dim=1)
     bases = order[:, n - n_base :]
     return refs, bases
@@ -131,7 +134,7 @@ def preference_pairs(
     ids_a: torch.Tensor, ids_b: torch.Tensor, reward_a: torch.Tensor, reward_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(preferred ids, dispreferred ids, decisive mask) of the pairs (a_i, b_i): the higher reward wins; a tie
-    gives no preference and the pair is left out."""
+    or a NaN reward (no finite score) gives no preference and the pair is left out."""
     win, lose = reward_a > reward_b, reward_a < reward_b
     decisive = win | lose
     preferred = torch.where(win, ids_a, ids_b)[decisive]
