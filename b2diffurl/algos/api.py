@@ -88,7 +88,7 @@ class RunContext:
     device: torch.device
     noise_gen: torch.Generator  # on ``device``: x_T and per-step noise
     cpu_gen: torch.Generator  # prompt draws, shuffles, timestep permutations
-    progress: Callable | None = None  # callable(iterable, **tqdm kwargs) -> iterable
+    progress: Callable = lambda iterable, **tqdm_kwargs: iterable  # wraps an iterable in a progress bar
     should_stop: Callable[[], bool] = lambda: False  # True once the run was asked to stop (SIGTERM/SIGINT)
 
     def check_stop(self) -> None:
