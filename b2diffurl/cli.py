@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from b2diffurl import cli_outputs
 from b2diffurl import config as C
 from b2diffurl.preemption import EXIT_INTERRUPTED
 
@@ -92,6 +93,7 @@ def add_train_parser(subparsers) -> None:
         dest="save_pairs",
         help="D-Fusion: write reference | base | target | mask grids to <out>/pairs/ (dfusion.save_pairs)",
     )
+    cli_outputs.add_train_output_args(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -116,6 +118,7 @@ def config_from_args(args) -> tuple[C.RunConfig, str | None]:
         ("preset", "preset"),
         ("out", "out"),
         ("save_pairs", "dfusion.save_pairs"),
+        *cli_outputs.TRAIN_FLAGS,
     ):
         if getattr(args, flag, None) is not None:
             explicit[key] = getattr(args, flag)
@@ -133,7 +136,7 @@ def cmd_train(args) -> int:
         summary = trainer.Trainer(run_config, resume=resume).run()
     if distributed.is_main():
         print(json.dumps(summary, indent=2))
-    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+    return cli_outputs.exit_code(summary["status"], EXIT_INTERRUPTED)
 
 
 # ----------------------------------------------------------------------------------------------- sample / eval
@@ -141,11 +144,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="toy", help="'toy' or a local diffusers folder of SD 1.x/2.x (default toy)"
     )
-    p.add_argument(
-        "--lora",
-        metavar="DIR",
-        help="LoRA weights saved by a training run (lora.safetensors + lora_config.json)",
-    )
+    cli_outputs.add_lora_arg(p)
     p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1)")
@@ -188,8 +187,9 @@ def _check_common(args, outputs: dict[str, str | None], counts: dict[str, int | 
     errs.append(C.check_device(args.device))
     if args.model != "toy" and not os.path.isdir(args.model):
         errs.append(f"--model {args.model!r} is neither 'toy' nor an existing diffusers folder")
-    if args.lora and not os.path.isdir(args.lora):
-        errs.append(f"--lora {args.lora!r} is not a folder (expected a checkpoint's lora/ folder)")
+    if args.lora:  # a run or checkpoint directory names its adapter folder from here on
+        args.lora, problem = cli_outputs.resolve_lora(args.lora)
+        errs.append(problem)
     errs += [_writable(path, flag) for flag, path in outputs.items() if path]
     errs = [e for e in errs if e]
     if errs:

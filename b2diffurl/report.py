@@ -56,6 +56,8 @@ class MetricsLog:
         self.path = path
         self.write = write  # False on the processes of a data-parallel run other than rank 0
         self.records: list[dict] = []
+        # fed each written record, e.g. TensorBoard (log_with)
+        self.mirrors: list[Callable[[dict], None]] = []
 
     def append(self, record: dict) -> None:
         bad = _non_finite_keys(record)
@@ -68,6 +70,8 @@ class MetricsLog:
             fh.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        for mirror in self.mirrors:
+            mirror(record)
 
     def truncate(self, n_lines: int) -> None:
         """Keep the first ``n_lines`` records (those a checkpoint was saved after); later ones are redone."""
@@ -194,8 +198,9 @@ def progress_bar(iterable, **tqdm_kwargs):
 
 
 def plot_reward_curve(metrics: list[dict], path: Path) -> Path | None:
-    """Training reward per stage (mean ± std band) and held-out reward per evaluation; None without
-    matplotlib."""
+    """One figure of the run per stage: training reward (mean ± std band) with the held-out reward per
+    evaluation, then - where logged - the gold reward, the per-prompt diversity and the KL to the starting
+    policy; stages where the hacking alarm fired are marked in every panel. None without matplotlib."""
     try:
         import matplotlib
 
@@ -205,18 +210,35 @@ def plot_reward_curve(metrics: list[dict], path: Path) -> Path | None:
         return None
     stages = [m for m in metrics if m.get("kind") == "stage"]
     evals = [m for m in metrics if m.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    extra = [
+        (key, label)
+        for key, label in (("gold_mean", "gold reward"), ("diversity", "diversity"), ("kl_k3", "KL to start"))
+        if any(m.get(key) is not None for m in stages)
+    ]
+    fig, axes = plt.subplots(
+        1 + len(extra), 1, figsize=(6, 2.6 * (1 + len(extra))), sharex=True, squeeze=False
+    )
+    axes = axes[:, 0]
+    ax = axes[0]
     if stages:
         x = np.array([m["stage"] for m in stages])
-        y = np.array([m["reward_mean"] for m in stages])
-        s = np.array([m["reward_std"] for m in stages])
+        y = np.array([m["reward_mean"] for m in stages], dtype=float)
+        s = np.array([m["reward_std"] for m in stages], dtype=float)
         ax.plot(x, y, label="train reward (stage mean)")
         ax.fill_between(x, y - s, y + s, alpha=0.2)
     if evals:
         ax.plot([m["stage"] for m in evals], [m["reward_mean"] for m in evals], "o-", label="held-out reward")
-    ax.set_xlabel("stage")
     ax.set_ylabel("reward")
-    ax.legend()
+    for a, (key, label) in zip(axes[1:], extra):
+        pts = [(m["stage"], m[key]) for m in stages if m.get(key) is not None]
+        a.plot([p[0] for p in pts], [p[1] for p in pts], ".-")
+        a.set_ylabel(label)
+    alarms = [m["stage"] for m in stages if m.get("hacking_alarm")]
+    for a in axes:
+        for k, st in enumerate(alarms):
+            a.axvline(st, color="red", alpha=0.4, label="hacking alarm" if k == 0 and a is ax else None)
+    ax.legend(fontsize="small")
+    axes[-1].set_xlabel("stage")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from b2diffurl import checkpoint, distributed, prompts, report
+from b2diffurl import checkpoint, distributed, prompts, report, run_monitor
 from b2diffurl import config as C
 from b2diffurl.preemption import StopSignal
 
@@ -25,8 +25,8 @@ log = logging.getLogger("b2diffurl.trainer")
 
 
 class Trainer:
-    """``Trainer(run_config).run()``; ``policy`` / ``reward_fn`` / prompt lists may be injected (tests,
-    notebooks)."""
+    """``Trainer(run_config).run()``; ``policy`` / ``reward_fn`` / ``gold_fn`` (the monitors' held-out reward) /
+    prompt lists may be injected (tests, notebooks)."""
 
     def __init__(
         self,
@@ -34,6 +34,7 @@ class Trainer:
         *,
         policy=None,
         reward_fn=None,
+        gold_fn=None,
         resume: str | None = None,
         train_prompts: list[str] | None = None,
         heldout_prompts: list[str] | None = None,
@@ -69,16 +70,21 @@ class Trainer:
         self.group_of = heldout_set.group_of
         if not self.train_prompts:
             raise C.ConfigError(f"prompts={run_config.prompts!r} gave no training prompts")
+        from b2diffurl.rewards import as_reward, get_reward
+
         if reward_fn is None:
-            from b2diffurl.rewards import get_reward
-
-            reward_fn = get_reward(run_config.reward, **run_config.reward_options)
-        from b2diffurl.rewards import as_reward
-
+            reward_fn = get_reward(
+                run_config.reward, aggregate=run_config.reward_aggregate, **run_config.reward_options
+            )
         self.reward_fn = as_reward(reward_fn).limit(
             timeout_s=run_config.reward_timeout_s,
             max_nonfinite_fraction=run_config.reward_max_nonfinite_fraction,
         )
+        gold = (
+            as_reward(gold_fn) if gold_fn is not None else run_monitor.gold_reward(run_config, self.reward_fn)
+        )
+        if run_config.log_with == "tensorboard":
+            run_monitor.check_tensorboard()
         mod, _, cls = C.ALGORITHMS[run_config.algo].partition(":")
         algo_cls = getattr(importlib.import_module(mod), cls)
         if self.world.distributed and not getattr(algo_cls, "data_parallel", False):
@@ -109,6 +115,9 @@ class Trainer:
         self.params = [q for q in policy.unet.parameters() if q.requires_grad]
         if not self.params:
             raise C.ConfigError("no trainable UNet parameters: model.lora_targets matched no module")
+        # the KL monitor and regulariser compare with the policy as it is now, before any update or restore
+        wants_reference = run_config.monitor.kl_samples > 0 or run_config.train.kl_coef > 0
+        reference = run_monitor.starting_policy(policy, lora=self.lora, keep_copy=wants_reference)
         train_config = run_config.train
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -137,11 +146,14 @@ class Trainer:
         )
         self.noise_gen = torch.Generator(device=self.device).manual_seed(run_config.seed)
         self.cpu_gen = torch.Generator().manual_seed(run_config.seed + 1)
+        # the reward as algorithms see it: each scored batch is a stopping point and feeds the stage's monitors
+        self.reward_tap = run_monitor.RewardTap(self.reward_fn, before=self._batch_stop_point)
+        self.watch = run_monitor.RunWatch(run_config, self.reward_tap, gold)
         show_progress = run_config.progress and distributed.is_main()  # one process draws progress bars
         self.ctx = RunContext(
             cfg=run_config,
             policy=policy,
-            reward_fn=self._reward_or_stop,
+            reward_fn=self.reward_tap,
             sampler=self.sampler,
             params=self.params,
             optimizer=self.optimizer,
@@ -152,6 +164,7 @@ class Trainer:
             cpu_gen=self.cpu_gen,
             progress=report.progress_bar if show_progress else (lambda it, **kw: it),
             should_stop=lambda: self.stop.requested,
+            reference=reference,
         )
         self.algo = algo_cls(self.ctx)
         self.start_stage = 0
@@ -209,14 +222,13 @@ class Trainer:
         self.metrics.truncate(int(state["metrics_lines"]))  # later lines are redone by this run
         log.info("resumed from %s at stage %d", ckpt, self.start_stage)
 
-    def _reward_or_stop(self, images, prompts):
-        """The reward as algorithms see it: algorithms score each sampling batch as it is done, so checking
+    def _batch_stop_point(self) -> None:
+        """Called before each scored batch: algorithms score each sampling batch as it is done, so checking
         for a stop request first makes every sampling batch a stopping point."""
         # with several processes the polls are collective, and ranks may sample different numbers of batches:
         # they agree on a stop at the optimizer steps and stage ends instead, which every rank passes together
         if not self.world.distributed:
             self.ctx.check_stop()
-        return self.reward_fn(images, prompts)
 
     def _evaluate(self, stage: int) -> None:
         report.evaluate(
@@ -232,8 +244,9 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Train until ``stages`` are done or a stop is requested; ``status`` is "finished" or "interrupted"
-        (the state saved then continues exactly on ``--resume``)."""
+        """Train until ``stages`` are done or a stop is requested; ``status`` is "finished", "interrupted"
+        (the state saved then continues exactly on ``--resume``) or "hacking" (the hacking alarm fired with
+        monitor.stop_on_hacking; the checkpoint after that stage is saved)."""
         import yaml
 
         from b2diffurl.algos.api import StopRequested
@@ -248,6 +261,8 @@ class Trainer:
             )
         t_start = time.perf_counter()
         status = "finished"
+        if run_config.log_with == "tensorboard" and distributed.is_main():
+            self.metrics.mirrors.append(run_monitor.TensorBoardLog(self.out / "tensorboard").log)
         with self.stop:
             if self.start_stage == 0 and not self.metrics.of_kind("eval"):
                 self._evaluate(0)
@@ -260,22 +275,30 @@ class Trainer:
             for stage in bar:
                 stage_start = self._state(stage)  # what a stop in the middle of this stage saves
                 try:
-                    self._run_stage(stage, bar)
+                    rec = self._run_stage(stage, bar)
                 except StopRequested:
                     self.save_checkpoint(stage, stage_start)
                     status = "interrupted"
                     break
                 last = stage + 1 == run_config.stages
+                # every rank ends on the alarm together (each watches its own share of the images)
+                hacked = run_config.monitor.stop_on_hacking and distributed.any_rank(rec["hacking_alarm"])
                 every = run_config.eval.every
-                if last or (every and (stage + 1) % every == 0):
+                if last or hacked or (every and (stage + 1) % every == 0):
                     self._evaluate(stage + 1)
                 ckpt_every = run_config.checkpoint_every
                 stop = distributed.any_rank(self.stop.requested)  # all ranks stop after the same stage
-                if last or stop or (ckpt_every and (stage + 1) % ckpt_every == 0):
+                if last or stop or hacked or (ckpt_every and (stage + 1) % ckpt_every == 0):
                     self.save_checkpoint(stage + 1)
+                if hacked and not last:
+                    status = "hacking"
+                    log.warning("monitor.stop_on_hacking: run ended after stage %d (checkpoint saved)", stage)
+                    break
                 if stop and not last:
                     status = "interrupted"
                     break
+        if self.lora and status != "interrupted" and distributed.is_main():
+            self._export_lora()
         if distributed.is_main():
             report.plot_reward_curve(self.metrics.records, self.out / "reward_curve.png")
         return {
@@ -286,20 +309,28 @@ class Trainer:
             **report.summarize(self.metrics.records),
         }
 
-    def _run_stage(self, stage: int, bar) -> None:
+    def _export_lora(self) -> None:
+        from b2diffurl.export import export_lora
+
+        path = export_lora(self.policy.unet, self.out / "lora_diffusers")
+        log.info(
+            "LoRA for diffusers: %s - load with pipe.load_lora_weights(%r)", path, str(path.parent.resolve())
+        )
+
+    def _run_stage(self, stage: int, bar) -> dict:
         t0 = time.perf_counter()
+        self.watch.start_stage()
         data = self.algo.sample_stage(stage)
         train_metrics = self.algo.train_stage(stage, data)
-        rec = {
-            "kind": "stage",
-            "stage": stage,
-            **data.metrics,
-            **train_metrics,
-            "stage_time_s": time.perf_counter() - t0,
-        }
+        rec = {"kind": "stage", "stage": stage, **data.metrics, **train_metrics, **self.watch.end_stage()}
+        alarm = self.watch.alarm([*self.metrics.of_kind("stage"), rec])
+        if alarm.fired:
+            log.warning("stage %d: %s", stage, alarm.message)
+        rec.update(run_monitor.alarm_metrics(alarm), stage_time_s=time.perf_counter() - t0)
         self.metrics.append(rec)
         if self.cfg.progress:  # then ``bar`` is a tqdm bar (report.progress_bar)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
         grid_every = self.cfg.grid_every
         if grid_every and (stage + 1) % grid_every == 0 and data.images is not None and distributed.is_main():
             report.save_grid(data.images, self.out / "grids" / f"stage_{stage:05d}.png", data.captions)
+        return rec

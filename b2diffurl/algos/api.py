@@ -70,7 +70,9 @@ class StopRequested(Exception):
     stage's start and exits, so a resumed run redoes the interrupted stage exactly."""
 
 
-RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (images [N,3,H,W] in [0,1], prompts) -> [N]
+# (images [N,3,H,W] in [0,1], prompts) -> [N]; the trainer hands a b2diffurl.rewards.Reward, whose .score also
+# gives each term of a multi-reward (rewards.as_reward turns a plain function into one)
+RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
 @dataclass
@@ -90,6 +92,9 @@ class RunContext:
     cpu_gen: torch.Generator  # prompt draws, shuffles, timestep permutations
     progress: Callable = lambda iterable, **tqdm_kwargs: iterable  # wraps an iterable in a progress bar
     should_stop: Callable[[], bool] = lambda: False  # True once the run was asked to stop (SIGTERM/SIGINT)
+    # `with ctx.reference():` runs the policy as it was before training (LoRA disabled, or a frozen copy of a
+    # fully fine-tuned UNet swapped in): the KL monitor and train.kl_coef. None when the run keeps no reference
+    reference: Callable | None = None
 
     def check_stop(self) -> None:
         """Call between sampling batches and between optimizer steps: raises :class:`StopRequested` once a

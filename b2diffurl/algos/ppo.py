@@ -13,6 +13,9 @@ import torch
 
 from b2diffurl import distributed
 from b2diffurl.algos.api import RunContext, StageData
+from b2diffurl.algos.kl import batch_kl, kl_to_start
+from b2diffurl.algos.terms import RewardNormaliser
+from b2diffurl.rewards import as_reward
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +177,7 @@ def ppo_update(
         "approx_kl": zero.clone(),
         "clipfrac": zero.clone(),
         "grad_norm": zero.clone(),
+        **({"kl_penalty": zero.clone()} if tc.kl_coef > 0 else {}),
     }
     ratio_dev, n_micro, n_opt = zero.clone(), 0, 0
     if M == 0 or K == 0:
@@ -208,6 +212,10 @@ def ppo_update(
                     ratio = torch.exp(logp - old)
                     adv = batch.advantage.to(dev)
                     loss = ppo_clip_loss(adv, ratio, tc.clip_range) * share
+                    if tc.kl_coef > 0:  # 0: no reference forward at all
+                        kl = batch_kl(ctx, batch, cond_table) * share
+                        stats["kl_penalty"] += kl.detach()
+                        loss = loss + tc.kl_coef * kl
                     (loss / group_size).backward()
                     with torch.no_grad():
                         if pre_update:
@@ -227,8 +235,9 @@ def ppo_update(
     if dropped:
         ctx.optimizer.zero_grad(set_to_none=True)
     # each process summed its shares of the micro-batch means: add them up (grad_norm is global already)
-    for k in ("loss", "approx_kl", "clipfrac"):
-        distributed.all_reduce(stats[k])
+    for k in stats:
+        if k != "grad_norm":
+            distributed.all_reduce(stats[k])
     distributed.all_reduce(ratio_dev, "max")
     out = {k: (v / max(n_opt if k == "grad_norm" else n_micro, 1)).item() for k, v in stats.items()}
     out.update(
@@ -260,6 +269,8 @@ class TreePPOAlgorithm:
         self.T = ctx.cfg.sample.num_steps
         self.branches = branches
         self.tracker = tracker  # PromptStatTracker (B²) or BufferStatTracker (DDPO)
+        # z-scores of the total, or per term under reward_aggregate=advantage
+        self.normaliser = RewardNormaliser(tracker, as_reward(ctx.reward_fn))
         self.arena = TrajectoryArena(
             tuple(ctx.policy.latent_shape),
             num_steps=self.T,
@@ -311,14 +322,16 @@ class TreePPOAlgorithm:
             with torch.no_grad():
                 images = ctx.policy.decode(out.latents).float().clamp(0, 1)
                 rows = rows_prompts[trees.start * B : trees.stop * B]
-                rewards.append(ctx.reward_fn(images, rows).float().reshape(-1))
+                res = score(images, rows)
+                rewards.append(res.total.float().reshape(-1))
+                self.normaliser.add(res)
             if grid is None:
                 grid = images[:16].cpu()
         # every process gets every reward: statistics and selection see all samples, as one process would;
         # the stage's one host sync for scores
         rewards_t = distributed.all_gather_cat(torch.cat(rewards)).cpu()
         sample_time = time.perf_counter() - t0
-        z = self.tracker.update(rows_prompts, rewards_t.numpy())
+        z = self.normaliser.zscores(rows_prompts, rewards_t)
         sel, adv, sel_metrics = self.select(z, stage)
         rows_here = range(mine.start * B, mine.stop * B)
         self.arena.set_rewards(ids, rewards_t[rows_here.start : rows_here.stop])
@@ -355,10 +368,12 @@ class TreePPOAlgorithm:
 
     def train_stage(self, stage: int, data: StageData[PPOPayload]) -> dict:
         sel_ids, steps, cond_table = data.payload
-        return ppo_update(self.ctx, self.arena, sel_ids, steps, cond_table)
+        out = ppo_update(self.ctx, self.arena, sel_ids, steps, cond_table)
+        return {**out, **kl_to_start(self.ctx, self.arena, sel_ids, steps, cond_table, stage)}
 
     def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict()}
+        return {"tracker": self.tracker.state_dict(), **self.normaliser.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state["tracker"])
+        self.normaliser.load_state_dict(state)

@@ -102,15 +102,34 @@ def _coerce(key: str, value: Any, typ) -> Any:
 RENAMED = {"train.cfg": "train.use_guidance"}
 
 
+# Mapping fields whose entries are options of a reward: ``--set reward_options.clip.checkpoint=X`` sets the entry
+# "clip.checkpoint" (the dotted form a multi-reward reads), and flatten keeps them whole.
+OPTION_MAPS = ("reward_options", "monitor.gold_reward_options")
+
+
 def set_value(run_config: RunConfig, key: str, value: Any) -> None:
-    obj, f, typ = _lookup(run_config, RENAMED.get(key, key))
+    key = RENAMED.get(key, key)
+    owner = next((m for m in OPTION_MAPS if key.startswith(m + ".")), None)
+    if owner is not None:
+        obj, f, _typ = _lookup(run_config, owner)
+        if isinstance(value, str):
+            import yaml
+
+            try:  # numbers and booleans as YAML reads them; anything else stays the string given
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = value
+            value = parsed if isinstance(parsed, (int, float, bool)) else value
+        getattr(obj, f.name)[key[len(owner) + 1 :]] = value
+        return
+    obj, f, typ = _lookup(run_config, key)
     setattr(obj, f.name, _coerce(key, value, typ))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and not (prefix + k).endswith("reward_options"):
+        if isinstance(v, dict) and (prefix + k) not in OPTION_MAPS:
             out.update(flatten(v, prefix + k + "."))
         else:
             out[prefix + k] = v

@@ -84,6 +84,11 @@ class TrainConfig:
         True,
         "use classifier-free guidance in the training forward too (one 2N-row UNet call), as sampling does",
     )
+    kl_coef: float = _f(
+        0.0,
+        "weight of a per-step KL to the starting policy added to the PPO loss (flow_grpo's beta; 0 = off, the "
+        "official B² recipe, and no extra forward); the usual remedy when the hacking alarm fires",
+    )
 
 
 @dataclass
@@ -270,6 +275,36 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    gold_reward: str = _f(
+        "auto",
+        "held-out gold reward scored on every training image next to the training reward: 'auto' (the toy "
+        "reward on the toy model unless the training reward already contains it, else none), 'none', or a "
+        "reward spec",
+    )
+    gold_reward_options: dict = _f({}, "keyword options of the gold reward (as reward_options)")
+    diversity_embeddings: bool = _f(
+        False,
+        "measure per-prompt diversity on the training reward's image embeddings (one extra image-encoder "
+        "pass per batch) instead of downsampled pixels",
+    )
+    kl_samples: int = _f(
+        64,
+        "trained (trajectory, step) pairs per stage on which the KL to the starting policy is estimated (one "
+        "no-grad UNet pass each; 0 = off). A full fine-tune keeps a frozen copy of the starting UNet for it",
+    )
+    window: int = _f(5, "hacking alarm: stages whose trends are compared")
+    reward_rise: float = _f(
+        0.02, "hacking alarm: training-reward rise over the window (fraction of its level) that counts"
+    )
+    gold_drop: float = _f(0.05, "hacking alarm: gold-reward fall over the window (fraction) that counts")
+    diversity_drop: float = _f(0.10, "hacking alarm: diversity fall over the window (fraction) that counts")
+    stop_on_hacking: bool = _f(
+        False, "end the run (checkpoint saved, status 'hacking', exit code 3) when the alarm fires"
+    )
+
+
+@dataclass
 class RunConfig:
     algo: str = _f("b2", "algorithm: b2 | ddpo | dfusion (D-Fusion pairs + D3PO)")
     preset: str = _f("auto", "auto | toy | official: fills every field not set explicitly (see module help)")
@@ -280,8 +315,21 @@ class RunConfig:
         "training prompts: 'toy' (train split), 'toy:<category>' (single|count|relation), "
         "a .txt (one per line) or a .json list",
     )
-    reward: str = _f("toy", "reward: toy | clip | python:pkg.mod:fn")
-    reward_options: dict = _f({}, "keyword options passed to the reward factory (e.g. clip weights path)")
+    reward: str = _f(
+        "toy",
+        "reward: toy | clip | aesthetic | pickscore | hpsv2 | jpeg_compressibility | jpeg_incompressibility | "
+        "python:pkg.mod:fn, or weighted terms such as aesthetic:0.7,clip:0.3",
+    )
+    reward_options: dict = _f(
+        {},
+        "keyword options passed to the reward factory (e.g. clip weights path); a multi-reward takes "
+        "'<term>.<option>' keys, settable as --set reward_options.clip.checkpoint=PATH",
+    )
+    reward_aggregate: str = _f(
+        "reward",
+        "multi-reward terms combined as 'reward' (weighted sum, then normalised) or 'advantage' (each term "
+        "normalised on its own, then weighted: the weights mean what they say whatever the scales)",
+    )
     reward_timeout_s: float = _f(
         0.0, "abandon a reward call that runs longer than this and end the run (exit 2); 0 = no limit"
     )
@@ -290,6 +338,7 @@ class RunConfig:
         "NaN/inf scores are left out of statistics and training; a reward call with a larger fraction of "
         "them ends the run (exit 2)",
     )
+    log_with: str = _f("none", "extra metrics logger next to metrics.jsonl: none | tensorboard")
     out: str = _f(
         "auto",
         "run directory (metrics.jsonl, checkpoints, grids, plots); 'auto' = a fresh runs/<date-time>/ with a "
@@ -319,6 +368,9 @@ class RunConfig:
     )
     dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"help": "D3PO loss (D-Fusion training)"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "held-out evaluation"})
+    monitor: MonitorConfig = field(
+        default_factory=MonitorConfig, metadata={"help": "reward-hacking monitors and alarm"}
+    )
 
 
 # Algorithms the trainer knows (name -> "module:Class"); new algorithms register here and may add a config

@@ -52,11 +52,18 @@ RANGES = {
     "eval.num_prompts": "[0, inf)",
     "eval.images_per_prompt": "[1, inf)",
     "eval.every": "[0, inf)",
+    "train.kl_coef": "[0, inf)",
+    "monitor.kl_samples": "[0, inf)",
+    "monitor.window": "[2, inf)",
+    "monitor.reward_rise": "[0, inf)",
+    "monitor.gold_drop": "[0, inf)",
+    "monitor.diversity_drop": "[0, inf)",
 }
 CHOICES = {
     "model.dtype": ("float32", "float16", "bfloat16"),
     "model.lora": ("auto", "on", "off"),
     "sample.backend": ("auto", "triton", "reference"),
+    "log_with": ("none", "tensorboard"),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -91,7 +98,7 @@ def errors(run_config: RunConfig) -> list[str]:
     """Every problem of ``run_config``, one line each (empty when it is valid)."""
     from b2diffurl.config.loading import iter_fields
     from b2diffurl.prompts import check_spec
-    from b2diffurl.rewards import check_reward_spec
+    from b2diffurl.rewards import AGGREGATES, check_reward_spec
 
     errs: list[str] = []
     values = {key: value for key, _field, value, _type in iter_fields(run_config)}
@@ -141,6 +148,13 @@ def errors(run_config: RunConfig) -> list[str]:
         )
     if problem := check_reward_spec(run_config.reward):
         errs.append(f"reward: {problem}")
+    if run_config.reward_aggregate not in AGGREGATES:
+        errs.append(
+            f"reward_aggregate must be one of {', '.join(AGGREGATES)}, got {run_config.reward_aggregate!r}"
+        )
+    gold = run_config.monitor.gold_reward
+    if gold not in ("auto", "none") and (problem := check_reward_spec(gold)):
+        errs.append(f"monitor.gold_reward: expected auto, none or a reward spec; {problem}")
     for key, spec, allow_none in (
         ("prompts", run_config.prompts, False),
         ("eval.prompts", run_config.eval.prompts, True),
@@ -172,6 +186,17 @@ SAFE_ON_RESUME = frozenset(
         "reward_max_nonfinite_fraction",
         "eval.every",
         "dfusion.save_pairs",
+        "log_with",
+        # the monitors watch the run; none of them changes what it trains on
+        "monitor.gold_reward",
+        "monitor.gold_reward_options",
+        "monitor.diversity_embeddings",
+        "monitor.kl_samples",
+        "monitor.window",
+        "monitor.reward_rise",
+        "monitor.gold_drop",
+        "monitor.diversity_drop",
+        "monitor.stop_on_hacking",
     }
 )
 
