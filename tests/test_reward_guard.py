@@ -212,8 +212,6 @@ def _trainer(tmp_path, algo, reward, **over):
             "checkpoint_every": 0,
             "preset": "toy",
             "model.lora": "off",
-            "monitor.gold_reward": "none",
-            "monitor.kl_samples": 0,
             **over,
         }
     )
