@@ -221,14 +221,18 @@ def quiet_other_ranks() -> None:
 
 # ----------------------------------------------------------------------------------------------- work split
 def shard(n: int, rank: int | None = None, size: int | None = None, *, block: int = 1) -> range:
-    """The global indices ``[start, stop)`` of ``n`` items rank ``rank`` (default: this one) handles.
+    """The global indices ``[start, stop)`` of ``n`` items rank ``rank`` (default: this one) handles: a
+    contiguous range, rank order = index order (gathered shards concatenate to the global order).
 
     Items go in whole blocks of ``block`` (a sampling batch: each rank then runs exactly the batches one
-    process would run, so batched kernels round the same way), a contiguous run of blocks per rank, block counts
-    differing by at most one, rank order = index order (gathered shards concatenate to the global order)."""
+    process would run, so batched kernels round the same way), block counts differing by at most one. With fewer
+    blocks than ranks the items are split evenly instead, so that no rank idles (the batches then differ from
+    one process's, and results agree up to float rounding)."""
     r = _WORLD.rank if rank is None else int(rank)
     w = _WORLD.size if size is None else int(size)
     block = max(1, int(block))
+    if -(-n // block) < w:
+        block = 1
     blocks = -(-n // block)
     return range(min(n, blocks * r // w * block), min(n, blocks * (r + 1) // w * block))
 
@@ -241,6 +245,20 @@ def localize(global_rows: torch.Tensor, owned: range, local_ids: torch.Tensor) -
     mine = (g >= owned.start) & (g < owned.stop)
     out = torch.full_like(g, -1)
     out[mine] = local_ids.to(torch.long).cpu()[g[mine] - owned.start]
+    return out
+
+
+def spread(local_ids: torch.Tensor) -> torch.Tensor:
+    """This rank's ids at their places in the rank-order concatenation of every rank's list, −1 at the places
+    of other ranks' items: a global list every rank iterates the same way (e.g. D-Fusion's pairs, whose
+    prompts are sharded in order). A collective; ``local_ids`` itself in a single process."""
+    local_ids = torch.as_tensor(local_ids, dtype=torch.long).reshape(-1).cpu()
+    if not _WORLD.distributed:
+        return local_ids
+    counts = all_gather_cat(torch.tensor([local_ids.numel()], dtype=torch.long)).tolist()
+    start = sum(counts[: _WORLD.rank])
+    out = torch.full((sum(counts),), -1, dtype=torch.long)
+    out[start : start + local_ids.numel()] = local_ids
     return out
 
 

@@ -247,23 +247,54 @@ class StageMonitor:
         """{term: scores [N]} on the CPU, in ``add`` order (for per-term advantage aggregation)."""
         return {n: torch.cat(v).cpu() for n, v in self.components_.items()}
 
+    def _every_rank(self):
+        """(components, gold, features, prompts, statistics) of this stage's images on every process of a
+        data-parallel run, in rank order (one collective: b2diffurl.distributed); this process's own in one."""
+        from b2diffurl import distributed
+
+        def cat(parts):
+            return torch.cat(parts) if parts else None
+
+        mine = (
+            self.components(),
+            cat(self.gold),
+            cat(self.features),
+            self.prompts,
+            {k: torch.cat(v) for k, v in self.stats.items()},
+        )
+        if not distributed.world().distributed:
+            return mine
+
+        def cpu(t):  # tensors travel through the CPU (pickled): no device of another rank in this process
+            return None if t is None else t.cpu()
+
+        ranks = distributed.all_gather_object(
+            (mine[0], cpu(mine[1]), cpu(mine[2]), mine[3], {k: cpu(v) for k, v in mine[4].items()})
+        )
+        names = list(dict.fromkeys(n for r in ranks for n in r[0]))
+        comps = {n: torch.cat([r[0][n] for r in ranks if n in r[0]]) for n in names}
+        gold, feats = (cat([r[i] for r in ranks if r[i] is not None]) for i in (1, 2))
+        keys = list(dict.fromkeys(k for r in ranks for k in r[4]))
+        stats = {k: torch.cat([r[4][k] for r in ranks if k in r[4]]) for k in keys}
+        return comps, gold, feats, [p for r in ranks for p in r[3]], stats
+
     def metrics(self) -> dict[str, float]:
         """``reward_<term>_mean`` / ``_std`` per term (multi-rewards only), ``gold_mean``, ``gold_std``,
         ``diversity``, the image statistics' means and ``monitor_time_s``."""
         t0 = time.perf_counter()
         out: dict[str, float] = {}
-        comps = self.components()
+        comps, gold, feats, prompts, stats = self._every_rank()
         if len(comps) > 1:
             for n, v in comps.items():
                 out[f"reward_{n}_mean"] = float(v.mean())
                 out[f"reward_{n}_std"] = float(v.std()) if v.numel() > 1 else 0.0
-        if self.gold:
-            g = torch.cat(self.gold).cpu()
+        if gold is not None:
+            g = gold.cpu()
             out["gold_mean"] = float(g.mean())
             out["gold_std"] = float(g.std()) if g.numel() > 1 else 0.0
-        if self.features:
-            out["diversity"] = prompt_diversity(torch.cat(self.features), self.prompts, self.metric or "rms")
-        out.update({k: float(torch.cat(v).mean()) for k, v in self.stats.items()})
+        if feats is not None:
+            out["diversity"] = prompt_diversity(feats, prompts, self.metric or "rms")
+        out.update({k: float(v.mean()) for k, v in stats.items()})
         self.time_s += time.perf_counter() - t0
         out["monitor_time_s"] = self.time_s
         return out

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from b2diffurl import distributed
 from b2diffurl.config import DPOConfig
 
 
@@ -122,19 +123,23 @@ def train_dpo(
     if optimizer_step is None:
         optimizer_step = _default_optimizer_step(optimizer, params, max_grad_norm)
     t0 = time.perf_counter()
+    # data-parallel: ``preferred``/``dispreferred`` list every process's pairs, -1 for those another process
+    # holds; each process computes its pairs and its share of the loss (all pairs in one process)
+    held = distributed.held(preferred)
     if ref_logp is None:
-        ref_logp = tuple(
-            reference_logprobs(
+        ref_logp = []
+        for ids in (preferred, dispreferred):
+            ref = torch.full((k_pairs, steps.numel()), float("nan"), device=device)
+            ref[held.to(device)] = reference_logprobs(
                 sampler,
                 arena,
-                ids,
+                ids[held],
                 steps.tolist(),
                 cond,
                 reduction=cfg.logprob_reduction,
                 batch_size=cfg.ref_batch_size,
             )
-            for ids in (preferred, dispreferred)
-        )
+            ref_logp.append(ref)
     ref_w, ref_l = ref_logp
     T, numel = sampler.num_steps, math.prod(arena.latent_shape)
     lo, hi = math.log1p(-cfg.clip_eps), math.log1p(cfg.clip_eps)
@@ -149,13 +154,15 @@ def train_dpo(
             pos = torch.stack(
                 [torch.randperm(steps.numel(), generator=generator) for _ in range(b)]
             )  # [b, K]
+            here = held[pb]  # the loss is divided by the batch's global pair count b: shares add up
+            pb, pos, bh = pb[here], pos[here], int(here.sum())
             ids = torch.cat([preferred[pb], dispreferred[pb]])
-            for k in range(steps.numel()):
+            for k in range(steps.numel() if bh else 0):
                 col = pos[:, k]
                 st = steps[col]
                 batch = arena.gather(ids, torch.cat([st, st]), device=device)
                 logp = _reduced(sampler.batch_logprob(batch, cond), cfg.logprob_reduction, numel)
-                lw, ll = logp[:b], logp[b:]
+                lw, ll = logp[:bh], logp[bh:]
                 rw, rl = ref_w[pb, col].to(device), ref_l[pb, col].to(device)
                 loss = d3po_loss(lw, ll, rw, rl, beta=cfg.beta, eps=cfg.clip_eps)
                 (loss.sum() / (b * T)).backward()
@@ -168,10 +175,14 @@ def train_dpo(
             if progress is not None:
                 progress(1)
     sampler.policy.unet.train(was_training)
+    every = [  # every process's values (its own in one process)
+        distributed.all_gather_cat(torch.cat(v) if v else torch.zeros(0, device=device))
+        for v in (losses, clipped, correct)
+    ]
     metrics.update(
-        loss=float(torch.cat(losses).mean()),
-        dpo_clipfrac=float(torch.cat(clipped).mean()),
-        dpo_acc=float(torch.cat(correct).mean()),
+        loss=float(every[0].mean()),
+        dpo_clipfrac=float(every[1].mean()),
+        dpo_acc=float(every[2].mean()),
         grad_norm=float(torch.stack(norms).float().mean()),
         optimizer_steps=len(norms),
         trained_steps=int(steps.numel()),

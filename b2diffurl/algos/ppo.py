@@ -306,7 +306,11 @@ class TreePPOAlgorithm:
         # this process samples the trees `mine` (all of them in one process), in the batches one process would
         # use; each tree has its own noise stream
         mine = distributed.shard(len(tree_prompts), block=bs)
-        ids = self.arena.add_trees([pid[tree_prompts[t]] for t in mine], split)
+        ids = self.arena.add_trees(
+            torch.tensor([pid[tree_prompts[t]] for t in mine], dtype=torch.long), split
+        )
+        self.normaliser.start()
+        score = as_reward(ctx.reward_fn).score
         rewards, grid = [torch.zeros(0, device=ctx.device)], None
         for a in range(0, len(mine), bs):
             trees = mine[a : a + bs]

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from b2diffurl import distributed
 from b2diffurl.algos.api import StageData
 from b2diffurl.algos.dfusion.fusion import fused_step_range, fusion_block_indices
 from b2diffurl.algos.dfusion.generation import DFusionStage, generate_pairs
@@ -23,6 +24,7 @@ class DFusionAlgorithm:
 
     name = "dfusion"
     needs_reference_policy = True  # DPO's π_ref is this UNet with LoRA off: model.lora=auto turns LoRA on
+    data_parallel = True  # prompts sharded (pairs are per prompt), metrics gathered, DPO/PPO gradient shares
 
     def __init__(self, ctx):
         from b2kernels.buffer import TrajectoryArena
@@ -38,6 +40,11 @@ class DFusionAlgorithm:
         self.prompts_per_call = max(1, c.sample.batch_size * c.sample.branches // n)
         fused_step_range(self.dcfg, self.T)
         fusion_block_indices(ctx.policy.unet, self.dcfg.fusion_layers)
+        if distributed.size() > P:  # each process builds the pairs of at least one prompt
+            raise ValueError(
+                f"dfusion on {distributed.size()} processes needs sample.prompts_per_stage >= "
+                f"{distributed.size()} (got {P})"
+            )
         if self.dcfg.objective == "dpo" and ctx.policy.lora_config is None:
             raise ValueError(
                 "dfusion with objective='dpo' needs π_ref = the UNet with LoRA disabled: set "
@@ -54,9 +61,14 @@ class DFusionAlgorithm:
     def sample_stage(self, stage: int):
         ctx = self.ctx
         t0 = time.perf_counter()
-        prompts = ctx.draw_prompts(ctx.cfg.sample.prompts_per_stage)
+        drawn = ctx.draw_prompts(ctx.cfg.sample.prompts_per_stage)
+        # this process builds the pairs of its share of the prompts (whole sampling batches; all in one process)
+        part = distributed.shard(len(drawn), block=self.prompts_per_call)
+        prompts = drawn[part.start : part.stop]
         self.arena.reset()
-        save_dir = os.path.join(ctx.cfg.out, "pairs") if self.dcfg.save_pairs else None
+        save_dir = (
+            os.path.join(ctx.cfg.out, "pairs") if self.dcfg.save_pairs and distributed.is_main() else None
+        )
         T = self.T
         calls = -(-len(prompts) // self.prompts_per_call) * (2 * T - fused_step_range(self.dcfg, T)[0])
         # one tick per batched UNet call: advancing the progress iterable draws the bar (a no-op without one)
@@ -69,6 +81,7 @@ class DFusionAlgorithm:
             arena=self.arena,
             run_seed=ctx.cfg.seed,
             epoch=stage,
+            first_prompt=part.start,
             prompts_per_call=self.prompts_per_call,
             save_dir=save_dir,
             progress=lambda n: next(itertools.islice(ticks, n - 1, n), None),
@@ -80,7 +93,7 @@ class DFusionAlgorithm:
             st.metrics,
             sample_time_s=dt,
             sample_images_per_s=st.metrics["images"] / max(dt, 1e-9),
-            n_selected=st.num_pairs,
+            n_selected=st.metrics["pairs"],
         )
         k = st.images.shape[0] // 3
         captions = [
@@ -120,8 +133,8 @@ class DFusionAlgorithm:
         return train_dpo(
             s,
             self.arena,
-            preferred,
-            dispreferred,
+            distributed.spread(preferred),  # the global pair list; other processes' pairs are -1 here
+            distributed.spread(dispreferred),
             steps,
             st.cond,
             self.pcfg,
@@ -137,9 +150,15 @@ class DFusionAlgorithm:
         from b2diffurl.algos.ppo import ppo_update
 
         ctx = self.ctx
-        ids = torch.cat([st.target_ids, st.base_ids])
-        r = torch.cat([st.target_rewards, st.base_rewards]).double()
-        g = torch.cat([st.pair_prompt, st.pair_prompt])
+        # samples without a finite reward (NaN from the reward boundary) are left out
+        ok_t, ok_b = torch.isfinite(st.target_rewards), torch.isfinite(st.base_rewards)
+        ids = torch.cat([st.target_ids[ok_t], st.base_ids[ok_b]])
+        # global order: every process's targets, then every process's bases (-1 where another holds them)
+        global_ids = torch.cat(
+            [distributed.spread(st.target_ids[ok_t]), distributed.spread(st.base_ids[ok_b])]
+        )
+        r = torch.cat([st.target_rewards[ok_t], st.base_rewards[ok_b]]).double()
+        g = torch.cat([st.pair_prompt[ok_t], st.pair_prompt[ok_b]])
         adv = torch.zeros_like(r)
         for p in g.unique():
             sel = g == p
@@ -152,7 +171,7 @@ class DFusionAlgorithm:
             for i in range(self.T):
                 b = self.arena.gather(tid, torch.full_like(tid, i), device=ctx.device)
                 self.arena.write_logprobs(tid, i, ctx.sampler.batch_logprob(b, st.cond).float().cpu())
-        return ppo_update(ctx, self.arena, ids, torch.arange(self.T), st.cond)
+        return ppo_update(ctx, self.arena, global_ids, torch.arange(self.T), st.cond)
 
     def state_dict(self) -> dict:
         return {}

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from b2diffurl import distributed
 from b2diffurl.algos.dfusion.fusion import (
     capture_columns,
     fused_step_range,
@@ -24,6 +25,7 @@ from b2diffurl.algos.dfusion.pairs import (
     preference_pairs,
     sample_seed,
 )
+from b2diffurl.algos.ppo import reward_stats
 from b2diffurl.config import DFusionConfig
 from b2kernels.integrations.masks import resize_mask
 
@@ -70,8 +72,10 @@ def _generate_chunk(
     epoch,
     decode_batch,
     progress,
+    first_prompt=0,
 ) -> dict:
-    """Phase A + pairing + fusion + scoring for prompts p0 … p0+len(prompts)−1 of the stage."""
+    """Phase A + pairing + fusion + scoring for prompts p0 … p0+len(prompts)−1 of the stage (noise seeds
+    count prompts from ``first_prompt``)."""
     policy, T, device = sampler.policy, sampler.num_steps, sampler.device
     shape = tuple(policy.latent_shape)
     fused_steps = fused_step_range(cfg, T)
@@ -83,7 +87,7 @@ def _generate_chunk(
 
     # ---- Phase A (per-sample generators; masks captured for every row, references chosen afterwards)
     row_prompt = torch.arange(P).repeat_interleave(n)
-    seeds = [sample_seed(run_seed, epoch, p0 * n + j) for j in range(P * n)]
+    seeds = [sample_seed(run_seed, epoch, (first_prompt + p0) * n + j) for j in range(P * n)]
     ids_a = arena.add_trees((row_prompt + p0).tolist(), T)
     lat_a, logp_a, masks_a = run_phase_a(
         sampler,
@@ -171,6 +175,7 @@ def generate_pairs(
     arena,
     run_seed: int = 0,
     epoch: int = 0,
+    first_prompt: int = 0,
     prompts_per_call: int | None = None,
     decode_batch: int = 64,
     save_dir: str | None = None,
@@ -180,7 +185,9 @@ def generate_pairs(
     times), pairing, fusion, scoring, ``prompts_per_call`` prompts per batched UNet call (default: all).
     Every trajectory (Phase A and targets) goes into ``arena`` (branches=1, prompt id = index into ``prompts``;
     a prompt listed twice is two groups), with rewards; target log-probs are the fused sampling log-probs.
-    ``save_dir``: write the reference | base | target | mask grid there."""
+    ``save_dir``: write the reference | base | target | mask grid there. ``first_prompt``: the index of
+    ``prompts[0]`` in the stage's prompt list, which seeds the noise (a data-parallel rank's share of the prompts
+    draws what one process would draw); the metrics cover every rank's samples."""
     cfg.validate()
     policy = sampler.policy
     prompts = list(prompts)
@@ -205,6 +212,7 @@ def generate_pairs(
             epoch=epoch,
             decode_batch=decode_batch,
             progress=progress,
+            first_prompt=first_prompt,
         )
         for a in range(0, len(prompts), step)
     ]
@@ -212,19 +220,24 @@ def generate_pairs(
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "final"}
     rb, rt = cat["base_rewards"], cat["target_rewards"]
     preferred, dispreferred, decisive = preference_pairs(cat["target_ids"], cat["base_ids"], rt, rb)
-    win = rt > rb
+    # the metrics of the whole stage: every process's samples (one process: its own)
+    g = {k: distributed.all_gather_cat(cat[k]) for k in ("sample_rewards", "ref_rewards")}
+    rb_all, rt_all = distributed.all_gather_cat(rb), distributed.all_gather_cat(rt)
+    coverage = distributed.all_gather_cat(cat["masks"][:, fused_steps].float().flatten(1).mean(1))
+    # NaN rewards (non-finite at the reward boundary) take part in no mean and no pair
+    win, decisive_all = rt_all > rb_all, (rt_all > rb_all) | (rt_all < rb_all)
     metrics = {
-        "images": int(cat["sample_ids"].numel() + cat["target_ids"].numel()),
-        "reward_mean": float(cat["sample_rewards"].mean()),
-        "reward_std": float(cat["sample_rewards"].std()) if cat["sample_rewards"].numel() > 1 else 0.0,
-        "reward_ref_mean": float(cat["ref_rewards"].mean()),
-        "reward_base_mean": float(rb.mean()),
-        "reward_target_mean": float(rt.mean()),
-        "target_minus_base": float((rt - rb).mean()),
+        "images": int(g["sample_rewards"].numel() + rt_all.numel()),
+        **reward_stats(g["sample_rewards"]),
+        "reward_ref_mean": float(g["ref_rewards"].nanmean()),
+        "reward_base_mean": float(rb_all.nanmean()),
+        "reward_target_mean": float(rt_all.nanmean()),
+        "target_minus_base": float((rt_all - rb_all).nanmean()),
         "target_beats_base": float(win.float().mean()),
-        "pairs": int(decisive.sum()),
-        "pairs_tied": int((~decisive).sum()),
-        "mask_coverage": float(cat["masks"][:, fused_steps].float().mean()),
+        "pairs": int(decisive_all.sum()),
+        "pairs_tied": int((rt_all == rb_all).sum()),
+        "rewards_nonfinite": int(g["sample_rewards"].isnan().sum() + rt_all.isnan().sum()),
+        "mask_coverage": float(coverage.mean()),
     }
     ref_f, base_f, tgt_f = parts[0]["final"]
     k = min(8, tgt_f.shape[0])
