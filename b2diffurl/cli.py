@@ -35,10 +35,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the user asked for something impossible" (reported in one line)."""
     from b2diffurl.checkpoint import CheckpointError
     from b2diffurl.distributed import DistributedError
+    from b2diffurl.models import ModelError
     from b2diffurl.prompts import PromptSetError
     from b2diffurl.rewards import RewardError
 
-    return (UsageError, C.ConfigError, PromptSetError, RewardError, CheckpointError, DistributedError)
+    user = (UsageError, C.ConfigError, PromptSetError, RewardError, CheckpointError, DistributedError)
+    return (*user, ModelError)
 
 
 # ----------------------------------------------------------------------------------------------- train

@@ -24,6 +24,14 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _LORA_WEIGHTS, _LORA_CONFIG = "lora.safetensors", "lora_config.json"
 
 
+class ModelError(ValueError):
+    """A model folder that cannot be loaded as asked (missing, malformed, wrong kind); one line naming the fix."""
+
+
+class ModelFileError(ModelError, FileNotFoundError):
+    """The model path or a file it needs does not exist (nothing is downloaded)."""
+
+
 class VAECodec:
     """Latent space of Stable Diffusion: ``AutoencoderKL`` with its scaling factor (frozen)."""
 
@@ -235,18 +243,18 @@ class Policy:
 # -- loading ------------------------------------------------------------------------------------
 def _check_folder(path: Path) -> None:
     if not path.exists():
-        raise FileNotFoundError(
+        raise ModelFileError(
             f"model path {str(path)!r} does not exist; expected 'toy' or a local diffusers folder "
             f"(with {', '.join(REQUIRED)}, vae/ subfolders) of Stable Diffusion 1.x/2.x"
         )
     if not path.is_dir():
-        raise ValueError(
+        raise ModelError(
             f"model path {str(path)!r} is a file; expected a diffusers folder (e.g. saved with "
             f"StableDiffusionPipeline.save_pretrained) with subfolders {', '.join(REQUIRED)}, vae"
         )
     missing = [s for s in REQUIRED if not (path / s).is_dir()]
     if missing:
-        raise ValueError(
+        raise ModelError(
             f"{str(path)!r} is not a diffusers text-to-image folder: missing subfolder(s) "
             f"{', '.join(missing)}; expected {', '.join(REQUIRED)} (+ vae for latent-space models)"
         )
@@ -256,7 +264,7 @@ def _read_json(p: Path) -> dict:
     try:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {p}: {e}") from None
+        raise ModelError(f"cannot read {p}: {e}") from None
 
 
 def _ddim_compatible(cfg: dict, where) -> dict:
@@ -270,7 +278,7 @@ def _ddim_compatible(cfg: dict, where) -> dict:
     ]
     pred = cfg.get("prediction_type", "epsilon")
     if not compatible or pred not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(
+        raise ModelError(
             f"{where} has scheduler {name} (prediction_type={pred!r}); expected a DDPM-family "
             "scheduler that DDIMScheduler can replace (DDIM, DDPM, PNDM, Euler, DPM-Solver, ...) with "
             "prediction_type epsilon, v_prediction or sample — e.g. Stable Diffusion 1.x/2.x"
@@ -278,18 +286,24 @@ def _ddim_compatible(cfg: dict, where) -> dict:
     return cfg
 
 
-def load_policy(source: str = "toy", *, dtype: torch.dtype = torch.float32, device="cpu") -> Policy:
+def load_policy(source: str = "toy", *, dtype: torch.dtype | str = torch.float32, device="cpu") -> Policy:
     """``source``: ``"toy"`` (the embedded checkpoint), a toy checkpoint folder (its ``model_index.json`` has a
     ``b2diffurl_toy`` entry: pixel-space codec, the toy world's object words) or the path of a local diffusers
-    folder of SD 1.x/2.x (unet/, text_encoder/, tokenizer/, scheduler/, vae/). Offline only."""
+    folder of SD 1.x/2.x (unet/, text_encoder/, tokenizer/, scheduler/, vae/). Offline only. ``dtype``: a torch
+    dtype or its name (``"float16"``); every module is loaded in it. A missing or malformed folder raises
+    :class:`ModelError` with a one-line message."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    if isinstance(dtype, str):  # diffusers ignores a dtype name (fp32) where transformers honours it: resolve
+        if dtype not in DTYPES:
+            raise ModelError(f"dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     if str(source) == "toy":
         from b2diffurl.toy import CHECKPOINT_DIR as path
 
         if not (path / "unet").is_dir():
-            raise FileNotFoundError(
+            raise ModelFileError(
                 f"the embedded toy checkpoint is missing at {path}; "
                 "create it with `python -m b2diffurl.toy.pretrain`"
             )
@@ -304,15 +318,18 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype = torch.float32, devi
         else None
     )
     if unet_cls != "UNet2DConditionModel":
-        raise ValueError(
+        raise ModelError(
             f"{path}/unet holds {unet_cls or 'no config.json'}; expected a UNet2DConditionModel (SD 1.x/2.x)"
         )
     sched_cfg = _read_json(path / "scheduler" / "scheduler_config.json")
     scheduler = DDIMScheduler.from_config(_ddim_compatible(sched_cfg, path))
     kw = dict(local_files_only=True, torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw).to(device)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    with _loading(path, "unet"):
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw).to(device)
+    with _loading(path, "text_encoder"):
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).to(device)
+    with _loading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     if toy is not None:
         from b2diffurl.toy.prompts import OBJECT_WORDS  # the toy world tells what its objects are
 
@@ -321,16 +338,28 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype = torch.float32, devi
         from diffusers import AutoencoderKL
 
         if not (path / "vae").is_dir():
-            raise ValueError(
+            raise ModelError(
                 f"{str(path)!r} has no vae/ subfolder; expected an SD 1.x/2.x diffusers folder with a VAE"
             )
-        codec, object_words = VAECodec(AutoencoderKL.from_pretrained(path / "vae", **kw).to(device)), ()
+        with _loading(path, "vae"):
+            codec, object_words = VAECodec(AutoencoderKL.from_pretrained(path / "vae", **kw).to(device)), ()
     return Policy.from_components(
         unet, text_encoder, tokenizer, scheduler, codec, object_words=object_words, source=str(source)
     )
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def _loading(path: Path, sub: str):
+    """Turn the loaders' errors on a malformed subfolder (missing or truncated weights, a bad config) into one
+    ModelError line; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"cannot load {sub}/ of model folder {str(path)!r}: {first}") from None
 
 
 def resolve_device(spec: str) -> torch.device:

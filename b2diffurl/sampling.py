@@ -24,6 +24,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# the largest max |ratio − 1| of a first PPO pass that still counts as "the same forward", per policy dtype
+RATIO_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+
 
 @dataclass
 class TreeSample:
@@ -119,6 +122,23 @@ class TreeSampler:
                 self.graphs = {}
             if self.graph_reason:
                 log.warning(self.graph_reason)
+
+    def forward_disagreement(self, ratio_dev_max: float) -> str | None:
+        """A message when the first PPO pass (before any update) did not reproduce the sampling log-probs within
+        the tolerance of the policy dtype (max |ratio − 1| = ``ratio_dev_max``): the sampling and training
+        forwards differ (dropout or batch-dependent layers in train mode, another attention backend, TF32
+        convolutions in fp32), so the PPO ratio and its clipping measure that difference as well as the update.
+        Training without guidance while sampling with it (``train_cfg=False``) changes the forward on purpose."""
+        if self.guidance(training=True) != self.guidance():
+            return None
+        tol = RATIO_TOLERANCE.get(self.dtype, 1e-3)
+        if not ratio_dev_max > tol:
+            return None
+        return (
+            f"the sampling and training forwards disagree: max |ratio - 1| before the first update is "
+            f"{ratio_dev_max:.3g} (tolerance {tol:g} in {str(self.dtype)[6:]}); the PPO ratio measures that "
+            "difference too (look for dropout or train-mode layers, another attention backend, or TF32)"
+        )
 
     # ---- the policy step: the one place that runs the UNet (with CFG) and the DDIM op ------------------------
     def guidance(self, *, training: bool = False) -> float | None:
@@ -277,7 +297,7 @@ class TreeSampler:
                 x = x.repeat_interleave(B, dim=0)
                 embeds = self.embeds_for(cond.repeat_interleave(B, dim=0))
             rows = x.shape[0]
-            noise = draw(rows)
+            noise = draw(rows).to(self.dtype)  # drawn in fp32: the same noise stream for every dtype
             x, logp = self.step(x, i, embeds, noise)
             logps.append(logp)
             if arena is not None:

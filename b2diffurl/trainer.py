@@ -92,6 +92,19 @@ class Trainer:
                 f"algo={run_config.algo!r} does not run data-parallel yet: start it as one process (without "
                 "torchrun), or use algo=b2 or ddpo"
             )
+        model_config = run_config.model
+        # 'auto': LoRA for real models, and on the toy for an algorithm whose reference policy is the same UNet
+        # with the adapters disabled (Algorithm.needs_reference_policy, see algos/api.py)
+        self.lora = model_config.lora == "on" or (
+            model_config.lora == "auto" and (model_config.path != "toy" or algo_cls.needs_reference_policy)
+        )
+        dtype = policy.dtype if policy is not None else self.dtype
+        if not self.lora and dtype != torch.float32:  # LoRA adapters train in fp32 (Policy.add_lora)
+            raise C.ConfigError(
+                f"model.dtype={str(dtype)[6:]} with a full fine-tune (model.lora={model_config.lora}) would "
+                "step half-precision weights, where AdamW's small updates round away; set model.lora=on or "
+                "model.dtype=float32"
+            )
 
         random.seed(run_config.seed)
         np.random.seed(run_config.seed % 2**32)
@@ -101,12 +114,6 @@ class Trainer:
 
             policy = load_policy(run_config.model.path, dtype=self.dtype, device=self.device)
         self.policy = policy
-        model_config = run_config.model
-        # 'auto': LoRA for real models, and on the toy for an algorithm whose reference policy is the same UNet
-        # with the adapters disabled (Algorithm.needs_reference_policy, see algos/api.py)
-        self.lora = model_config.lora == "on" or (
-            model_config.lora == "auto" and (model_config.path != "toy" or algo_cls.needs_reference_policy)
-        )
         policy.text_encoder.requires_grad_(False)
         if self.lora:  # add_lora freezes the UNet and keeps the adapter weights in float32
             policy.add_lora(model_config.lora_rank, model_config.lora_alpha, tuple(model_config.lora_targets))

@@ -251,6 +251,9 @@ def ppo_update(
         lr=ctx.optimizer.param_groups[0]["lr"],
     )
     out["train_rows_per_s"] = n_micro * mb / max(out["train_time_s"], 1e-9)
+    warning = ctx.sampler.forward_disagreement(out["ratio_dev_max"])
+    if warning:
+        log.warning(warning)
     return out
 
 
