@@ -93,11 +93,13 @@ class MetricsLog:
 
 def paired_gain(before, after) -> dict:
     """Paired comparison of two evaluations of the same (prompt, seed) images: mean per-image gain, its
-    standard error, and how many images got better / worse."""
+    standard error, and how many images got better / worse. Images without a finite reward in either
+    evaluation (NaN, or null in metrics.jsonl) are left out."""
     d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    d = d[np.isfinite(d)]
     se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
     return {
-        "gain": float(d.mean()),
+        "gain": float(d.mean()) if d.size else float("nan"),
         "gain_se": se,
         "n_better": int((d > 1e-6).sum()),
         "n_worse": int((d < -1e-6).sum()),
@@ -147,8 +149,10 @@ def evaluate(
     rec = {
         "kind": "eval",
         "stage": stage,
-        "reward_mean": float(r.mean()),
-        "reward_std": float(r.std()) if r.numel() > 1 else 0.0,
+        # over the finite rewards: the reward boundary turned the others into NaN (counted here)
+        "reward_mean": float(r[torch.isfinite(r)].mean()),
+        "reward_std": float(r[torch.isfinite(r)].std()) if int(torch.isfinite(r).sum()) > 1 else 0.0,
+        "rewards_nonfinite": int((~torch.isfinite(r)).sum()),
         "n": len(prompts),
         "eval_time_s": time.perf_counter() - t0,
         "rewards": [round(v, 6) for v in r.tolist()],

@@ -128,7 +128,9 @@ def test_sample_and_eval_cli_run_in_bf16(tmp_path, capsys):
     assert out.is_file()
     report = tmp_path / "eval.json"
     evaluate = ["eval", *argv, "--reward", "toy", "--prompts", "toy:heldout", "--max-prompts", "2"]
-    assert main([*evaluate, "--n-per-prompt", "1", "--json", str(report)]) == 0
+    assert (
+        main([*evaluate, "--n-per-prompt", "1", "--out", str(tmp_path / "e.png"), "--json", str(report)]) == 0
+    )
     assert report.is_file()
 
 

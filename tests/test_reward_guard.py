@@ -268,3 +268,18 @@ def test_reward_limits_are_validated():
     for key, bad in (("reward_max_nonfinite_fraction", 1.5), ("reward_timeout_s", -1.0)):
         with pytest.raises(C.ConfigError, match=key):
             C.validate(C.load_config(overrides={key: bad}))
+
+
+def test_paired_gain_leaves_out_images_without_a_finite_reward():
+    from b2diffurl.report import paired_gain
+
+    g = paired_gain([1.0, NAN, 2.0, 0.0], [2.0, 3.0, None, 0.5])  # None: a null read back from metrics.jsonl
+    assert g["gain"] == pytest.approx(0.75) and g["n_better"] == 2 and g["n_worse"] == 0
+
+
+def test_readme_documents_the_reward_limits():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for key in ("reward_max_nonfinite_fraction", "reward_timeout_s", "rewards_nonfinite"):
+        assert key in readme, key
