@@ -288,7 +288,7 @@ class Trainer:
                     status = "interrupted"
                     break
                 last = stage + 1 == run_config.stages
-                # every rank ends on the alarm together (each watches its own share of the images)
+                # every rank ends on the alarm together (the monitors gather every rank's images: the same verdict)
                 hacked = run_config.monitor.stop_on_hacking and distributed.any_rank(rec["hacking_alarm"])
                 every = run_config.eval.every
                 if last or hacked or (every and (stage + 1) % every == 0):
@@ -335,7 +335,7 @@ class Trainer:
             log.warning("stage %d: %s", stage, alarm.message)
         rec.update(run_monitor.alarm_metrics(alarm), stage_time_s=time.perf_counter() - t0)
         self.metrics.append(rec)
-        if self.cfg.progress:  # then ``bar`` is a tqdm bar (report.progress_bar)
+        if self.cfg.progress and distributed.is_main():  # then ``bar`` is a tqdm bar (report.progress_bar)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
         grid_every = self.cfg.grid_every
         if grid_every and (stage + 1) % grid_every == 0 and data.images is not None and distributed.is_main():

@@ -265,7 +265,7 @@ def _config(out, algo, stages):
             # rounding (batch composition) into a full lr step; eps 1e-4 bounds that gain by lr/eps
             "train.adam_eps": 1e-4,
             "out": str(out),
-            "progress": False,
+            "progress": True,  # rank 0 draws the bars, the others none
             "grid_every": 1,
             "checkpoint_every": 1,
             "preset": "toy",
