@@ -72,7 +72,7 @@ def starting_policy(policy, *, lora: bool, keep_copy: bool) -> Callable | None:
     With LoRA the starting policy is the UNet with its adapters disabled (they start as the identity): no
     memory. A full fine-tune has no such switch, so with ``keep_copy`` a frozen copy of the UNet as it is now
     (call this before any training or checkpoint restore) is swapped in for the block: one more UNet in
-    memory (the toy's ~4 MB; an SD 1.x UNet ~1.7 GB in fp16), which is why it is only kept when the KL monitor
+    memory (the toy's 6 MB; an SD 1.x UNet 1.7 GB in fp16), which is why it is only kept when the KL monitor
     (monitor.kl_samples > 0) or the KL regulariser (train.kl_coef > 0) asks for it."""
     if lora:
         return policy.lora_disabled

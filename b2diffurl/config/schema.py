@@ -289,7 +289,7 @@ class MonitorConfig:
         "pass per batch) instead of downsampled pixels",
     )
     kl_samples: int = _f(
-        64,
+        32,
         "trained (trajectory, step) pairs per stage on which the KL to the starting policy is estimated (one "
         "no-grad UNet pass each; 0 = off). A full fine-tune keeps a frozen copy of the starting UNet for it",
     )
