@@ -50,6 +50,9 @@ class _LinearSampler:
     def batch_logprob(self, batch, cond_table):  # noqa: ARG002
         return self.feature(batch.ids, batch.step) @ self.w
 
+    def forward_disagreement(self, ratio_dev_max):  # noqa: ARG002 - no sampling forward to compare with
+        return None
+
 
 def _ctx(train_overrides: dict, w: torch.nn.Parameter, steps_log: list):
     cfg = C.load_config(
