@@ -270,3 +270,51 @@ def test_log_with_tensorboard(tmp_path, capsys):
         return
     tr = _run(run_cfg(tmp_path, stages=1, log_with="tensorboard", **{"train.lr": 1e-3}))
     assert stages_of(tr) and list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# -- scoring overlapped with sampling ------------------------------------------------------------------------------
+def test_stage_scorer_hides_scoring_behind_sampling():
+    """A reward that takes 0.15 s per batch, 'sampling' that takes 0.15 s per batch: in the background the
+    caller waits for about one batch's scoring instead of all of them; same results, same order; errors
+    surface at the next submit."""
+    import time
+
+    from b2diffurl.rewards import Reward
+    from b2diffurl.rewards.background import StageScorer
+
+    def slow(images, prompts):
+        time.sleep(0.15)
+        return images.mean((1, 2, 3))
+
+    batches = [torch.full((2, 3, 4, 4), v) for v in (0.1, 0.5, 0.9)]
+    waits = {}
+    for overlap in (False, True):
+        with StageScorer(Reward("slow", slow), overlap=overlap) as scorer:
+            for b in batches:
+                scorer.submit(b, ["p", "q"])
+                time.sleep(0.15)  # the next batch's sampling
+            got = [r.total.tolist() for r in scorer.results()]
+        np.testing.assert_allclose(got, [[0.1, 0.1], [0.5, 0.5], [0.9, 0.9]], rtol=1e-6)
+        m = scorer.metrics()
+        assert m["reward_time_s"] >= 0.44
+        waits[overlap] = m["reward_wait_time_s"] / m["reward_time_s"]
+    assert waits[False] == 1.0 and waits[True] < 0.5, waits
+
+    def broken(images, prompts):
+        raise RuntimeError("scorer down")
+
+    with StageScorer(Reward("broken", broken), overlap=True) as scorer:
+        scorer.submit(batches[0], ["p", "q"])
+        time.sleep(0.2)
+        with pytest.raises(RuntimeError, match="scorer down"):
+            scorer.submit(batches[1], ["p", "q"])
+
+
+def test_overlapped_scoring_gives_the_same_run(tmp_path):
+    from b2diffurl.report import is_timing_key
+
+    runs = {}
+    for mode in ("off", "on"):
+        cfg = run_cfg(tmp_path / mode, stages=2, **{"train.lr": 1e-2, "sample.overlap_reward": mode})
+        runs[mode] = [{k: v for k, v in r.items() if not is_timing_key(k)} for r in stages_of(_run(cfg))]
+    assert runs["on"] == runs["off"]

@@ -16,6 +16,7 @@ from b2diffurl.algos.api import RunContext, StageData
 from b2diffurl.algos.kl import batch_kl, kl_to_start
 from b2diffurl.algos.terms import RewardNormaliser
 from b2diffurl.rewards import as_reward
+from b2diffurl.rewards.background import StageScorer
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,10 @@ class TreePPOAlgorithm:
         self.tracker = tracker  # PromptStatTracker (B²) or BufferStatTracker (DDPO)
         # z-scores of the total, or per term under reward_aggregate=advantage
         self.normaliser = RewardNormaliser(tracker, as_reward(ctx.reward_fn))
+        overlap = ctx.cfg.sample.overlap_reward
+        self.overlap_reward = overlap == "on" or (
+            overlap == "auto" and torch.device(ctx.device).type == "cuda"
+        )
         self.arena = TrajectoryArena(
             tuple(ctx.policy.latent_shape),
             num_steps=self.T,
@@ -312,9 +317,9 @@ class TreePPOAlgorithm:
         ids = self.arena.add_trees(
             torch.tensor([pid[tree_prompts[t]] for t in mine], dtype=torch.long), split
         )
-        self.normaliser.start()
-        score = as_reward(ctx.reward_fn).score
         rewards, grid = [torch.zeros(0, device=ctx.device)], None
+        self.normaliser.start()
+        scorer = StageScorer(as_reward(ctx.reward_fn), overlap=self.overlap_reward)
         for a in range(0, len(mine), bs):
             trees = mine[a : a + bs]
             cond = cond_table[torch.tensor([pid[tree_prompts[t]] for t in trees], device=cond_table.device)]
@@ -328,12 +333,13 @@ class TreePPOAlgorithm:
             )
             with torch.no_grad():
                 images = ctx.policy.decode(out.latents).float().clamp(0, 1)
-                rows = rows_prompts[trees.start * B : trees.stop * B]
-                res = score(images, rows)
-                rewards.append(res.total.float().reshape(-1))
-                self.normaliser.add(res)
+                # scored while the next batch samples (sample.overlap_reward), else at once
+                scorer.submit(images, rows_prompts[trees.start * B : trees.stop * B])
             if grid is None:
                 grid = images[:16].cpu()
+        for res in scorer.results():  # in batch order
+            rewards.append(res.total.float().reshape(-1))
+            self.normaliser.add(res)
         # every process gets every reward: statistics and selection see all samples, as one process would;
         # the stage's one host sync for scores
         rewards_t = distributed.all_gather_cat(torch.cat(rewards)).cpu()
@@ -361,6 +367,7 @@ class TreePPOAlgorithm:
             **reward_stats(rewards_t),
             "sample_time_s": sample_time,
             "sample_images_per_s": len(rows_prompts) / max(sample_time, 1e-9),
+            **scorer.metrics(),
             "arena_mb": self.arena.bytes_used / 2**20,
             "adv_neg_frac": float((np.asarray(adv) < 0).mean()) if len(adv) else 0.0,
             "lopsided": warning is not None,

@@ -49,6 +49,11 @@ class SampleConfig:
         "with a logged reason elsewhere)",
     )
     backend: str = _f("auto", "b2kernels backend for the DDIM step: auto | triton | reference")
+    overlap_reward: str = _f(
+        "auto",
+        "score each sampled batch in a background thread while the next one samples (ddpo-pytorch's overlap): "
+        "auto (on CUDA) | on | off; metrics reward_time_s vs reward_wait_time_s show what it hid",
+    )
 
 
 @dataclass

@@ -64,6 +64,7 @@ CHOICES = {
     "model.lora": ("auto", "on", "off"),
     "sample.backend": ("auto", "triton", "reference"),
     "log_with": ("none", "tensorboard"),
+    "sample.overlap_reward": ("auto", "on", "off"),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
