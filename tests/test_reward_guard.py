@@ -283,3 +283,35 @@ def test_readme_documents_the_reward_limits():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for key in ("reward_max_nonfinite_fraction", "reward_timeout_s", "rewards_nonfinite"):
         assert key in readme, key
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ppo"])
+def test_dfusion_with_nan_rewards_pairs_and_trains_on_finite_ones(tmp_path, objective):
+    def every_fifth_nan(images, prompts):
+        r = images[:, 0].mean((1, 2))
+        r[::5] = NAN
+        return r
+
+    tr = _trainer(
+        tmp_path,
+        "dfusion",
+        every_fifth_nan,
+        **{
+            "model.lora": "on",
+            "reward_max_nonfinite_fraction": 0.5,  # D-Fusion scores targets in small batches
+            "dfusion.objective": objective,
+            "dfusion.object_words": ["circle"],
+            "dfusion.samples_per_prompt": 4,
+            "dfusion.mask_grid": 8,
+        },
+    )
+    tr.train_prompts[:] = ["a red circle", "a blue circle", "a green circle"]
+    data = tr.algo.sample_stage(0)
+    st = data.payload
+    assert data.metrics["rewards_nonfinite"] > 0 and np.isfinite(data.metrics["reward_mean"])
+    nan_ids = set(st.target_ids[st.target_rewards.isnan()].tolist()) | set(
+        st.base_ids[st.base_rewards.isnan()].tolist()
+    )
+    assert nan_ids and not nan_ids & set(st.preferred.tolist() + st.dispreferred.tolist())
+    out = tr.algo.train_stage(0, data)
+    assert np.isfinite(out["loss"])
