@@ -31,7 +31,7 @@ from b2diffurl.toy import CHECKPOINT_DIR
 from b2diffurl.toy import model as M
 from b2diffurl.toy.prompts import CATEGORIES, heldout_prompts, prompt_category, train_prompts
 from b2diffurl.toy.render import render
-from b2diffurl.toy.score import toy_score
+from b2diffurl.toy.score import toy_score, toy_success
 
 # counts and relations are what the first toy could not do; singles are learnt quickly at any weight
 CATEGORY_WEIGHTS = {"single": 0.2, "count": 0.4, "relation": 0.4}
@@ -117,7 +117,7 @@ def save_checkpoint(out: Path, unet, text_encoder, tokenizer, ddim, meta: dict) 
 def evaluate(
     unet, text_encoder, tokenizer, ddim, out: Path | None, *, n_per_prompt=4, seed=0, num_steps=EVAL_STEPS
 ) -> dict:
-    """Mean toy reward per (split, category) with ``num_steps`` DDIM steps, η = 1, CFG 5; writes
+    """Mean dense toy reward and success rate per (split, category) with ``num_steps`` DDIM steps, η = 1, CFG 5; writes
     samples.png and quality.json."""
     report = {}
     grid_rows = []
@@ -141,8 +141,13 @@ def evaluate(
                     for i in range(0, len(ps), 64)
                 ]
             )
-            r = toy_score(imgs, ps)
-            report[f"{split}/{cat}"] = {"mean": r.mean().item(), "std": r.std().item(), "n": len(ps)}
+            r, ok = toy_score(imgs, ps), toy_success(imgs, ps).float()
+            report[f"{split}/{cat}"] = {
+                "mean": r.mean().item(),
+                "std": r.std().item(),
+                "success": ok.mean().item(),
+                "n": len(ps),
+            }
             if split == "train":
                 grid_rows.append(imgs[::n_per_prompt][:8])  # first sample of 8 prompts
     if out is not None:
