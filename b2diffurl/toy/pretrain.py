@@ -82,6 +82,11 @@ def save_checkpoint(out: Path, unet, text_encoder, tokenizer, ddim, meta: dict) 
     text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "tokenizer")
     ddim.save_pretrained(tmp / "scheduler")
+    for sub in ("unet", "text_encoder"):  # the folder it was loaded from is a path on the training machine
+        cfg_path = tmp / sub / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("_name_or_path", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     import diffusers
 
     index = {
