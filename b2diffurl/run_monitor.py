@@ -54,16 +54,30 @@ class RewardTap(Reward):
         return self
 
 
-def gold_reward(run_config, reward: Reward) -> Reward | None:
-    """The held-out gold reward of ``monitor.gold_reward``: 'auto' is the toy reward on the toy model unless
-    the training reward already has a toy term (then it would not be held out), else none."""
+def gold_reward(run_config, reward: Reward, train_prompts: list[str]) -> Reward | None:
+    """The held-out gold reward of ``monitor.gold_reward``: 'auto' is the toy reward on the toy model with
+    toy-world prompts unless the training reward already has a toy term (then it would not be held out), else
+    none."""
     mon = run_config.monitor
     spec = mon.gold_reward
     if spec == "auto":
-        spec = "toy" if run_config.model.path == "toy" and "toy" not in reward.weights else "none"
+        toy = run_config.model.path == "toy" and "toy" not in reward.weights and _toy_world(train_prompts)
+        spec = "toy" if toy else "none"
     if spec == "none":
         return None
     return get_reward(spec, **mon.gold_reward_options)
+
+
+def _toy_world(prompts: list[str]) -> bool:
+    """Whether the toy reward can score these prompts (it knows only the toy world's grammar)."""
+    from b2diffurl.toy.prompts import parse
+
+    try:
+        for p in dict.fromkeys(prompts):
+            parse(p)
+    except ValueError:
+        return False
+    return True
 
 
 def starting_policy(policy, *, lora: bool, keep_copy: bool) -> Callable | None:

@@ -81,7 +81,9 @@ class Trainer:
             max_nonfinite_fraction=run_config.reward_max_nonfinite_fraction,
         )
         gold = (
-            as_reward(gold_fn) if gold_fn is not None else run_monitor.gold_reward(run_config, self.reward_fn)
+            as_reward(gold_fn)
+            if gold_fn is not None
+            else run_monitor.gold_reward(run_config, self.reward_fn, self.train_prompts)
         )
         if run_config.log_with == "tensorboard":
             run_monitor.check_tensorboard()

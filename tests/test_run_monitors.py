@@ -241,6 +241,7 @@ def test_dotted_reward_options_and_monitor_config():
         ({"monitor.window": 1}, "monitor.window must be in [2, inf)"),
         ({"monitor.gold_reward": "nope"}, "monitor.gold_reward: expected auto, none or a reward spec"),
         ({"train.kl_coef": -1}, "train.kl_coef must be in [0, inf)"),
+        ({"algo": "dfusion", "train.kl_coef": 0.1}, "train.kl_coef applies to the PPO objectives"),
     ):
         with pytest.raises(C.ConfigError, match=msg.replace("[", r"\[").replace(")", r"\)")):
             C.load_config(overrides=over)
@@ -318,3 +319,33 @@ def test_overlapped_scoring_gives_the_same_run(tmp_path):
         cfg = run_cfg(tmp_path / mode, stages=2, **{"train.lr": 1e-2, "sample.overlap_reward": mode})
         runs[mode] = [{k: v for k, v in r.items() if not is_timing_key(k)} for r in stages_of(_run(cfg))]
     assert runs["on"] == runs["off"]
+
+
+def test_tensorboard_mirror_gets_every_numeric_metric(tmp_path, monkeypatch):
+    """log_with=tensorboard: each stage record's numbers reach the writer as stage/<name> at the stage's step
+    (a stand-in writer: the mirroring is ours, the event files are torch's)."""
+    from b2diffurl import run_monitor
+
+    scalars = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(run_monitor, "check_tensorboard", lambda: None)
+    monkeypatch.setattr(run_monitor, "open_summary_writer", lambda directory: Writer())
+    tr = _run(run_cfg(tmp_path, stages=2, log_with="tensorboard", **{"train.lr": 1e-3}))
+    recs = stages_of(tr)
+    for rec in recs:
+        got = {tag: v for tag, v, step in scalars if step == rec["stage"]}
+        assert got["stage/reward_mean"] == pytest.approx(rec["reward_mean"])
+        assert got["stage/hacking_alarm"] == 0.0 and "stage/kind" not in got
+        assert {f"stage/{k}" for k, v in rec.items() if isinstance(v, (int, float)) and k != "stage"} == set(
+            got
+        )

@@ -40,13 +40,16 @@ def batch_kl(ctx, batch, cond_table: torch.Tensor) -> torch.Tensor:
     return step_kl(ctx.sampler, ctx.reference, batch.x_t, batch.step, cond).mean()
 
 
+KL_SHARE = 8
+
+
 @torch.no_grad()
 def kl_to_start(
     ctx, arena, ids: torch.Tensor, steps: torch.Tensor, cond_table: torch.Tensor, stage: int
 ) -> dict:
     """``kl_k1`` / ``kl_k3`` (:func:`~b2diffurl.monitors.kl_estimate`) of the stage's sampling policy against
     the starting policy, per trained step, on up to ``monitor.kl_samples`` of the stage's trained
-    (trajectory, step) pairs: their stored sampling log-probs against the starting policy's log-probs of the
+    (trajectory, step) pairs (and at most one in :data:`KL_SHARE`): their stored sampling log-probs against the starting policy's log-probs of the
     same transitions (one no-grad forward per pair). Empty when there is no reference or nothing was trained."""
     n_max = ctx.cfg.monitor.kl_samples
     if ctx.reference is None or n_max <= 0:
@@ -58,7 +61,10 @@ def kl_to_start(
     if M and K:
         # the subsample depends on the run seed and stage only: the run's own random streams are untouched
         gen = torch.Generator().manual_seed(ctx.cfg.seed * 1_000_003 + stage)
-        take = torch.randperm(M * K, generator=gen)[: max(1, n_max // distributed.size())]
+        # at most one trained pair in KL_SHARE: the update runs ≥ 2 passes (forward + backward) over every pair
+        # per inner epoch, so the estimate stays a few percent of it even on a small stage
+        n = min(n_max // distributed.size(), M * K // KL_SHARE)
+        take = torch.randperm(M * K, generator=gen)[: max(1, n)]
         pair_ids, pair_steps = here[take // K], steps.cpu()[take % K]
         # rows per call: as many as a sampling call holds, known to fit
         chunk = max(1, ctx.cfg.sample.batch_size * ctx.cfg.sample.branches)

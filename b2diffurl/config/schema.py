@@ -296,7 +296,8 @@ class MonitorConfig:
     kl_samples: int = _f(
         32,
         "trained (trajectory, step) pairs per stage on which the KL to the starting policy is estimated (one "
-        "no-grad UNet pass each; 0 = off). A full fine-tune keeps a frozen copy of the starting UNet for it",
+        "no-grad UNet pass each, at most one trained pair in 8; 0 = off). A full fine-tune keeps a frozen copy "
+        "of the starting UNet for it",
     )
     window: int = _f(5, "hacking alarm: stages whose trends are compared")
     reward_rise: float = _f(

@@ -137,6 +137,11 @@ def errors(run_config: RunConfig) -> list[str]:
             )
     if run_config.algo == "dfusion":
         errs += run_config.dfusion.errors() + run_config.dpo.errors()
+        if run_config.train.kl_coef > 0 and run_config.dfusion.objective == "dpo":
+            errs.append(
+                "train.kl_coef applies to the PPO objectives (b2, ddpo, dfusion.objective=ppo); D3PO is tied to "
+                "its reference policy already (raise dpo.beta instead)"
+            )
     for word, threshold in run_config.dfusion.item_thresholds.items():
         if not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
             errs.append(f"dfusion.item_thresholds.{word} must be a number in [0, 1], got {threshold!r}")
