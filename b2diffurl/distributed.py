@@ -1,32 +1,16 @@
 """Data-parallel runs on ``torch.distributed``: everything a rank does differently from a single process.
 
 Launch with ``torchrun`` (docs/DISTRIBUTED.md); without its environment variables a run is one process and
-every function here is a no-op, so single-process code paths stay exactly as they are.
-
-The rule that makes N processes compute what one process computes (same global batch, same numbers up to
-float summation order):
-
-* **Every random draw that decides *what* is done happens identically on every rank.** The CPU generator
-  (prompt draws, shuffles, timestep permutations) is seeded the same everywhere and consumed the same way,
-  so every rank holds the same prompt list, the same permutations and the same micro-batch boundaries.
-* **The noise of a trajectory depends on the trajectory, not on the rank that samples it.** Each tree gets
-  its own generator seeded from (run seed, stage, global tree index) (:func:`tree_generators`), so sharding
-  the trees differently, or batching them differently, draws the same x_T and per-step noise.
-* **Ranks split the work by global index** (:func:`shard`: a contiguous block, so concatenating the shards
-  in rank order gives the global order back), and **gather the few numbers every decision needs**: rewards
-  (:func:`all_gather_cat`) before per-prompt statistics, selection or pairing, and evaluation rewards.
-* **Gradients are summed across ranks** (:func:`sum_gradients`) just before each optimizer step, each rank's
-  loss being its share of the global loss (its rows' sum / the global row count): this is exactly the
-  single-process gradient even when ranks hold different numbers of rows of a micro-batch.
-* **Rank 0 writes** (metrics, grids, checkpoints) after gathering what only other ranks know (their RNG
-  states, :func:`gather_rng_states`).
-
-Why not ``DistributedDataParallel`` (or ``accelerate``, which wraps it): DDP all-reduces inside ``backward``
-and needs every rank to run the same number of backward passes, while here a rank may hold no row of a
-micro-batch (rows are owned by the rank that sampled them); accumulation would need ``no_sync`` around every
-micro-step but the last; and the wrapped module would have to replace the bare UNet that the sampler's CUDA
-graphs, the peft LoRA adapters and the "LoRA disabled" reference policy all use. One coalesced all-reduce per
-optimizer step is what DDP with ``no_sync`` accumulation does, minus the wrapper.
+every function here is a no-op. N processes compute what one process computes (same global batch, same
+numbers up to float summation order) because: every random draw that decides *what* is done (prompt draws,
+shuffles, timestep permutations) happens identically on every rank; each tree's noise comes from its own
+generator seeded from (run seed, stage, global tree index) (:func:`tree_generators`), whatever rank samples
+it; ranks split the work by contiguous global blocks (:func:`shard`) and gather the few numbers a decision
+needs (rewards before statistics, selection or pairing; evaluation rewards: :func:`all_gather_cat`);
+gradients are summed across ranks just before each optimizer step, each rank's loss being its share of the
+global loss (:func:`sum_gradients`); rank 0 writes, after gathering every rank's RNG state
+(:func:`gather_rng_states`). Why a gradient all-reduce of our own rather than ``DistributedDataParallel``:
+docs/DISTRIBUTED.md.
 
 Failure: a rank that raises logs its traceback with its rank and exits non-zero (:func:`record_failure`);
 torchrun then stops the other ranks. Collectives time out after ``B2DIFFURL_DIST_TIMEOUT_S`` seconds (a lost
@@ -75,12 +59,8 @@ class CommStats:
         self.calls[kind] = self.calls.get(kind, 0) + 1
 
     def reset(self) -> None:
-        self.seconds.clear()
-        self.bytes.clear()
-        self.calls.clear()
-
-    def total_seconds(self) -> float:
-        return sum(self.seconds.values())
+        for d in (self.seconds, self.bytes, self.calls):
+            d.clear()
 
 
 @dataclass(frozen=True)
@@ -124,26 +104,18 @@ def is_main() -> bool:
     return _WORLD.rank == 0
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
+def _env_number(name: str, default, kind=int, what: str = "an integer"):
+    raw = os.environ.get(name) or ""
     try:
-        return int(raw)
+        return kind(raw) if raw else default
     except ValueError:
-        raise DistributedError(f"environment variable {name}={raw!r} is not an integer") from None
+        raise DistributedError(f"environment variable {name}={raw!r} is not {what}") from None
 
 
 def timeout_s() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise DistributedError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    value = _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, float, "a number of seconds")
     if value <= 0:
-        raise DistributedError(f"{TIMEOUT_ENV}={raw!r} must be > 0 seconds")
+        raise DistributedError(f"{TIMEOUT_ENV}={value!r} must be > 0 seconds")
     return value
 
 
@@ -156,18 +128,17 @@ def init(device: torch.device | str = "cpu") -> World:
     """
     global _WORLD
     device = torch.device(device)
-    world_size = _env_int("WORLD_SIZE", 1)
+    world_size = _env_number("WORLD_SIZE", 1)
     if world_size <= 1:
         _WORLD = World(device=device)
         return _WORLD
-    rank_, local = _env_int("RANK", -1), _env_int("LOCAL_RANK", 0)
+    rank_, local = _env_number("RANK", -1), _env_number("LOCAL_RANK", 0)
     if not 0 <= rank_ < world_size:
         raise DistributedError(
             f"WORLD_SIZE={world_size} but RANK={os.environ.get('RANK')!r}: launch with torchrun, which sets both"
         )
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        if not os.environ.get(name):
-            raise DistributedError(f"WORLD_SIZE={world_size} but {name} is unset: launch with torchrun")
+    if unset := [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]:
+        raise DistributedError(f"WORLD_SIZE={world_size} but {unset[0]} is unset: launch with torchrun")
     if device.type == "cuda":
         n_gpu = torch.cuda.device_count()
         if local >= n_gpu:
@@ -224,10 +195,9 @@ def shard(n: int, rank: int | None = None, size: int | None = None, *, block: in
     """The global indices ``[start, stop)`` of ``n`` items rank ``rank`` (default: this one) handles: a
     contiguous range, rank order = index order (gathered shards concatenate to the global order).
 
-    Items go in whole blocks of ``block`` (a sampling batch: each rank then runs exactly the batches one
-    process would run, so batched kernels round the same way), block counts differing by at most one. With fewer
-    blocks than ranks the items are split evenly instead, so that no rank idles (the batches then differ from
-    one process's, and results agree up to float rounding)."""
+    Items go in whole blocks of ``block`` (a sampling batch: each rank runs exactly one process's batches, so
+    kernels round the same way), block counts differing by at most one; with fewer blocks than ranks, items
+    are split evenly so that no rank idles (results then agree up to float rounding)."""
     r = _WORLD.rank if rank is None else int(rank)
     w = _WORLD.size if size is None else int(size)
     block = max(1, int(block))
