@@ -30,10 +30,9 @@ from b2diffurl.config.loading import (
     set_value,
     to_dict,
 )
+from b2diffurl.config.presets import ALGO_PRESETS, PRESETS
 from b2diffurl.config.schema import (
-    ALGO_PRESETS,
     ALGORITHMS,
-    PRESETS,
     B2Config,
     ConfigError,
     DDPOConfig,

@@ -10,7 +10,8 @@ import os
 import typing
 from typing import Any
 
-from b2diffurl.config.schema import ALGO_PRESETS, PRESETS, ConfigError, RunConfig
+from b2diffurl.config.presets import ALGO_PRESETS, PRESETS
+from b2diffurl.config.schema import ConfigError, RunConfig
 from b2diffurl.config.validation import validate
 
 

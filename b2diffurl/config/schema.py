@@ -5,7 +5,6 @@ presets and the algorithm registry. Torch-free, so ``b2diffurl train --help`` is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 
 class ConfigError(ValueError):
@@ -385,53 +384,4 @@ ALGORITHMS = {
     "b2": "b2diffurl.algos.b2:B2Algorithm",
     "ddpo": "b2diffurl.algos.ddpo:DDPOAlgorithm",
     "dfusion": "b2diffurl.algos.dfusion:DFusionAlgorithm",
-}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # real models: CLIP reward (pass its weights with reward_options), no toy held-out set
-    "official": {"reward": "clip", "eval.prompts": "none"},
-    # 2 CPU cores, ≤ 15 min for the whole default run including before/after evaluation.
-    "toy": {
-        "stages": 16,
-        "sample.prompts_per_stage": 8,
-        "sample.branches": 4,
-        "sample.batch_size": 8,
-        "b2.k_left": 14,
-        "b2.k_right": 20,
-        "train.micro_batch_size": 16,
-        "train.grad_accum_steps": 1,
-        "train.flush_partial_accum": True,
-        "train.lr": 1e-4,
-        "train.lr_warmup_steps": 10,
-        "train.weight_decay": 0.0,
-        "eval.num_prompts": 32,
-        "eval.images_per_prompt": 2,
-        "checkpoint_every": 4,
-        "grid_every": 4,
-        "dfusion.samples_per_prompt": 8,
-    },
-}
-
-
-# Values for one algorithm under a preset, applied right after the preset (YAML and --set still win).
-# DDPO is the baseline B² claims to beat, so under ``official`` it runs as its authors run it
-# (kvablack/ddpo-pytorch, config/base.py + dgx.py): PPO clip 1e-4, lr 3e-4, one inner epoch, LoRA, 256 samples
-# per epoch drawn one per prompt draw, 64 samples per optimizer step (4 per epoch), a 16-reward per-prompt buffer.
-ALGO_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
-    ("official", "ddpo"): {
-        "sample.prompts_per_stage": 256,
-        "sample.branches": 1,
-        "train.lr": 3e-4,
-        "train.clip_range": 1e-4,
-        "train.inner_epochs": 1,
-        "train.micro_batch_size": 4,
-        "train.grad_accum_steps": 16,
-        "model.lora": "on",
-    },
-    # same sample budget and model parametrisation as toy B²; DDPO's own PPO settings and statistics
-    ("toy", "ddpo"): {
-        "train.clip_range": 1e-4,
-        "train.inner_epochs": 1,
-    },
 }
