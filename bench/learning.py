@@ -229,15 +229,16 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one torch thread)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the run directories (printed at the end)")
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train arguments for every arm")
-    a = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = p.parse_args(argv[:cut])
+    a.extra = argv[cut + 1 :]  # after --: more train arguments for every arm
     if a.suite == "table":
         print(table(a.out))
         return 0
     if a.seeds < 1 or a.jobs < 1:
         p.error("--seeds and --jobs must be >= 1")
-    extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
-    run_suite(a.suite, [a.seed0 + i for i in range(a.seeds)], a.jobs, a.out, extra, a.keep)
+    run_suite(a.suite, [a.seed0 + i for i in range(a.seeds)], a.jobs, a.out, a.extra, a.keep)
     return 0
 
 
