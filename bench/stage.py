@@ -191,6 +191,9 @@ def _ours(policy, reward_fn, prompts, P, B, T, k, mb, device):
             # to the starting policy (part of train_time_s)
             "monitor_time_s": monitors.get("monitor_time_s", 0.0),
             "kl_time_s": m.get("kl_time_s", 0.0),
+            # scoring, and the part of it sampling did not hide (sample.overlap_reward: on CUDA by default)
+            "reward_time_s": data.metrics.get("reward_time_s", 0.0),
+            "reward_wait_time_s": data.metrics.get("reward_wait_time_s", 0.0),
             "sample_time_s": t1 - t0,
             "train_time_s": t2 - t1,
             "train_samples": m["train_samples"],
