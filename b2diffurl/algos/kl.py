@@ -49,8 +49,9 @@ def kl_to_start(
 ) -> dict:
     """``kl_k1`` / ``kl_k3`` (:func:`~b2diffurl.monitors.kl_estimate`) of the stage's sampling policy against
     the starting policy, per trained step, on up to ``monitor.kl_samples`` of the stage's trained
-    (trajectory, step) pairs (and at most one in :data:`KL_SHARE`): their stored sampling log-probs against the starting policy's log-probs of the
-    same transitions (one no-grad forward per pair). Empty when there is no reference or nothing was trained."""
+    (trajectory, step) pairs (and at most one in :data:`KL_SHARE`): their stored sampling log-probs against
+    the starting policy's log-probs of the same transitions (one no-grad forward per pair). Empty when there
+    is no reference or nothing was trained."""
     n_max = ctx.cfg.monitor.kl_samples
     if ctx.reference is None or n_max <= 0:
         return {}
