@@ -13,6 +13,7 @@ thing to every reader.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -78,6 +79,15 @@ def export_lora(unet, directory, *, adapter_name: str = "default") -> Path:
     ``unet``: the policy's ``UNet2DConditionModel`` with its peft adapter attached (``Policy.unet``).
     Returns the file's path."""
     return _write(lora_state_dict(unet, adapter_name), directory)
+
+
+def export_run_lora(unet, run_dir) -> Path:
+    """A finished run's adapters for diffusers, in ``run_dir/lora_diffusers`` (logged with the load line)."""
+    path = export_lora(unet, Path(run_dir) / "lora_diffusers")
+    logging.getLogger("b2diffurl.export").info(
+        "LoRA for diffusers: %s - load with pipe.load_lora_weights(%r)", path, str(path.parent.resolve())
+    )
+    return path
 
 
 def export_lora_folder(lora_dir, directory) -> Path:

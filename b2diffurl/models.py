@@ -180,6 +180,21 @@ class Policy:
                 p.data = p.data.float()
         self.lora_config = cfg
 
+    def make_trainable(self, lora=None) -> list:
+        """Freeze the text encoder; with ``lora`` (a ``ModelConfig``: rank, alpha, targets) attach an adapter
+        and train only it, else train the whole UNet. Returns the trainable parameters."""
+        from b2diffurl.config import ConfigError
+
+        self.text_encoder.requires_grad_(False)
+        if lora is not None:  # add_lora freezes the UNet and keeps the adapter weights in float32
+            self.add_lora(lora.lora_rank, lora.lora_alpha, tuple(lora.lora_targets))
+        else:
+            self.unet.requires_grad_(True)
+        params = [q for q in self.unet.parameters() if q.requires_grad]
+        if not params:
+            raise ConfigError("no trainable UNet parameters: model.lora_targets matched no module")
+        return params
+
     def save_lora(self, directory) -> Path:
         """Write only the adapter: ``lora.safetensors`` + ``lora_config.json`` into ``directory``."""
         from peft.utils import get_peft_model_state_dict

@@ -54,6 +54,22 @@ class RewardTap(Reward):
         return self
 
 
+def build_rewards(run_config, reward_fn=None, gold_fn=None, train_prompts=()) -> tuple[Reward, Reward | None]:
+    """(training reward, held-out gold reward or None) of a run; injected callables win over the config's
+    specs. The training reward carries the run's timeout and non-finite limits."""
+    from b2diffurl.rewards import as_reward
+
+    if reward_fn is None:
+        reward_fn = get_reward(
+            run_config.reward, aggregate=run_config.reward_aggregate, **run_config.reward_options
+        )
+    reward = as_reward(reward_fn).limit(
+        timeout_s=run_config.reward_timeout_s, max_nonfinite_fraction=run_config.reward_max_nonfinite_fraction
+    )
+    gold = as_reward(gold_fn) if gold_fn is not None else gold_reward(run_config, reward, list(train_prompts))
+    return reward, gold
+
+
 def gold_reward(run_config, reward: Reward, train_prompts: list[str]) -> Reward | None:
     """The held-out gold reward of ``monitor.gold_reward``: 'auto' is the toy reward on the toy model with
     toy-world prompts unless the training reward already has a toy term (then it would not be held out), else

@@ -8,7 +8,6 @@ data path of a stage, the run directory and why a resumed run logs the same numb
 
 from __future__ import annotations
 
-import importlib
 import logging
 import random
 import time
@@ -70,30 +69,12 @@ class Trainer:
         self.group_of = heldout_set.group_of
         if not self.train_prompts:
             raise C.ConfigError(f"prompts={run_config.prompts!r} gave no training prompts")
-        from b2diffurl.rewards import as_reward, get_reward
-
-        if reward_fn is None:
-            reward_fn = get_reward(
-                run_config.reward, aggregate=run_config.reward_aggregate, **run_config.reward_options
-            )
-        self.reward_fn = as_reward(reward_fn).limit(
-            timeout_s=run_config.reward_timeout_s,
-            max_nonfinite_fraction=run_config.reward_max_nonfinite_fraction,
-        )
-        gold = (
-            as_reward(gold_fn)
-            if gold_fn is not None
-            else run_monitor.gold_reward(run_config, self.reward_fn, self.train_prompts)
-        )
+        self.reward_fn, gold = run_monitor.build_rewards(run_config, reward_fn, gold_fn, self.train_prompts)
         if run_config.log_with == "tensorboard":
             run_monitor.check_tensorboard()
-        mod, _, cls = C.ALGORITHMS[run_config.algo].partition(":")
-        algo_cls = getattr(importlib.import_module(mod), cls)
-        if self.world.distributed and not getattr(algo_cls, "data_parallel", False):
-            raise C.ConfigError(
-                f"algo={run_config.algo!r} does not run data-parallel yet: start it as one process (without "
-                "torchrun), or use algo=b2 or ddpo"
-            )
+        from b2diffurl.algos.api import RunContext, algorithm_class, make_optimizer
+
+        algo_cls = algorithm_class(run_config.algo, distributed=self.world.distributed)
         model_config = run_config.model
         # 'auto': LoRA for real models, and on the toy for an algorithm whose reference policy is the same UNet
         # with the adapters disabled (Algorithm.needs_reference_policy, see algos/api.py)
@@ -116,31 +97,11 @@ class Trainer:
 
             policy = load_policy(run_config.model.path, dtype=self.dtype, device=self.device)
         self.policy = policy
-        policy.text_encoder.requires_grad_(False)
-        if self.lora:  # add_lora freezes the UNet and keeps the adapter weights in float32
-            policy.add_lora(model_config.lora_rank, model_config.lora_alpha, tuple(model_config.lora_targets))
-        else:
-            policy.unet.requires_grad_(True)
-        self.params = [q for q in policy.unet.parameters() if q.requires_grad]
-        if not self.params:
-            raise C.ConfigError("no trainable UNet parameters: model.lora_targets matched no module")
+        self.params = policy.make_trainable(model_config if self.lora else None)
         # the KL monitor and regulariser compare with the policy as it is now, before any update or restore
         wants_reference = run_config.monitor.kl_samples > 0 or run_config.train.kl_coef > 0
         reference = run_monitor.starting_policy(policy, lora=self.lora, keep_copy=wants_reference)
-        train_config = run_config.train
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=train_config.lr,
-            betas=(train_config.adam_beta1, train_config.adam_beta2),
-            weight_decay=train_config.weight_decay,
-            eps=train_config.adam_eps,
-        )
-        warm = train_config.lr_warmup_steps
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda n: min(1.0, (n + 1) / warm) if warm > 0 else 1.0
-        )
-
-        from b2diffurl.algos.api import RunContext
+        self.optimizer, self.lr_scheduler = make_optimizer(self.params, run_config.train)
         from b2diffurl.sampling import TreeSampler
 
         sample_config = run_config.sample
@@ -307,7 +268,9 @@ class Trainer:
                     status = "interrupted"
                     break
         if self.lora and status != "interrupted" and distributed.is_main():
-            self._export_lora()
+            from b2diffurl.export import export_run_lora
+
+            export_run_lora(self.policy.unet, self.out)
         if distributed.is_main():
             report.plot_reward_curve(self.metrics.records, self.out / "reward_curve.png")
         return {
@@ -317,14 +280,6 @@ class Trainer:
             "out": str(self.out),
             **report.summarize(self.metrics.records),
         }
-
-    def _export_lora(self) -> None:
-        from b2diffurl.export import export_lora
-
-        path = export_lora(self.policy.unet, self.out / "lora_diffusers")
-        log.info(
-            "LoRA for diffusers: %s - load with pipe.load_lora_weights(%r)", path, str(path.parent.resolve())
-        )
 
     def _run_stage(self, stage: int, bar) -> dict:
         t0 = time.perf_counter()

@@ -147,7 +147,7 @@ def test_crash_during_checkpoint_keeps_last_good(tmp_path, monkeypatch):
     "over,msg",
     [
         ({"b2.k_lft": 3}, "unknown config key 'b2.k_lft'.*b2.k_left"),
-        ({"b2.k_right": 25}, "k_right=25 exceeds sample.num_steps=20"),
+        ({"b2.k_right": 25}, "k_right=25 exceeds sample.num_steps=10"),
         ({"sample.branches": 1}, "branches >= 2"),
         ({"sample.eta": 0.0}, r"sample.eta must be in \(0, 1\], got 0.0"),
         ({"model.path": "/nonexistent/sd15"}, "neither 'toy' nor an existing diffusers folder"),
@@ -167,7 +167,11 @@ def test_preset_and_precedence(tmp_path):
     y = tmp_path / "run.yaml"
     y.write_text("stages: 7\nsample:\n  branches: 3\n")
     cfg = C.load_config(str(y), ["sample.branches=6"])
-    assert cfg.stages == 7 and cfg.sample.branches == 6 and cfg.sample.prompts_per_stage == 8
+    assert (
+        cfg.stages == 7
+        and cfg.sample.branches == 6
+        and cfg.sample.prompts_per_stage == C.PRESETS["toy"]["sample.prompts_per_stage"]
+    )
     off = C.load_config(overrides={"preset": "official"})
     assert (off.stages, off.sample.prompts_per_stage, off.sample.branches, off.train.grad_accum_steps) == (
         100,

@@ -75,6 +75,38 @@ class StopRequested(Exception):
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
+def algorithm_class(name: str, *, distributed: bool = False) -> type:
+    """The class registered for ``name`` in ``b2diffurl.config.ALGORITHMS``; under several processes only an
+    algorithm that declares ``data_parallel = True`` is accepted."""
+    import importlib
+
+    from b2diffurl.config import ALGORITHMS, ConfigError
+
+    module, _, cls = ALGORITHMS[name].partition(":")
+    algo_cls = getattr(importlib.import_module(module), cls)
+    if distributed and not getattr(algo_cls, "data_parallel", False):
+        raise ConfigError(
+            f"algo={name!r} does not run data-parallel yet: start it as one process (without torchrun), or use "
+            "algo=b2 or ddpo"
+        )
+    return algo_cls
+
+
+def make_optimizer(params, train_config) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW on ``params`` with ``train.*`` settings and a linear warm-up over ``train.lr_warmup_steps``."""
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=train_config.lr,
+        betas=(train_config.adam_beta1, train_config.adam_beta2),
+        weight_decay=train_config.weight_decay,
+        eps=train_config.adam_eps,
+    )
+    warm = train_config.lr_warmup_steps
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda n: min(1.0, (n + 1) / warm) if warm > 0 else 1.0
+    )
+
+
 @dataclass
 class RunContext:
     """Everything an algorithm may use. Built by the trainer; the generators are part of the checkpoint."""
