@@ -83,6 +83,33 @@ def test_alarm_fires_when_a_real_run_hacks_brightness(tmp_path, caplog):
     assert all(r["monitor_time_s"] < r["stage_time_s"] for r in recs)
 
 
+@pytest.mark.slow
+def test_alarm_fires_on_the_toy_world_when_brightness_is_hacked(tmp_path, caplog):
+    """The embedded toy model on toy-world prompts, trained by DDPO on mean brightness: the images brighten
+    while the exact toy reward (the default gold reward here) falls, and the alarm names both (~12 s a stage
+    on 2 busy cores; it fires at stage 2 of the current checkpoint)."""
+    from b2diffurl.toy.prompts import train_prompts
+
+    cfg = run_cfg(
+        tmp_path,
+        stages=5,
+        **{
+            "sample.num_steps": 10,
+            "train.micro_batch_size": 6,
+            "train.lr": 1e-3,
+            "monitor.kl_samples": 8,
+            "monitor.stop_on_hacking": True,
+        },
+    )
+    tr = Trainer(cfg, reward_fn=mean_brightness, train_prompts=train_prompts()[:4])  # the toy model itself
+    with caplog.at_level("WARNING", logger="b2diffurl.trainer"):
+        assert tr.run()["status"] == "hacking"
+    recs = stages_of(tr)
+    assert recs[-1]["hacking_alarm"] and recs[-1]["alarm_gold_change"] < -0.05
+    assert recs[-1]["reward_mean"] > recs[0]["reward_mean"] and recs[-1]["gold_mean"] < recs[0]["gold_mean"]
+    assert any("while gold reward" in m for m in caplog.messages)
+
+
 def test_alarm_silent_on_a_clean_run(tmp_path):
     """The same reward trained with a moderate step, judged by a gold reward that agrees with it: the reward
     rises (the alarm has something to judge), the gold rises with it and diversity holds - no alarm."""
