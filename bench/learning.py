@@ -96,7 +96,8 @@ def run_one(args: list[str], seed: int, out_dir: Path, log_path: Path) -> dict:
     with open(log_path, "w") as log:
         rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
-    res = {"cmd": " ".join(cmd[1:]), "seed": seed, "rc": rc, "wall_s": round(wall, 1)}
+    shown = [*cmd[1:-1], "RUN_DIR"]  # no machine path in committed results
+    res = {"cmd": " ".join(shown), "seed": seed, "rc": rc, "wall_s": round(wall, 1)}
     res.update(summarise_run(read_metrics(out_dir)))
     return res
 
@@ -177,6 +178,8 @@ def run_suite(suite: str, seeds: list[int], jobs: int, out: Path, extra: list[st
         "suite": suite,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {jobs} runs at once, 1 torch thread each",
+        # the shape bench.results_table reads (a CPU run: the README's GPU table ignores it)
+        "env": {"device": f"cpu-{platform.machine()}-1threads", "date": time.strftime("%Y-%m-%dT%H:%M:%S")},
         "extra_args": extra,
         "wall_s": round(time.perf_counter() - t0, 1),
         "arms": {arm: {"summary": pool_arm(runs), "runs": runs} for arm, runs in by_arm.items()},

@@ -108,7 +108,7 @@ def collect(results: Path = RESULTS) -> list[tuple[dict, Path]]:
         if key not in newest or stamp > newest[key][0]:
             newest[key] = (stamp, payload, path)
     items = sorted(
-        newest.values(), key=lambda v: (not _is_gpu(v[1]["env"].get("device", "cpu")), v[1]["suite"])
+        newest.values(), key=lambda v: (not _is_gpu(v[1].get("env", {}).get("device", "cpu")), v[1]["suite"])
     )
     return [(payload, path) for _, payload, path in items]
 
