@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_models import _tiny_sd_folder
-from tiny_policy import brightness_reward, tiny_policy
+from tiny_policy import brightness_reward, one_stage_overrides, tiny_policy
 
 from b2diffurl import config as C
 from b2diffurl.cli import main
@@ -32,29 +32,18 @@ def _trainer(tmp_path, algo, dtype, lora="on", **over):
     from b2diffurl.trainer import Trainer
 
     cfg = C.load_config(
-        overrides={
-            "algo": algo,
-            "stages": 1,
-            "sample.num_steps": 3,
-            "sample.prompts_per_stage": 3,
-            "sample.branches": 3,
-            "sample.batch_size": 3,
-            "b2.k_left": 2,
-            "b2.k_right": 3,
-            "eval.prompts": "none",
-            "train.micro_batch_size": 4,
-            "out": str(tmp_path / "run"),
-            "progress": False,
-            "grid_every": 0,
-            "checkpoint_every": 0,
-            "preset": "toy",
-            "model.lora": lora,
-            "model.dtype": dtype,
-            "dfusion.object_words": ["circle"],
-            "dfusion.samples_per_prompt": 4,
-            "dfusion.mask_grid": 8,
-            **over,
-        }
+        overrides=one_stage_overrides(
+            tmp_path / "run",
+            algo,
+            **{
+                "model.lora": lora,
+                "model.dtype": dtype,
+                "dfusion.object_words": ["circle"],
+                "dfusion.samples_per_prompt": 4,
+                "dfusion.mask_grid": 8,
+                **over,
+            },
+        )
     )
     policy = tiny_policy(dtype=HALF.get(dtype, torch.float32))
     return Trainer(cfg, policy=policy, reward_fn=brightness_reward, train_prompts=PROMPTS)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from tiny_policy import tiny_policy
+from tiny_policy import one_stage_overrides, tiny_policy
 
 from b2diffurl import config as C
 from b2diffurl.algos.b2 import select_branches
@@ -195,25 +195,7 @@ def _trainer(tmp_path, algo, reward, **over):
     from b2diffurl.trainer import Trainer
 
     cfg = C.load_config(
-        overrides={
-            "algo": algo,
-            "stages": 1,
-            "sample.num_steps": 3,
-            "sample.prompts_per_stage": 3,
-            "sample.branches": 3,
-            "sample.batch_size": 3,
-            "b2.k_left": 2,
-            "b2.k_right": 3,
-            "eval.prompts": "none",
-            "train.micro_batch_size": 4,
-            "out": str(tmp_path / "run"),
-            "progress": False,
-            "grid_every": 0,
-            "checkpoint_every": 0,
-            "preset": "toy",
-            "model.lora": "off",
-            **over,
-        }
+        overrides=one_stage_overrides(tmp_path / "run", algo, **{"model.lora": "off", **over})
     )
     return Trainer(cfg, policy=tiny_policy(), reward_fn=reward, train_prompts=PROMPTS)
 

@@ -75,3 +75,26 @@ def tiny_policy(seed: int = 0, dtype=torch.float32, device="cpu") -> Policy:
 def brightness_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """A dense test reward: mean of the red channel minus the blue one (prompt-independent)."""
     return (images[:, 0] - images[:, 2]).mean(dim=(1, 2)).float()
+
+
+def one_stage_overrides(out, algo: str = "b2", **over) -> dict:
+    """Config overrides for one tiny stage on a tiny policy: 3 prompts × 3 branches, T = 3, no evaluation,
+    nothing written but the run directory ``out``."""
+    return {
+        "algo": algo,
+        "stages": 1,
+        "sample.num_steps": 3,
+        "sample.prompts_per_stage": 3,
+        "sample.branches": 3,
+        "sample.batch_size": 3,
+        "b2.k_left": 2,
+        "b2.k_right": 3,
+        "eval.prompts": "none",
+        "train.micro_batch_size": 4,
+        "out": str(out),
+        "progress": False,
+        "grid_every": 0,
+        "checkpoint_every": 0,
+        "preset": "toy",
+        **over,
+    }
