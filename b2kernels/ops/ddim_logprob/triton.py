@@ -372,25 +372,18 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (step_const, eta, w, pred)
 
 
+def _input_grads(d_model, d_uncond):
+    """Gradients for the op's 11 inputs: only the model output(s) (positions 5 and 6) receive one."""
+    return (None,) * 5 + (d_model, d_uncond) + (None,) * 4
+
+
 def _logprob_backward(ctx, grad_logp):
     a_t, a_p, step, x, model, uncond, x_prev = ctx.saved_tensors
     step_const, eta, w, pred = ctx.args
     d_model, d_uncond = ddim_step_bwd(
         a_t, a_p, step, step_const, x, model, uncond, x_prev, grad_logp.contiguous(), eta, w, pred, False
     )
-    return (
-        None,
-        None,
-        None,
-        None,
-        None,
-        d_model,
-        (d_uncond if uncond is not None else None),
-        None,
-        None,
-        None,
-        None,
-    )
+    return _input_grads(d_model, d_uncond if uncond is not None else None)
 
 
 def _sample_backward(ctx, grad_x_prev, grad_logp):
@@ -417,19 +410,7 @@ def _sample_backward(ctx, grad_x_prev, grad_logp):
             pred,
             True,
         )
-    return (
-        None,
-        None,
-        None,
-        None,
-        None,
-        d_model,
-        (d_uncond if uncond is not None else None),
-        None,
-        None,
-        None,
-        None,
-    )
+    return _input_grads(d_model, d_uncond if uncond is not None else None)
 
 
 ddim_logprob_fwd.register_autograd(_logprob_backward, setup_context=_setup_context)
