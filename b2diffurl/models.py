@@ -187,7 +187,11 @@ class Policy:
 
         self.text_encoder.requires_grad_(False)
         if lora is not None:  # add_lora freezes the UNet and keeps the adapter weights in float32
-            self.add_lora(lora.lora_rank, lora.lora_alpha, tuple(lora.lora_targets))
+            want = (int(lora.lora_rank), float(lora.lora_alpha), list(lora.lora_targets))
+            have = self.lora_config
+            # the same adapter already attached (a second run on one policy object, e.g. a bench's warm-up)
+            if have is None or (have["r"], have["lora_alpha"], have["target_modules"]) != want:
+                self.add_lora(*want[:2], tuple(want[2]))
         else:
             self.unet.requires_grad_(True)
         params = [q for q in self.unet.parameters() if q.requires_grad]

@@ -165,11 +165,17 @@ def matmul_tflops(device, n: int = 8192, dtype=torch.bfloat16) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def copy_bandwidth_gbs(nbytes: int, device) -> float:
-    """Measured device copy bandwidth (GB/s counting bytes read + written) for a buffer of ``nbytes``."""
+def copy_bandwidth_gbs(nbytes: int, device, *, graph: bool = False) -> float:
+    """Measured device copy bandwidth (GB/s counting bytes read + written) for a buffer of ``nbytes``.
+
+    ``graph``: device time from a CUDA graph of back-to-back copies (what a kernel timed the same way is
+    compared with; a single small copy timed with events mostly measures the launch)."""
     src = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src), device=device)
+    if graph:
+        ms = graph_time_us(lambda: dst.copy_(src), calls=20, iters=10) / 1e3
+    else:
+        ms = time_fn(lambda: dst.copy_(src), device=device)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
