@@ -30,6 +30,7 @@ SCHEMA_VERSION = 1
 SUITES = {
     "ddim_logprob": "bench.ddim_logprob",
     "kv_inject_attention": "bench.kv_inject_attention",
+    "kv_inject_matrix": "bench.kv_inject_matrix",
     "arena": "bench.arena",
     "stage": "bench.stage",
     "dfusion": "bench.dfusion",

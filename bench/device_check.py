@@ -50,6 +50,8 @@ DEVICE_PLAN = [
         ["--n", "16,1280", "--dtypes", "bf16", "--modes", "fwd,fwd+bwd", "--compile", "--launch-n", "16,64"],
         100,
     ),
+    # correctness first: every tile × mask kind × head-dim split against an fp32 oracle, faults pinned per case
+    Step("kv_inject_matrix", ["--workers", "12"], 90),
     Step(
         "kv_inject_attention",
         ["--shapes", "0,1,2", "--dtypes", "bfloat16", "--batch", "16", "--iters", "10"],
@@ -80,6 +82,7 @@ DRY_PLAN = [
         120,
     ),
     Step("arena", ["--prompts", "2", "--rows", "8", "--iters", "1"], 120),
+    Step("kv_inject_matrix", ["--workers", "2"], 120),  # CPU: the quick cases
 ]
 
 

@@ -66,7 +66,8 @@ if [ "$TESTS" = 1 ] && [ "$DRY" = 0 ]; then
   # the GPU tests get at most a quarter of what is left: the measurements are the point of the lease
   T=$(($(left) / 4)); [ "$T" -gt 90 ] && T=90
   say "pytest -m gpu (limit ${T}s)"
-  timeout -s TERM "$T" $PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -ra tests >>"$LOG" 2>&1
+  # shellcheck disable=SC2086  # B2K_PYTEST_ARGS: extra pytest words, e.g. -k "not kv_inject" after a fault
+  timeout -s TERM "$T" $PY -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -ra ${B2K_PYTEST_ARGS:-} tests >>"$LOG" 2>&1
   rc=$?
   TEST_RESULT=$(grep -E "^(=+ )?[0-9]+ (passed|failed)|no tests ran|(passed|failed|error).* in [0-9.]+s" "$LOG" | tail -1)
   [ $rc = 124 ] && TEST_RESULT="stopped at ${T}s: $TEST_RESULT"

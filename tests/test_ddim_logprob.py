@@ -344,7 +344,15 @@ def test_gpu_sd_shape_matches_reference(dtype):
     torch.testing.assert_close(lt, lr, rtol=1e-4, atol=1e-3)
     (gr,) = torch.autograd.grad(lr.sum(), mr)
     (gt,) = torch.autograd.grad(lt.sum(), mt)
-    torch.testing.assert_close(gt.float(), gr.float(), rtol=tol * 10, atol=tol * 1e-3)
+    # The gradient is ∝ (x_prev − μ), which cancels: both backends carry rounding noise there (on an H200 in fp32
+    # they differed by 3.9e-8 against a fixed 1e-8). So each is measured against a float64 evaluation of the same
+    # formula on the same inputs, and the kernel may be at most 2× as far from it as the torch reference.
+    m64 = m.double().requires_grad_(True)
+    kw64 = dict(model_output_uncond=u.double(), guidance_scale=5.0)
+    l64 = ddim_step_logprob(table, steps, x.double(), m64, xs_r.double(), backend="reference", **kw64)
+    (g64,) = torch.autograd.grad(l64.sum(), m64)
+    err_t, err_r = ((g.double() - g64).abs().max().item() for g in (gt, gr))
+    assert err_t <= 2 * err_r + 1e-6 * g64.abs().max().item(), (err_t, err_r)
 
 
 # ----------------------------------------------------------------------------------- torch.library / compile

@@ -273,6 +273,10 @@ def test_triton_backend_pipeline_matches_reference(device):
     pol.unet.to(device)
     pol.text_encoder.to(device)
     out = []
+    # exact fp32 on both sides: cuDNN's default TF32 convolutions round each UNet input to 10 mantissa bits, so a
+    # 1e-6 difference in an attention output can flip a rounding and grow over the steps under CFG
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     for backend in ("reference", "triton"):
         from b2kernels.buffer import TrajectoryArena
 
@@ -286,6 +290,7 @@ def test_triton_backend_pipeline_matches_reference(device):
             run_seed=1,
         )
         out.append(torch.stack([arena.latents(st.target_ids, i) for i in range(steps + 1)], 1))
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=1e-4)
 
 

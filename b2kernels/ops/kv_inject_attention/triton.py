@@ -272,8 +272,14 @@ def kv_inject_attention_triton(
     ref_index: torch.Tensor | None,
     scale: float,
     binary: bool = False,
+    *,
+    config: tuple | None = None,
+    split: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Launch the kernel. Inputs are already validated by the public function.
+
+    ``config`` = (BLOCK_M, BLOCK_N, warps, stages) launches that one tile without autotuning, and ``split``
+    overrides the head-dim chunks (D0, D1): for bench/kv_inject_matrix.py, which checks every tile on a GPU.
 
     q [B,H,Nq,D], k/v [B,H,Nk,D], k_ref/v_ref [Br,H,Nk,D], q_ref [Br,H,Nq,D] or None, mask float32
     [Bm, Nk] with B % Bm == 0 (``binary``: its values are exactly 0 or 1, e.g. it came from a bool mask), ref_index int32 [B] or None. Any strides with a unit last-dim stride.
@@ -292,10 +298,14 @@ def kv_inject_attention_triton(
     out = _empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     qr = q_ref if q_ref is not None else q
     ridx = ref_index if ref_index is not None else mask  # dummy pointer when unused
-    d0, d1 = split_head_dim(D)
+    d0, d1 = split or split_head_dim(D)
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
+    kernel, meta = _kv_inject_fwd_kernel, {}
+    if config is not None:
+        bm, bn, warps, stages = config
+        kernel, meta = _kv_inject_fwd_kernel.fn, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     # fmt: off
-    _kv_inject_fwd_kernel[grid](
+    kernel[grid](
         q, k, v, qr, k_ref, v_ref, mask, ridx, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -318,6 +328,7 @@ def kv_inject_attention_triton(
         # fp32 inputs: exact fp32 dots (no TF32), like torch's default. The interpreter's bf16 dot is broken
         # (numpy has no bf16), so interpreted bf16 runs its dots in fp32 on bf16-rounded operands.
         IEEE=q.dtype == torch.float32 or (triton_interpret() and q.dtype == torch.bfloat16),
+        **meta,
     )
     # fmt: on
     return out
