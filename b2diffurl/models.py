@@ -192,6 +192,9 @@ class Policy:
             # the same adapter already attached (a second run on one policy object, e.g. a bench's warm-up)
             if have is None or (have["r"], have["lora_alpha"], have["target_modules"]) != want:
                 self.add_lora(*want[:2], tuple(want[2]))
+            else:  # train only the adapter again, whatever was unfrozen since
+                for name, q in self.unet.named_parameters():
+                    q.requires_grad_("lora_" in name)
         else:
             self.unet.requires_grad_(True)
         params = [q for q in self.unet.parameters() if q.requires_grad]

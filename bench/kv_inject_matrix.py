@@ -48,15 +48,15 @@ def argparse_hidden():
 
 def cases(quick: bool, batch: int, heads: int) -> list[dict]:
     from b2kernels._dispatch import triton_interpret
-    from b2kernels.ops.kv_inject_attention.triton import _tiles_for, split_head_dim
+    from b2kernels.ops.kv_inject_attention.triton import _tiles_for, head_dim_chunks, split_head_dim
 
     out = []
     interp = triton_interpret()
     for d, n in QUICK_SHAPES if quick else SHAPES:
         tiles = [(32, 32, 4, 1)] if interp else list(_tiles_for(d))
-        splits = [list(split_head_dim(d))]
-        if splits[0][1]:
-            splits.append([1 << (d - 1).bit_length(), 0])  # one padded chunk
+        splits = [list(head_dim_chunks(d))]  # the launcher's one padded chunk
+        if split_head_dim(d)[1]:
+            splits.append(list(split_head_dim(d)))  # the two-chunk split, off until it passes here
         dtypes = ["float16"] + (["float32"] if d <= 40 and not quick else [])
         base = dict(D=d, N=n, B=batch, H=heads)
         for dtype in dtypes:

@@ -60,7 +60,10 @@ def ddim_step_with_logprob_unfused(scheduler, eps, t, x, eta: float, prev_sample
 
 
 def _unet_cfg(policy, x, t, emb2, guidance):
-    out = policy.unet(torch.cat([x, x]), t, encoder_hidden_states=emb2).sample
+    # half-precision weights: the UNet runs in its dtype and the scheduler step in the latents' (fp32), as the
+    # official scripts do under autocast
+    dt = policy.unet.dtype
+    out = policy.unet(torch.cat([x, x]).to(dt), t, encoder_hidden_states=emb2.to(dt)).sample.to(x.dtype)
     u, c = out.chunk(2)
     return u + guidance * (c - u)
 

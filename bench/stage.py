@@ -210,8 +210,10 @@ def _ours(policy, reward_fn, prompts, P, B, T, k, mb, device, lora=False):
 
 
 def _official(policy, reward_fn, prompts, P, B, T, k, device):
-    params = [p for p in policy.unet.parameters() if p.requires_grad] or list(policy.unet.parameters())
-    policy.unet.requires_grad_(True)
+    params = [p for p in policy.unet.parameters() if p.requires_grad]  # the LoRA adapter when one is attached
+    if not params:
+        policy.unet.requires_grad_(True)
+        params = list(policy.unet.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
     sync(device)

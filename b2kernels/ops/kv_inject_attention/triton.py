@@ -14,8 +14,11 @@ Neither an N×N score matrix nor a blended K/V copy ever touches memory.
 
 The mask is read per (batch row, token) with no head dimension (broadcast over heads by construction);
 reference rows come from ``ref_index[b]`` or ``b % Br`` (stride-0 broadcast of a batch-1 reference).
-Head dims are split into at most two power-of-two chunks (≥ 16) read with masked loads: 40 → 32+16,
-80 → 64+16, 160 → 128+32 (padding to one power of two would waste 60% of the FLOPs at SD's 40/80/160).
+The head dim is read as one power-of-two chunk (≥ 16) with masked loads: 40 → 64, 80 → 128, 160 → 256. The kernel
+can also split it into two chunks (40 → 32+16, 80 → 64+16, 160 → 128+32: 60% fewer padded FLOPs), but on an
+H200 (Triton 3.6) some split tiles gave wrong outputs and one faulted (128×64×8 at D=40, 64×32×8 at D=160;
+bench/kv_inject_matrix.py checks every tile), while every one-chunk case matched the oracle. So the split is
+only reachable through ``split=`` for that check, until it passes there.
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ from b2kernels._dispatch import triton_interpret
 _empty = torch.empty  # tests swap in a NaN-filled allocator to catch unwritten output
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) per head-dim range. Every config below compiles for sm_90 without register
-# spills for both mask kinds (tests/test_triton_compile_report.py runs ptxas -v on each); the tiles left out
-# spill there: D ≤ 64: 128×128; D ≤ 128: 64×64, 128×128 and (soft mask) 128×64; D > 128: every 128-row tile
-# and the 4-warp 64-row tiles. Short lists also keep autotuning on a fresh machine to a few compiles per shape.
+# (BLOCK_M, BLOCK_N, warps, stages) per head-dim range, for the one padded head-dim chunk (64/128/256 lanes).
+# tests/test_triton_compile_report.py runs ptxas -v on each for sm_90: none spills with the bool mask (the path the
+# diffusers processors launch); with a soft mask and injected queries the 256-lane tile spills ~120 bytes (no
+# 256-lane tile was spill-free there). Left out because they spill: D ≤ 64: 128×128; D ≤ 128: 64×64, 128×32,
+# 128×64, 32×32; D > 128: every 128-row and 32-row tile, 64×32. Correct on an H200 (bench/kv_inject_matrix.py):
+# every D ≤ 64 tile and 64×32×8 at D ≤ 128; 64×16 at D ≤ 128 and D > 128 has not met a GPU yet. Short lists
+# also keep autotuning on a fresh machine to a few compiles per shape.
 _CONFIGS_BY_HEAD_DIM = (
     (64, ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3))),
-    (128, ((128, 32, 8, 3), (64, 32, 8, 3), (64, 32, 4, 3))),
-    (256, ((64, 32, 8, 3),)),
+    (128, ((64, 32, 8, 3), (64, 16, 4, 3))),
+    (256, ((64, 16, 8, 3),)),
 )
 
 
@@ -130,9 +136,8 @@ def _kv_inject_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # fmt: on
-    # Head dim split into two power-of-two chunks [0, D0) + [D0, D0+D1) (HAS_D1 = False: one chunk), so 40/80/160
-    # cost 48/80/160 lanes instead of 64/128/256. HEAD_DIM is constexpr: the d-masks fold to constants and
-    # the loads stay vectorised.
+    # Head dim as [0, D0) + optionally [D0, D0+D1) (HAS_D1; the module docstring says why it is off).
+    # HEAD_DIM is constexpr: the d-masks fold to constants and the loads stay vectorised.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -256,6 +261,11 @@ def split_head_dim(d: int) -> tuple[int, int]:
     return d0, d1
 
 
+def head_dim_chunks(d: int) -> tuple[int, int]:
+    """(D0, D1) the launcher uses: one power-of-two chunk ≥ 16 covering ``d`` (see the module docstring)."""
+    return max(16, triton.next_power_of_2(d)), 0
+
+
 def _bucket(n: int) -> int:
     # Autotune key: powers of two, so N=4095 and N=4096 share a tuned config.
     return 1 << max(n - 1, 1).bit_length()
@@ -298,7 +308,7 @@ def kv_inject_attention_triton(
     out = _empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     qr = q_ref if q_ref is not None else q
     ridx = ref_index if ref_index is not None else mask  # dummy pointer when unused
-    d0, d1 = split or split_head_dim(D)
+    d0, d1 = split or head_dim_chunks(D)
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
     kernel, meta = _kv_inject_fwd_kernel, {}
     if config is not None:
