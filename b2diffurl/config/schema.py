@@ -42,10 +42,10 @@ class SampleConfig:
         5, "B: branches per prefix for B² (DDPO draws B independent images per prompt instead)"
     )
     batch_size: int = _f(8, "prompts per batched UNet call while sampling (rows = batch_size·B, ×2 for CFG)")
-    cuda_graphs: bool = _f(
-        False,
-        "capture the sampling step (UNet + DDIM) in CUDA graphs (CUDA only; falls back "
-        "with a logged reason elsewhere)",
+    cuda_graphs: str = _f(
+        "auto",
+        "capture the sampling step (UNet + CFG + DDIM) in CUDA graphs: auto (on when the model is on CUDA) | on "
+        "(elsewhere it runs eagerly, with the reason logged) | off",
     )
     backend: str = _f("auto", "b2kernels backend for the DDIM step: auto | triton | reference")
     overlap_reward: str = _f(

@@ -65,6 +65,7 @@ CHOICES = {
     "sample.backend": ("auto", "triton", "reference"),
     "log_with": ("none", "tensorboard"),
     "sample.overlap_reward": ("auto", "on", "off"),
+    "sample.cuda_graphs": ("auto", "on", "off"),
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
