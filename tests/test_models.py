@@ -227,3 +227,19 @@ def test_from_components_equals_the_loaded_policy(toy):
     flow = EulerDiscreteScheduler.from_config({**toy.scheduler.config, "prediction_type": "flow"})
     with pytest.raises(ValueError, match="prediction_type"):
         Policy.from_components(toy.unet, toy.text_encoder, toy.tokenizer, flow, PixelShuffleCodec(2))
+
+
+def test_make_trainable_reuses_the_same_adapter_and_refreezes_the_base():
+    """A second run on one policy object (e.g. a bench's warm-up stage) keeps the attached adapter instead of
+    failing, trains only it again, and a different adapter request is still refused."""
+    from types import SimpleNamespace
+
+    pol = load_policy("toy")
+    lora = SimpleNamespace(lora_rank=2, lora_alpha=4.0, lora_targets=["to_q", "to_v"])
+    first = pol.make_trainable(lora)
+    pol.unet.requires_grad_(True)  # something unfroze the base since (the official-style bench loop did)
+    second = pol.make_trainable(lora)
+    assert [id(p) for p in second] == [id(p) for p in first]
+    assert all("lora_" in n for n, p in pol.unet.named_parameters() if p.requires_grad)
+    with pytest.raises(RuntimeError, match="already attached"):
+        pol.make_trainable(SimpleNamespace(lora_rank=8, lora_alpha=4.0, lora_targets=["to_q", "to_v"]))

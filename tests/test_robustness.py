@@ -70,6 +70,14 @@ def test_other_bad_values(over, msg):
         C.load_config(overrides=over)
 
 
+def test_on_off_options_read_booleans_and_refuse_other_words():
+    # YAML reads on/off as booleans, and run configs written before sample.cuda_graphs took auto|on|off hold one
+    for given, want in ((True, "on"), (False, "off"), ("auto", "auto"), ("off", "off")):
+        assert C.load_config(overrides={"sample.cuda_graphs": given}).sample.cuda_graphs == want
+    with pytest.raises(C.ConfigError, match="cuda_graphs"):
+        C.load_config(overrides={"sample.cuda_graphs": "sometimes"})
+
+
 def test_official_and_toy_presets_are_valid():
     for preset in C.PRESETS:
         C.validate(C.load_config(overrides={"preset": preset}))
