@@ -204,6 +204,14 @@ def test_readme_measured_table_is_up_to_date():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_readme_learning_table_is_up_to_date():
+    from bench.learning import BEGIN, END, table
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert block == table().strip(), "run: python -m bench.learning table --write"
+
+
 def test_every_planned_suite_accepts_its_device_arguments():
     """The device plan names options of suites that others may change: parse them here, not first on a GPU."""
     import argparse
