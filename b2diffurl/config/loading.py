@@ -85,7 +85,8 @@ def _coerce(key: str, value: Any, typ) -> Any:
         if origin is float:
             return float(value)
         if origin is str:
-            if isinstance(value, bool):  # YAML 1.1 reads on/off as booleans (and older configs stored true/false)
+            # YAML 1.1 reads on/off as booleans (and older run configs stored true/false)
+            if isinstance(value, bool):
                 return "on" if value else "off"
             return str(value)
         if origin is list:
