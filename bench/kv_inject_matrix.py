@@ -15,6 +15,7 @@ worker takes the rest of the shard. A case whose output differs from the oracle 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -37,13 +38,7 @@ def add_args(p):
     )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--worker", nargs=2, metavar=("CASES", "RESULTS"), help=argparse_hidden())
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
+    p.add_argument("--worker", nargs=2, metavar=("CASES", "RESULTS"), help=argparse.SUPPRESS)  # internal
 
 
 def cases(quick: bool, batch: int, heads: int) -> list[dict]:
