@@ -91,16 +91,15 @@ def test_export_without_lora_is_refused(tmp_path):
         export_lora_folder(tmp_path / "half", tmp_path / "out")
 
 
-def test_lora_trained_by_the_trainer_loads_in_diffusers(tmp_path):
-    """`b2diffurl train` on an SD-layout folder with LoRA: the adapter of its final checkpoint, exported, gives a
-    plain diffusers pipeline the trained UNet."""
+def train_tiny_sd_lora(tmp, prompts, **over):
+    """`b2diffurl train` with LoRA (rank 2) on a tiny SD-layout folder under ``tmp``, mean-brightness reward.
+    Returns (model folder, run directory, the finished Trainer)."""
     import json
 
-    from b2diffurl import checkpoint
     from b2diffurl import config as C
     from b2diffurl.trainer import Trainer
 
-    root = _tiny_sd_folder(tmp_path / "sd")
+    root = _tiny_sd_folder(tmp / "sd")
     sched = root / "scheduler" / "scheduler_config.json"
     sched.write_text(
         json.dumps({**json.loads(sched.read_text()), "clip_sample": False})
@@ -122,18 +121,24 @@ def test_lora_trained_by_the_trainer_loads_in_diffusers(tmp_path):
             "train.micro_batch_size": 2,
             "train.grad_accum_steps": 1,
             "train.lr": 0.05,
-            "out": str(tmp_path / "run"),
+            "out": str(tmp / "run"),
             "progress": False,
             "grid_every": 0,
             "preset": "toy",
+            **over,
         }
     )
-    trainer = Trainer(
-        cfg,
-        reward_fn=lambda images, prompts: images.mean((1, 2, 3)),
-        train_prompts=["a cat", "two dogs", "a fox"],
-    )
+    trainer = Trainer(cfg, reward_fn=lambda images, prompts: images.mean((1, 2, 3)), train_prompts=prompts)
     assert trainer.run()["status"] == "finished"
+    return root, tmp / "run", trainer
+
+
+def test_lora_trained_by_the_trainer_loads_in_diffusers(tmp_path):
+    """`b2diffurl train` on an SD-layout folder with LoRA: the adapter of its final checkpoint, exported, gives a
+    plain diffusers pipeline the trained UNet."""
+    from b2diffurl import checkpoint
+
+    root, _, trainer = train_tiny_sd_lora(tmp_path, ["a cat", "two dogs", "a fox"])
     emb = trainer.policy.encode_prompts(["a cat", "two dogs"])
     trained = unet_out(trainer.policy.unet, emb)
     pipe = fresh_pipeline(root)

@@ -3,53 +3,17 @@ adapter (the same images as the trained policy), and the run's lora_diffusers/ l
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from test_export import fresh_pipeline, unet_out
-from test_models import _tiny_sd_folder
+from test_export import fresh_pipeline, train_tiny_sd_lora, unet_out
 
-from b2diffurl import config as C
 from b2diffurl.cli import main
-from b2diffurl.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora_run")
-    root = _tiny_sd_folder(tmp / "sd")
-    sched = root / "scheduler" / "scheduler_config.json"
-    sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": False}))
-    cfg = C.load_config(
-        overrides={
-            "model.path": str(root),
-            "model.lora": "on",
-            "model.lora_rank": 2,
-            "model.lora_alpha": 8.0,
-            "stages": 2,
-            "checkpoint_every": 1,
-            "sample.num_steps": 4,
-            "sample.prompts_per_stage": 2,
-            "sample.branches": 2,
-            "sample.batch_size": 2,
-            "b2.k_left": 2,
-            "b2.k_right": 2,
-            "eval.prompts": "none",
-            "train.micro_batch_size": 2,
-            "train.grad_accum_steps": 1,
-            "train.lr": 0.05,
-            "out": str(tmp / "run"),
-            "progress": False,
-            "grid_every": 0,
-            "preset": "toy",
-        }
-    )
-    trainer = Trainer(
-        cfg, reward_fn=lambda images, prompts: images.mean((1, 2, 3)), train_prompts=["a cat", "two dogs"]
-    )
-    assert trainer.run()["status"] == "finished"
-    return root, tmp / "run", trainer
+    return train_tiny_sd_lora(tmp, ["a cat", "two dogs"], stages=2, checkpoint_every=1)
 
 
 def _sampled(monkeypatch, argv) -> torch.Tensor:
