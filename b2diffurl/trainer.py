@@ -111,7 +111,7 @@ class Trainer:
             guidance_scale=sample_config.guidance_scale,
             eta=sample_config.eta,
             backend=sample_config.backend,
-            cuda_graphs={"on": True, "off": False}.get(sample_config.cuda_graphs, self.device.type == "cuda"),
+            cuda_graphs=C.switch(sample_config.cuda_graphs, auto=self.device.type == "cuda"),
             train_cfg=run_config.train.use_guidance,
         )
         self.noise_gen = torch.Generator(device=self.device).manual_seed(run_config.seed)

@@ -309,15 +309,4 @@ def summary(rows):
         out["speedup_incl_capture"] = eng[0]["speedup_incl_capture"]
     if toy:
         out["toy_target_minus_base"] = {r["mask_rule"]: r["target_minus_base"] for r in toy}
-    if eng:
-        from bench.common import target
-
-        out["targets"] = [
-            target(
-                f"dfusion {eng[0].get('unet', '')}: engine vs official 3-call",
-                eng[0]["speedup"],
-                2.0,
-                unit="x",
-            )
-        ]
     return out

@@ -15,6 +15,7 @@ from b2diffurl import distributed
 from b2diffurl.algos.api import RunContext, StageData
 from b2diffurl.algos.kl import batch_kl, kl_to_start
 from b2diffurl.algos.terms import RewardNormaliser
+from b2diffurl.config import switch
 from b2diffurl.rewards import as_reward
 from b2diffurl.rewards.background import StageScorer
 
@@ -275,9 +276,8 @@ class TreePPOAlgorithm:
         self.tracker = tracker  # PromptStatTracker (B²) or BufferStatTracker (DDPO)
         # z-scores of the total, or per term under reward_aggregate=advantage
         self.normaliser = RewardNormaliser(tracker, as_reward(ctx.reward_fn))
-        overlap = ctx.cfg.sample.overlap_reward
-        self.overlap_reward = overlap == "on" or (
-            overlap == "auto" and torch.device(ctx.device).type == "cuda"
+        self.overlap_reward = switch(
+            ctx.cfg.sample.overlap_reward, auto=torch.device(ctx.device).type == "cuda"
         )
         self.arena = TrajectoryArena(
             tuple(ctx.policy.latent_shape),

@@ -45,6 +45,7 @@ from b2diffurl.config.schema import (
     SampleConfig,
     TrainConfig,
     dfusion_pairing_sizes,
+    switch,
 )
 from b2diffurl.config.validation import check_device, check_range, resume_differences, validate
 
@@ -76,6 +77,7 @@ __all__ = [
     "resolve_preset",
     "resume_differences",
     "set_value",
+    "switch",
     "to_dict",
     "validate",
 ]

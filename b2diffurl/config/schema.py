@@ -11,6 +11,11 @@ class ConfigError(ValueError):
     """A bad configuration, reported before anything is loaded or sampled."""
 
 
+def switch(value: str, auto: bool) -> bool:
+    """An ``auto | on | off`` option as a bool: ``auto`` takes the caller's default (e.g. "the model is on CUDA")."""
+    return {"on": True, "off": False}.get(value, auto)
+
+
 def _f(default, help: str, **kw):  # noqa: A002 - "help" reads best at the call sites
     if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
