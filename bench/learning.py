@@ -228,12 +228,9 @@ def table(results_dir: Path = RESULTS) -> str:
 
 def write_readme_table(readme: Path = RESULTS.parents[1] / "README.md") -> None:
     """Replace the block between the learning-table markers in README.md with :func:`table`."""
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: the learning-table markers are missing")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{table()}\n{END}{tail}")
+    from bench.results_table import render_readme
+
+    readme.write_text(render_readme(readme.read_text(), table(), BEGIN, END))
 
 
 def main(argv=None) -> int:

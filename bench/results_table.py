@@ -148,14 +148,15 @@ def table(results: Path = RESULTS) -> str:
     return "\n".join(head + lines)
 
 
-def render_readme(text: str, body: str) -> str:
-    if BEGIN not in text or END not in text:
+def render_readme(text: str, body: str, begin: str = BEGIN, end: str = END) -> str:
+    """``text`` with the block between the marker lines ``begin`` and ``end`` replaced by ``body``."""
+    if begin not in text or end not in text:
         raise SystemExit(
-            f"README.md has no generated block: add the two lines\n{BEGIN}\n{END}\nwhere the table goes"
+            f"README.md has no generated block: add the two lines\n{begin}\n{end}\nwhere the table goes"
         )
-    pre, rest = text.split(BEGIN, 1)
-    _, post = rest.split(END, 1)
-    return f"{pre}{BEGIN}\n{body}\n{END}{post}"
+    pre, rest = text.split(begin, 1)
+    _, post = rest.split(end, 1)
+    return f"{pre}{begin}\n{body}\n{end}{post}"
 
 
 def main(argv=None) -> int:

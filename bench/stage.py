@@ -145,9 +145,8 @@ def _policy(name, device):
         from b2diffurl.models import load_policy
 
         return load_policy("toy", device=device), "toy"
-    if (
-        name == "sd15"
-    ):  # the official recipe: half-precision weights, a LoRA adapter on the attention projections
+    # sd15 as the official recipe runs it: half-precision weights, a LoRA adapter on the attention projections
+    if name == "sd15":
         return random_policy(UNETS[name], device, torch.bfloat16, seq=77), "dense"
     return random_policy(UNETS[name], device, seq=8), "dense"
 
