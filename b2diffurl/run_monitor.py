@@ -77,7 +77,13 @@ def gold_reward(run_config, reward: Reward, train_prompts: list[str]) -> Reward 
     mon = run_config.monitor
     spec = mon.gold_reward
     if spec == "auto":
-        toy = run_config.model.path == "toy" and "toy" not in reward.weights and _toy_world(train_prompts)
+        from b2diffurl.toy import is_toy_checkpoint
+
+        toy = (
+            is_toy_checkpoint(run_config.model.path)
+            and "toy" not in reward.weights
+            and _toy_world(train_prompts)
+        )
         spec = "toy" if toy else "none"
     if spec == "none":
         return None

@@ -19,6 +19,7 @@ import torch
 from b2diffurl import checkpoint, distributed, prompts, report, run_monitor
 from b2diffurl import config as C
 from b2diffurl.preemption import StopSignal
+from b2diffurl.toy import is_toy_checkpoint
 
 log = logging.getLogger("b2diffurl.trainer")
 
@@ -76,10 +77,11 @@ class Trainer:
 
         algo_cls = algorithm_class(run_config.algo, distributed=self.world.distributed)
         model_config = run_config.model
-        # 'auto': LoRA for real models, and on the toy for an algorithm whose reference policy is the same UNet
-        # with the adapters disabled (Algorithm.needs_reference_policy, see algos/api.py)
+        # 'auto': LoRA for real models, and on a toy checkpoint for an algorithm whose reference policy is the
+        # same UNet with the adapters disabled (Algorithm.needs_reference_policy, see algos/api.py)
         self.lora = model_config.lora == "on" or (
-            model_config.lora == "auto" and (model_config.path != "toy" or algo_cls.needs_reference_policy)
+            model_config.lora == "auto"
+            and (not is_toy_checkpoint(model_config.path) or algo_cls.needs_reference_policy)
         )
         dtype = policy.dtype if policy is not None else self.dtype
         if not self.lora and dtype != torch.float32:  # LoRA adapters train in fp32 (Policy.add_lora)

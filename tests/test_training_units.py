@@ -225,3 +225,27 @@ def test_min_step_sigma_matches_the_ddim_formula():
     want = torch.tensor([s._get_variance(int(t), int(t) - 1000 // 20) ** 0.5 for t in s.timesteps])
     torch.testing.assert_close(table.sigmas(1.0), want.float(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(table.sigmas(0.5), 0.5 * want.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_toy_checkpoint_folder_gets_the_toy_preset_and_a_full_fine_tune(tmp_path):
+    """A retrained toy (``b2diffurl.toy.pretrain --out DIR``) is the toy world: preset 'auto' picks 'toy' and
+    lora 'auto' a full fine-tune, as for the embedded checkpoint. A folder without the toy entry stays a real
+    model (preset 'official', LoRA)."""
+    import json
+    import shutil
+
+    from b2diffurl.config.loading import resolve_preset
+    from b2diffurl.toy import CHECKPOINT_DIR, is_toy_checkpoint
+    from b2diffurl.trainer import Trainer
+
+    toy = tmp_path / "toy"
+    shutil.copytree(CHECKPOINT_DIR, toy)
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert is_toy_checkpoint("toy") and is_toy_checkpoint(toy)
+    assert not is_toy_checkpoint(real) and not is_toy_checkpoint(tmp_path / "missing")
+    assert resolve_preset(C.load_config(overrides={"model.path": str(toy)})) == "toy"
+    assert resolve_preset(C.load_config(overrides={"model.path": str(real)})) == "official"
+    cfg = C.load_config(overrides={"model.path": str(toy), "out": str(tmp_path / "run"), "stages": 1})
+    assert Trainer(cfg).lora is False

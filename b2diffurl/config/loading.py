@@ -152,7 +152,9 @@ def parse_set(items: list[str]) -> dict[str, str]:
 
 def resolve_preset(run_config: RunConfig) -> str:
     if run_config.preset == "auto":
-        return "toy" if run_config.model.path == "toy" else "official"
+        from b2diffurl.toy import is_toy_checkpoint
+
+        return "toy" if is_toy_checkpoint(run_config.model.path) else "official"
     if run_config.preset not in PRESETS:
         raise ConfigError(f"preset must be one of auto, {', '.join(PRESETS)}; got {run_config.preset!r}")
     return run_config.preset
