@@ -62,6 +62,18 @@ class PixelShuffleCodec:
         return F.pixel_unshuffle(images * 2 - 1, self.patch)
 
 
+class FirstChannelsCodec:
+    """Latents [N, 4, h, w] <-> "images" [N, 3, h, w]: the first 3 channels mapped from [-1, 1] to [0, 1]. A stand-in
+    for the VAE of a random-init model (:func:`random_policy`: throughput does not depend on what the pixels show)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents[:, :3].float() * 0.5 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = images * 2 - 1
+        return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+
+
 class Codec(Protocol):
     """Images [N, 3, H, W] float in [0, 1] <-> latents [N, *latent_shape] (the UNet's space)."""
 
@@ -367,6 +379,59 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype | str = torch.float32
             codec, object_words = VAECodec(AutoencoderKL.from_pretrained(path / "vae", **kw).to(device)), ()
     return Policy.from_components(
         unet, text_encoder, tokenizer, scheduler, codec, object_words=object_words, source=str(source)
+    )
+
+
+def random_policy(
+    unet_config: dict,
+    device="cpu",
+    dtype=torch.float32,
+    *,
+    seq: int | None = None,
+    text_heads: int = 4,
+    seed: int = 0,
+    source: str = "random",
+) -> Policy:
+    """A :class:`Policy` from random-init modules (benchmarks and CPU tests; nothing is loaded):
+    ``UNet2DConditionModel(**unet_config)``, a 1-layer CLIP text encoder (hidden = cross_attention_dim,
+    ``text_heads`` heads) over the toy world's word tokenizer padded to ``seq`` tokens (default: its own
+    length), Stable Diffusion's DDIM scheduler settings and :class:`FirstChannelsCodec`. ``seed`` seeds torch's
+    global generator before the UNet and text encoder are initialised."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from b2diffurl.toy.model import build_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config).to(device, dtype)
+    tokenizer = build_tokenizer()
+    if seq is not None:
+        tokenizer.model_max_length = seq
+    d = unet_config["cross_attention_dim"]
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=1,
+            num_attention_heads=text_heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=d,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).to(device, dtype)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return Policy.from_components(
+        unet, text_encoder, tokenizer, scheduler, FirstChannelsCodec(), source=source
     )
 
 

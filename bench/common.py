@@ -42,6 +42,32 @@ SUITES = {
 # rate measured in the same run only.
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
+# UNet2DConditionModel configs of the random-init models the suites build (weights don't change FLOPs):
+# Stable Diffusion 1.5's UNet (860 M parameters, 4×64×64 latents) and a CPU-sized one with the same block layout.
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
 
 def target(name: str, measured, goal: float, op: str = ">=", unit: str = "", note: str = "") -> dict:
     """One goal of the issue as measured vs goal: ``met`` is None when it was not measured."""

@@ -90,7 +90,7 @@ def add_args(p):
 
 def _bench_policy(kind: str, device, dtype):
     """Random-init SD-layout UNet of size ``kind`` (77-token text, SD's DDIM scheduler settings), frozen."""
-    from bench.stage import random_policy
+    from b2diffurl.models import random_policy
 
     spec = dict(
         in_channels=4,

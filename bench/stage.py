@@ -25,22 +25,11 @@ import time
 
 import torch
 
-from bench.common import sync
+from bench.common import SD15_UNET, TINY_UNET, sync
 from bench.official_b2 import official_stage
 
 UNETS = {
-    "tiny": dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ),
+    "tiny": TINY_UNET,
     "small": dict(
         sample_size=32,
         in_channels=4,
@@ -53,70 +42,8 @@ UNETS = {
         attention_head_dim=8,
         norm_num_groups=16,
     ),
-    # Stable Diffusion 1.5's UNet config (860 M parameters), random init
-    "sd15": dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ),
+    "sd15": SD15_UNET,
 }
-
-
-class PreviewCodec:
-    """Latents [N, 4, h, w] <-> "images" [N, 3, h, w]: the first 3 channels mapped from [-1, 1] to [0, 1]. A stand-in
-    for the VAE of a random-init model (throughput does not depend on what the pixels show)."""
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return (latents[:, :3].float() * 0.5 + 0.5).clamp(0, 1)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = images * 2 - 1
-        return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
-
-
-def random_policy(unet_config: dict, device, dtype=torch.float32, *, seq: int = 77):
-    """A :class:`b2diffurl.models.Policy` from random-init modules: ``UNet2DConditionModel(**unet_config)``, a
-    1-layer CLIP text encoder (hidden = cross_attention_dim, ``seq`` positions) over a word tokenizer padded to
-    ``seq`` tokens, SD's DDIM scheduler settings and :class:`PreviewCodec`."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from b2diffurl.models import Policy
-    from b2diffurl.toy.model import build_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_config).to(device, dtype)
-    tokenizer = build_tokenizer()
-    tokenizer.model_max_length = seq
-    d = unet_config["cross_attention_dim"]
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=seq,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).to(device, dtype)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return Policy.from_components(unet, text_encoder, tokenizer, scheduler, PreviewCodec(), source="random")
 
 
 def _dense_reward(images, prompts):
@@ -141,9 +68,9 @@ def add_args(p):
 
 
 def _policy(name, device):
-    if name == "toy":
-        from b2diffurl.models import load_policy
+    from b2diffurl.models import load_policy, random_policy
 
+    if name == "toy":
         return load_policy("toy", device=device), "toy"
     # sd15 as the official recipe runs it: half-precision weights, a LoRA adapter on the attention projections
     if name == "sd15":

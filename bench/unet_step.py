@@ -22,32 +22,10 @@ import time
 
 import torch
 
-from bench.common import datasheet_peak_tflops, matmul_tflops, target, time_fn
+from bench.common import SD15_UNET, TINY_UNET, datasheet_peak_tflops, matmul_tflops, target, time_fn
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-)
-MODELS = {"sd15": SD15_UNET, "tiny": TINY_UNET}
+# tiny: the CPU smoke size (bench.common.TINY_UNET on 4×8×8 latents)
+MODELS = {"sd15": SD15_UNET, "tiny": {**TINY_UNET, "sample_size": 8}}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GUIDANCE, STEP = 5.0, 10  # a mid-trajectory step of T = 20
 
