@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_policy import brightness_reward, tiny_policy
+from tiny_policy import brightness_reward, three_stage_overrides, tiny_policy
 
 from b2diffurl import config as C
 from b2diffurl.algos.b2 import select_branches, split_k
@@ -18,26 +18,7 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 
 
 def tiny_cfg(tmp_path, **over):
-    base = {
-        "stages": 3,
-        "sample.num_steps": T,
-        "sample.prompts_per_stage": 3,
-        "sample.branches": 3,
-        "sample.batch_size": 2,
-        "b2.k_left": 2,
-        "b2.k_right": 4,
-        "eval.prompts": "none",
-        "train.micro_batch_size": 2,
-        "train.grad_accum_steps": 3,
-        "train.lr": 1e-3,
-        "out": str(tmp_path),
-        "progress": False,
-        "grid_every": 0,
-        "checkpoint_every": 0,
-        "preset": "toy",
-    }
-    base.update(over)
-    return C.load_config(overrides=base)
+    return C.load_config(overrides=three_stage_overrides(tmp_path, T, **over))
 
 
 def make_trainer(tmp_path, lora=False, **over):

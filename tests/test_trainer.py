@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from tiny_policy import brightness_reward, tiny_policy
+from tiny_policy import brightness_reward, three_stage_overrides, tiny_policy
 
 from b2diffurl import config as C
 from b2diffurl.report import is_timing_key
@@ -19,27 +19,9 @@ PROMPTS = ["a red circle", "two blue squares", "a green triangle", "three yellow
 
 
 def cfg_for(out, **over):
-    base = {
-        "stages": 3,
-        "sample.num_steps": T,
-        "sample.prompts_per_stage": 3,
-        "sample.branches": 3,
-        "sample.batch_size": 2,
-        "b2.k_left": 2,
-        "b2.k_right": 4,
-        "eval.prompts": "none",
-        "model.lora": "off",
-        "train.micro_batch_size": 2,
-        "train.grad_accum_steps": 3,
-        "train.lr": 1e-3,
-        "out": str(out),
-        "progress": False,
-        "grid_every": 1,
-        "checkpoint_every": 1,
-        "preset": "toy",
-    }
-    base.update(over)
-    return C.load_config(overrides=base)
+    """The tiny 3-stage run with a grid and a checkpoint after every stage."""
+    over = {"model.lora": "off", "grid_every": 1, "checkpoint_every": 1, **over}
+    return C.load_config(overrides=three_stage_overrides(out, T, **over))
 
 
 def trainer(cfg, resume=None, reward=brightness_reward):

@@ -57,3 +57,28 @@ def one_stage_overrides(out, algo: str = "b2", **over) -> dict:
         "preset": "toy",
         **over,
     }
+
+
+def three_stage_overrides(out, num_steps: int, **over) -> dict:
+    """Config overrides for a 3-stage B² run on a tiny policy: ``num_steps`` DDIM steps, 3 prompts × 3 branches
+    (sampled 2 at a time), k from 2 to 4, 3 accumulated micro-batches of 2 at lr 1e-3, no evaluation, no grids
+    or checkpoints; the run directory is ``out``."""
+    return {
+        "stages": 3,
+        "sample.num_steps": num_steps,
+        "sample.prompts_per_stage": 3,
+        "sample.branches": 3,
+        "sample.batch_size": 2,
+        "b2.k_left": 2,
+        "b2.k_right": 4,
+        "eval.prompts": "none",
+        "train.micro_batch_size": 2,
+        "train.grad_accum_steps": 3,
+        "train.lr": 1e-3,
+        "out": str(out),
+        "progress": False,
+        "grid_every": 0,
+        "checkpoint_every": 0,
+        "preset": "toy",
+        **over,
+    }
