@@ -31,7 +31,11 @@ class ModelConfig:
         "float32", "weights/compute dtype: float32 | float16 | bfloat16 (LoRA weights stay float32)"
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    lora: str = _f("auto", "auto (LoRA for real models, full fine-tune for the toy) | on | off")
+    lora: str = _f(
+        "auto",
+        "auto (LoRA for real models, full fine-tune for a toy checkpoint: 'toy' or a folder written by "
+        "b2diffurl.toy.pretrain) | on | off",
+    )
     lora_rank: int = _f(4, "LoRA rank on the UNet attention projections")
     lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "module names that get LoRA adapters")
@@ -317,7 +321,11 @@ class MonitorConfig:
 @dataclass
 class RunConfig:
     algo: str = _f("b2", "algorithm: b2 | ddpo | dfusion (D-Fusion pairs + D3PO)")
-    preset: str = _f("auto", "auto | toy | official: fills every field not set explicitly (see module help)")
+    preset: str = _f(
+        "auto",
+        "auto (toy for a toy checkpoint, else official) | toy | official: fills every field not set explicitly "
+        "(see module help)",
+    )
     stages: int = _f(100, "S: stages (sample → score → select → train)")
     seed: int = _f(42, "run seed (sampling noise, prompt draws, shuffles)")
     prompts: str = _f(
