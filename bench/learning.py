@@ -29,6 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.common import environment
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # arm name -> extra ``b2diffurl train`` arguments (the run seed is added per run)
@@ -151,6 +153,14 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def toy_version() -> str:
+    """Which embedded toy checkpoint the runs used: the version that starts its recipe note (``v3 phase 2 ...``)."""
+    from b2diffurl.toy import CHECKPOINT_DIR
+
+    note = json.loads((CHECKPOINT_DIR / "model_index.json").read_text())["b2diffurl_toy"].get("note", "")
+    return note.split()[0] if note.strip() else "unknown"
+
+
 def run_suite(suite: str, seeds: list[int], jobs: int, out: Path, extra: list[str], keep: bool) -> dict:
     arms = SUITES[suite]
     work = Path(tempfile.mkdtemp(prefix=f"learning-{suite}-"))
@@ -179,7 +189,12 @@ def run_suite(suite: str, seeds: list[int], jobs: int, out: Path, extra: list[st
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {jobs} runs at once, 1 torch thread each",
         # the shape bench.results_table reads (a CPU run: the README's GPU table ignores it)
-        "env": {"device": f"cpu-{platform.machine()}-1threads", "date": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        "env": {
+            "device": f"cpu-{platform.machine()}-1threads",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "commit": environment()["commit"],
+        },
+        "toy": toy_version(),
         "extra_args": extra,
         "wall_s": round(time.perf_counter() - t0, 1),
         "arms": {arm: {"summary": pool_arm(runs), "runs": runs} for arm, runs in by_arm.items()},
@@ -205,21 +220,22 @@ END = "<!-- learning-table:end -->"
 def table(results_dir: Path = RESULTS) -> str:
     """Markdown table of every committed learning result (the README's learning section)."""
     lines = [
-        "| suite | arm | seeds | held-out before → after | gain, mean over seeds ± s.e. "
+        "| suite | toy | arm | seeds | held-out before → after | gain, mean over seeds ± s.e. "
         "| gain, all images pooled ± s.e. | seeds with gain ≥ 3 s.e. | wall / run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for path in sorted(results_dir.glob("learning-*.json")):
         res = json.loads(path.read_text())
+        toy = res.get("toy", "v2")  # results written before the version was recorded ran on v2
         for arm, data in res["arms"].items():
             s = data["summary"]
             if not s.get("seeds"):
-                lines.append(f"| {res['suite']} | {arm} | 0 | – | – | – | – | – |")
+                lines.append(f"| {res['suite']} | {toy} | {arm} | 0 | – | – | – | – | – |")
                 continue
             se = s["gain_se_over_seeds"]
             over_seeds = f"{s['gain_mean']:+.4f} ± {se:.4f}" if math.isfinite(se) else "– (1 seed)"
             lines.append(
-                f"| {res['suite']} | {arm} | {s['seeds']} | {s['before_mean']:.3f} → {s['after_mean']:.3f} "
+                f"| {res['suite']} | {toy} | {arm} | {s['seeds']} | {s['before_mean']:.3f} → {s['after_mean']:.3f} "
                 f"| {over_seeds} | {s['pooled_gain']:+.4f} ± {s['pooled_gain_se']:.4f} "
                 f"| {s['seeds_above_3se']}/{s['seeds']} | {s['wall_s_mean']:.0f} s |"
             )
