@@ -161,8 +161,10 @@ def toy_version() -> str:
     return note.split()[0] if note.strip() else "unknown"
 
 
-def run_suite(suite: str, seeds: list[int], jobs: int, out: Path, extra: list[str], keep: bool) -> dict:
-    arms = SUITES[suite]
+def run_suite(
+    suite: str, seeds: list[int], jobs: int, out: Path, extra: list[str], keep: bool, only=None
+) -> dict:
+    arms = {arm: args for arm, args in SUITES[suite].items() if only is None or arm in only}
     work = Path(tempfile.mkdtemp(prefix=f"learning-{suite}-"))
     tasks = [(arm, args + extra, s) for arm, args in arms.items() for s in seeds]
 
@@ -262,6 +264,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the run directories (printed at the end)")
     p.add_argument("--write", action="store_true", help="table: also replace README's learning table")
+    p.add_argument(
+        "--arms",
+        default="",
+        help="comma list: run only these arms of the suite (e.g. ddpo, when the b2 arm is the default suite)",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     a = p.parse_args(argv[:cut])
@@ -273,7 +280,11 @@ def main(argv=None) -> int:
         return 0
     if a.seeds < 1 or a.jobs < 1:
         p.error("--seeds and --jobs must be >= 1")
-    run_suite(a.suite, [a.seed0 + i for i in range(a.seeds)], a.jobs, a.out, a.extra, a.keep)
+    only = [x.strip() for x in a.arms.split(",") if x.strip()] or None
+    unknown = sorted(set(only or []) - set(SUITES[a.suite]))
+    if unknown:
+        p.error(f"--arms: {', '.join(unknown)} not in suite {a.suite} (arms: {', '.join(SUITES[a.suite])})")
+    run_suite(a.suite, [a.seed0 + i for i in range(a.seeds)], a.jobs, a.out, a.extra, a.keep, only)
     return 0
 
 

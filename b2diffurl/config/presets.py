@@ -12,16 +12,16 @@ from typing import Any
 PRESETS: dict[str, dict[str, Any]] = {
     # real models: CLIP reward (pass its weights with reward_options), no toy held-out set
     "official": {"reward": "clip", "eval.prompts": "none"},
-    # the embedded toy world on 2 CPU cores: 10 DDIM steps (the v2 toy keeps its quality at 10 steps and
-    # samples 2.5x more images per CPU-second than at 20), 128 held-out images, about 10 minutes unloaded
+    # the embedded toy world on 2 CPU cores: 10 DDIM steps (the toy keeps its quality at 10 steps and samples
+    # 2.2-2.5x more images per CPU-second than v1 at 20), 128 held-out images, about 10 minutes unloaded
     "toy": {
         "stages": 12,
         "sample.num_steps": 10,
         "sample.prompts_per_stage": 16,
         "sample.branches": 4,
         "sample.batch_size": 16,
-        # the toy's layout is settled by its first DDIM step (bench/toy_world: 19% of 4-branch groups tie with
-        # no shared step, 44% with one, 62% with two), so B² shares at most one step
+        # the toy's layout is settled by its first DDIM step (bench/toy_world, toy v3: 46% of 4-branch groups tie
+        # with no shared step, 75% with one, 71% with two), so B² shares at most one step
         "b2.k_left": 9,
         "b2.k_right": 10,
         # b2.history=0, b2.group_centering and train.min_step_sigma=0.05 stay off: on this toy they changed
