@@ -87,7 +87,7 @@ def test_alarm_fires_when_a_real_run_hacks_brightness(tmp_path, caplog):
 def test_alarm_fires_on_the_toy_world_when_brightness_is_hacked(tmp_path, caplog):
     """The embedded toy model on toy-world prompts, trained by DDPO on mean brightness: the images brighten
     while the exact toy reward (the default gold reward here) falls, and the alarm names both (~12 s a stage
-    on 2 busy cores; it fires at stage 2 of the current checkpoint)."""
+    on 2 busy cores; with toy v3 it fires at stage 3, the gold reward's trend down 48%)."""
     from b2diffurl.toy.prompts import train_prompts
 
     cfg = run_cfg(
@@ -96,7 +96,7 @@ def test_alarm_fires_on_the_toy_world_when_brightness_is_hacked(tmp_path, caplog
         **{
             "sample.num_steps": 10,
             "train.micro_batch_size": 6,
-            "train.lr": 1e-3,
+            "train.lr": 2e-3,
             "monitor.kl_samples": 8,
             "monitor.stop_on_hacking": True,
         },
