@@ -104,15 +104,10 @@ def device_slug(device: torch.device | str | None = None) -> str:
     return "".join(c if c.isalnum() else "-" for c in device_name(device).lower()).strip("-")
 
 
-def environment() -> dict:
-    def ver(mod):
-        try:
-            return __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            return None
-
+def git_commit() -> str | None:
+    """HEAD of the checkout this bench runs from (None outside a git checkout)."""
     try:
-        commit = (
+        return (
             subprocess.run(
                 ["git", "rev-parse", "HEAD"],
                 capture_output=True,
@@ -123,7 +118,16 @@ def environment() -> dict:
             or None
         )
     except Exception:  # noqa: BLE001
-        commit = None
+        return None
+
+
+def environment() -> dict:
+    def ver(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            return None
+
     return {
         "device": device_name(),
         "cuda": torch.version.cuda,
@@ -132,7 +136,7 @@ def environment() -> dict:
         "diffusers": ver("diffusers"),
         "xformers": ver("xformers"),
         "python": platform.python_version(),
-        "commit": commit,
+        "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

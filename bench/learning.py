@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import environment
+from bench.common import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -155,9 +155,9 @@ def plot(result: dict, path: Path) -> None:
 
 def toy_version() -> str:
     """Which embedded toy checkpoint the runs used: the version that starts its recipe note (``v3 phase 2 ...``)."""
-    from b2diffurl.toy import CHECKPOINT_DIR
+    from b2diffurl.toy import toy_recipe
 
-    note = json.loads((CHECKPOINT_DIR / "model_index.json").read_text())["b2diffurl_toy"].get("note", "")
+    note = (toy_recipe("toy") or {}).get("note", "")
     return note.split()[0] if note.strip() else "unknown"
 
 
@@ -194,7 +194,7 @@ def run_suite(
         "env": {
             "device": f"cpu-{platform.machine()}-1threads",
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "commit": environment()["commit"],
+            "commit": git_commit(),
         },
         "toy": toy_version(),
         "extra_args": extra,

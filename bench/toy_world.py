@@ -326,14 +326,10 @@ def main(argv=None) -> int:
 
 
 def policy_index(source: str) -> dict:
-    """The checkpoint's recipe block (``b2diffurl_toy`` in model_index.json)."""
-    from b2diffurl.toy import CHECKPOINT_DIR
+    """The checkpoint's recipe block (``b2diffurl_toy`` in model_index.json), empty if it has none."""
+    from b2diffurl.toy import toy_recipe
 
-    folder = CHECKPOINT_DIR if source == "toy" else Path(source)
-    try:
-        return json.loads((folder / "model_index.json").read_text()).get("b2diffurl_toy", {})
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return toy_recipe(source) or {}
 
 
 if __name__ == "__main__":
