@@ -137,6 +137,9 @@ class Trainer:
             progress=report.progress_bar if show_progress else (lambda it, **kw: it),
             should_stop=lambda: self.stop.requested,
             reference=reference,
+            # float16 activations underflow small gradients (the fp32 adapters' grads arrive through them):
+            # dynamic loss scaling as accelerate's fp16 mode does; bfloat16 has float32's range and needs none
+            scaler=torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None,
         )
         self.algo = algo_cls(self.ctx)
         self.start_stage = 0
@@ -155,6 +158,7 @@ class Trainer:
                 "lora": self.lora,
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
+                "scaler": self.ctx.scaler.state_dict() if self.ctx.scaler is not None else None,
                 "algo": self.algo.state_dict(),
                 "rng": checkpoint.rng_state(self.noise_gen, self.cpu_gen),
                 "metrics_lines": len(self.metrics.records),
@@ -187,6 +191,8 @@ class Trainer:
                 named[n].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ctx.scaler is not None and state.get("scaler"):
+            self.ctx.scaler.load_state_dict(state["scaler"])
         self.algo.load_state_dict(state["algo"])
         rng = state.get("rng_per_rank", [state["rng"]])[self.world.rank]
         checkpoint.set_rng_state(rng, self.noise_gen, self.cpu_gen)
@@ -287,8 +293,14 @@ class Trainer:
         t0 = time.perf_counter()
         self.watch.start_stage()
         data = self.algo.sample_stage(stage)
+        skipped = self.ctx.skipped_steps
         train_metrics = self.algo.train_stage(stage, data)
         rec = {"kind": "stage", "stage": stage, **data.metrics, **train_metrics, **self.watch.end_stage()}
+        rec["skipped_steps"] = (
+            self.ctx.skipped_steps - skipped
+        )  # non-finite gradients (RunContext.optimizer_step)
+        if self.ctx.scaler is not None:
+            rec["loss_scale"] = self.ctx.scaler.get_scale()
         alarm = self.watch.alarm([*self.metrics.of_kind("stage"), rec])
         if alarm.fired:
             log.warning("stage %d: %s", stage, alarm.message)

@@ -149,3 +149,41 @@ def test_disagreeing_forwards_are_warned_about(tmp_path, caplog):
     assert out["ratio_dev_max"] > RATIO_TOLERANCE[torch.float32]
     assert "the sampling and training forwards disagree" in caplog.text
     assert "(tolerance 1e-05 in float32)" in caplog.text
+
+
+def test_a_float16_lora_run_scales_its_loss_and_resumes_with_the_scale(tmp_path):
+    """model.dtype=float16 + LoRA: the trainer hands algorithms a GradScaler, logs its scale each stage and
+    keeps it in the checkpoint, and a resumed run starts from the saved scale; float32 runs have none."""
+    from b2diffurl.trainer import Trainer
+
+    over = one_stage_overrides(
+        tmp_path / "run", **{"model.lora": "on", "model.dtype": "float16", "stages": 2}
+    )
+    tr = Trainer(
+        C.load_config(overrides={**over, "checkpoint_every": 1}),
+        policy=tiny_policy(dtype=torch.float16),
+        reward_fn=brightness_reward,
+        train_prompts=["a red circle", "a blue square"],
+    )
+    assert isinstance(tr.ctx.scaler, torch.amp.GradScaler)
+    assert _half_or_skip(tr.run)["status"] == "finished"
+    recs = tr.metrics.of_kind("stage")
+    assert all(r["loss_scale"] > 0 and r["skipped_steps"] >= 0 for r in recs)
+    tr.ctx.scaler.update(1024.0)  # a scale no run starts from: the resumed run must read it from the checkpoint
+    saved = tr.save_checkpoint(3)
+    assert torch.load(saved / "state.pt", weights_only=False)["scaler"]["scale"] == 1024.0
+    resumed = Trainer(
+        C.load_config(overrides={**over, "stages": 4}),
+        policy=tiny_policy(dtype=torch.float16),
+        reward_fn=brightness_reward,
+        train_prompts=["a red circle", "a blue square"],
+        resume=str(tmp_path / "run"),
+    )
+    assert resumed.start_stage == 3 and resumed.ctx.scaler.get_scale() == 1024.0
+    plain = Trainer(
+        C.load_config(overrides=one_stage_overrides(tmp_path / "plain")),
+        policy=tiny_policy(),
+        reward_fn=brightness_reward,
+        train_prompts=["a red circle"],
+    )
+    assert plain.ctx.scaler is None

@@ -249,3 +249,73 @@ def test_a_toy_checkpoint_folder_gets_the_toy_preset_and_a_full_fine_tune(tmp_pa
     assert resolve_preset(C.load_config(overrides={"model.path": str(real)})) == "official"
     cfg = C.load_config(overrides={"model.path": str(toy), "out": str(tmp_path / "run"), "stages": 1})
     assert Trainer(cfg).lora is False
+
+
+# ---- non-finite gradients and float16 loss scaling (RunContext.backward / optimizer_step) ----------------------
+def _step_ctx(w: torch.nn.Parameter, opt, scaler=None) -> RunContext:
+    return RunContext(
+        cfg=C.load_config(overrides={"preset": "official"}),
+        policy=None,
+        reward_fn=None,
+        sampler=None,
+        params=[w],
+        optimizer=opt,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0 / (n + 1)),
+        train_prompts=["p"],
+        device=torch.device("cpu"),
+        noise_gen=torch.Generator().manual_seed(0),
+        cpu_gen=torch.Generator().manual_seed(0),
+        scaler=scaler,
+    )
+
+
+def test_a_non_finite_gradient_skips_the_step_and_leaves_weights_moments_and_schedule_alone(caplog):
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.0)
+    ctx = _step_ctx(w, opt)
+    w.grad = torch.tensor([1.0, float("nan"), -1.0])
+    with caplog.at_level("WARNING", logger="b2diffurl.algos.api"):
+        ctx.optimizer_step()
+    assert torch.equal(w.detach(), torch.ones(3))  # no NaN written into the weights
+    assert not opt.state and ctx.lr_scheduler.last_epoch == 0 and ctx.skipped_steps == 1
+    assert w.grad is None and any("non-finite gradient" in m for m in caplog.messages)
+    # the next finite step is AdamW's first step, by its closed form: w - lr * g / (|g| + eps)
+    w.grad = torch.tensor([0.5, -0.25, 0.0])
+    ctx.optimizer_step()
+    expect = torch.ones(3) - 0.1 * torch.tensor([0.5, -0.25, 0.0]) / (torch.tensor([0.5, 0.25, 0.0]) + 1e-8)
+    assert torch.allclose(w.detach(), expect, atol=1e-6) and ctx.skipped_steps == 1
+    assert ctx.lr_scheduler.last_epoch == 1
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_float16_loss_scaling_keeps_gradients_that_float16_would_flush_to_zero(scaled):
+    """Float32 weights used through a float16 forward (LoRA on a float16 UNet): a gradient of 1e-8·x reaches
+    them through float16 activations, below float16's smallest subnormal (6e-8). With the scaler it arrives
+    intact (closed form: d/dw of 1e-8·Σ w·x is 1e-8·x); without it, it is flushed to zero."""
+    x = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([w], lr=1e6)
+    ctx = _step_ctx(w, opt, scaler=torch.amp.GradScaler("cpu") if scaled else None)
+    loss = (w.half() * x.half()).float().sum() * 1e-8
+    ctx.backward(loss)
+    ctx.optimizer_step()
+    if scaled:
+        assert torch.allclose(w.detach(), -1e6 * 1e-8 * x, rtol=2e-3)
+        assert ctx.skipped_steps == 0
+    else:
+        assert torch.equal(w.detach(), torch.zeros(4))
+
+
+def test_an_overflowing_float16_step_is_skipped_and_the_scale_backs_off():
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    ctx = _step_ctx(w, opt, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    ctx.backward((w.half() * 1e4).float().sum())  # 1e4 · 2^16 overflows float16 on the way back
+    ctx.optimizer_step()
+    assert torch.equal(w.detach(), torch.ones(2)) and ctx.skipped_steps == 1
+    assert ctx.scaler.get_scale() == 2.0**15  # GradScaler's backoff factor 0.5
+    ctx.backward((w.half() * 1.0).float().sum())
+    ctx.optimizer_step()
+    # gradient (1, 1) clipped to norm 1 (train.max_grad_norm), then one SGD step of 0.1
+    assert torch.allclose(w.detach(), torch.full((2,), 1 - 0.1 / 2**0.5)) and ctx.skipped_steps == 1
+

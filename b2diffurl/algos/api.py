@@ -19,6 +19,7 @@ logged as they are: the trainer names no algorithm's metrics.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 import torch
 
 from b2diffurl import distributed
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from b2diffurl.config import RunConfig
@@ -127,6 +130,9 @@ class RunContext:
     # `with ctx.reference():` runs the policy as it was before training (LoRA disabled, or a frozen copy of a
     # fully fine-tuned UNet swapped in): the KL monitor and train.kl_coef. None when the run keeps no reference
     reference: Callable | None = None
+    # dynamic loss scaling for float16 weights (torch.amp.GradScaler; None otherwise): see :meth:`backward`
+    scaler: torch.amp.GradScaler | None = None
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient, over the run
 
     def check_stop(self) -> None:
         """Call between sampling batches and between optimizer steps: raises :class:`StopRequested` once a
@@ -140,13 +146,38 @@ class RunContext:
         idx = torch.randint(len(self.train_prompts), (n,), generator=self.cpu_gen)
         return [self.train_prompts[i] for i in idx.tolist()]
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the loss scaler when the run has one (float16 weights): every algorithm's
+        backward goes through here so that :meth:`optimizer_step` can unscale what it accumulated."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
     def optimizer_step(self) -> torch.Tensor:
-        """Clip, step, schedule, zero grads, then :meth:`check_stop`. Returns the pre-clip grad norm (device
-        tensor, no sync)."""
+        """Unscale (float16 runs), clip, step, schedule, zero grads, then :meth:`check_stop`. Returns the
+        pre-clip grad norm (device tensor).
+
+        A step whose gradient is not finite is skipped — weights, Adam moments and the LR schedule stay as they
+        were — and counted in :attr:`skipped_steps`; an optimizer step would otherwise write NaN into every
+        weight. That check is the one host sync per optimizer step. With a loss scaler such skips are how the
+        scale finds its level (they are logged at debug level); without one each is a warning."""
         distributed.sum_gradients(self.params)  # data-parallel: each process's share -> the global gradient
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        finite = bool(torch.isfinite(norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself when unscale_ found inf/NaN
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        if finite:
+            self.lr_scheduler.step()
+        else:
+            self.skipped_steps += 1
+            (log.debug if self.scaler is not None else log.warning)(
+                "optimizer step skipped: non-finite gradient (norm %s); %d skipped so far",
+                float(norm),
+                self.skipped_steps,
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.check_stop()  # between optimizer steps: a preempted run stops here at the latest
         return norm.detach()

@@ -100,6 +100,7 @@ def train_dpo(
     optimizer=None,
     max_grad_norm: float = 1.0,
     optimizer_step: Callable | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
     ref_logp: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Callable | None = None,
@@ -110,7 +111,8 @@ def train_dpo(
     members); for every position of that order one CFG UNet call on the 2·B transitions gives ℓθ, and the loss
     is backpropagated with weight 1/(B·T) (T = all DDIM steps: the skipped steps have exactly zero gradient, so
     this is the all-steps average). After the last position ``optimizer_step()`` runs (the trainer's: clip, step,
-    schedule, zero grads; default: clip to ``max_grad_norm`` and step ``optimizer``).
+    schedule, zero grads; default: clip to ``max_grad_norm`` and step ``optimizer``). ``backward(loss)`` is the
+    trainer's (through its float16 loss scaler) or plain ``loss.backward()``.
     """
     cfg.validate()
     device = cond.device
@@ -122,6 +124,8 @@ def train_dpo(
     params = [p for p in sampler.policy.unet.parameters() if p.requires_grad]
     if optimizer_step is None:
         optimizer_step = _default_optimizer_step(optimizer, params, max_grad_norm)
+    if backward is None:
+        backward = torch.Tensor.backward
     t0 = time.perf_counter()
     # data-parallel: ``preferred``/``dispreferred`` list every process's pairs, -1 for those another process
     # holds; each process computes its pairs and its share of the loss (all pairs in one process)
@@ -165,7 +169,7 @@ def train_dpo(
                 lw, ll = logp[:bh], logp[bh:]
                 rw, rl = ref_w[pb, col].to(device), ref_l[pb, col].to(device)
                 loss = d3po_loss(lw, ll, rw, rl, beta=cfg.beta, eps=cfg.clip_eps)
-                (loss.sum() / (b * T)).backward()
+                backward(loss.sum() / (b * T))
                 with torch.no_grad():
                     dw, dl = lw - rw, ll - rl
                     losses.append(loss.detach())

@@ -218,7 +218,7 @@ def ppo_update(
                         kl = batch_kl(ctx, batch, cond_table) * share
                         stats["kl_penalty"] += kl.detach()
                         loss = loss + tc.kl_coef * kl
-                    (loss / group_size).backward()
+                    ctx.backward(loss / group_size)
                     with torch.no_grad():
                         if pre_update:
                             ratio_dev = torch.maximum(ratio_dev, (ratio - 1).abs().max())

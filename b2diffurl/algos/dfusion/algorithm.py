@@ -141,6 +141,7 @@ class DFusionAlgorithm:
             inner_epochs=ctx.cfg.train.inner_epochs,
             pairs_per_batch=ctx.cfg.train.micro_batch_size,
             optimizer_step=ctx.optimizer_step,
+            backward=ctx.backward,
             generator=ctx.cpu_gen,
         )
 
