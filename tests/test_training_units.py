@@ -318,4 +318,3 @@ def test_an_overflowing_float16_step_is_skipped_and_the_scale_backs_off():
     ctx.optimizer_step()
     # gradient (1, 1) clipped to norm 1 (train.max_grad_norm), then one SGD step of 0.1
     assert torch.allclose(w.detach(), torch.full((2,), 1 - 0.1 / 2**0.5)) and ctx.skipped_steps == 1
-
