@@ -322,7 +322,8 @@ def _ddim_compatible(cfg: dict, where) -> dict:
 
 def load_policy(source: str = "toy", *, dtype: torch.dtype | str = torch.float32, device="cpu") -> Policy:
     """``source``: ``"toy"`` (the embedded checkpoint), a toy checkpoint folder (its ``model_index.json`` has a
-    ``b2diffurl_toy`` entry: pixel-space codec, the toy world's object words) or the path of a local diffusers
+    ``b2diffurl_toy`` entry: pixel-space codec, or a ``vae/`` when the entry says ``"codec": "vae"``; the toy
+    world's object words) or the path of a local diffusers
     folder of SD 1.x/2.x (unet/, text_encoder/, tokenizer/, scheduler/, vae/). Offline only. ``dtype``: a torch
     dtype or its name (``"float16"``); every module is loaded in it. A missing or malformed folder raises
     :class:`ModelError` with a one-line message."""
@@ -367,7 +368,14 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype | str = torch.float32
     if toy is not None:
         from b2diffurl.toy.prompts import OBJECT_WORDS  # the toy world tells what its objects are
 
-        codec, object_words = PixelShuffleCodec(toy["patch"]), OBJECT_WORDS
+        object_words = OBJECT_WORDS
+        if toy.get("codec") == "vae":  # a latent toy (bench/latent_toy.py): the world's words, SD's codec
+            from diffusers import AutoencoderKL
+
+            with _loading(path, "vae"):
+                codec = VAECodec(AutoencoderKL.from_pretrained(path / "vae", **kw).to(device))
+        else:
+            codec = PixelShuffleCodec(toy["patch"])
     else:
         from diffusers import AutoencoderKL
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from b2diffurl.models import PixelShuffleCodec, Policy, VAECodec, load_policy
+from b2diffurl.models import ModelError, PixelShuffleCodec, Policy, VAECodec, load_policy
 from b2diffurl.toy import CHECKPOINT_DIR
 
 
@@ -243,3 +243,26 @@ def test_make_trainable_reuses_the_same_adapter_and_refreezes_the_base():
     assert all("lora_" in n for n, p in pol.unet.named_parameters() if p.requires_grad)
     with pytest.raises(RuntimeError, match="already attached"):
         pol.make_trainable(SimpleNamespace(lora_rank=8, lora_alpha=4.0, lora_targets=["to_q", "to_v"]))
+
+
+def test_a_latent_toy_folder_loads_with_its_vae_and_the_toy_words(tmp_path):
+    """bench/latent_toy.py's folder (``b2diffurl_toy.codec = "vae"``): a toy checkpoint (toy preset, toy words)
+    whose codec is its AutoencoderKL; built here from a few training steps of each part."""
+    from b2diffurl.sampling import sample
+    from b2diffurl.toy import is_toy_checkpoint
+    from b2diffurl.toy.prompts import OBJECT_WORDS
+    from bench.latent_toy import pretrain_latent_unet, save_folder, train_autoencoder
+
+    vae, std, report = train_autoencoder(steps=2, seed=0, batch=4)
+    assert 0 <= report["reconstruction_success"] <= 1 and std > 0
+    unet, steps, _ = pretrain_latent_unet(vae, 1.0 / std, minutes=0.002, seed=0, batch=4, pool_batches=1)
+    save_folder(tmp_path / "latent", vae, 1.0 / std, unet, {"train_steps": steps})
+    assert is_toy_checkpoint(tmp_path / "latent")
+    pol = load_policy(str(tmp_path / "latent"))
+    assert isinstance(pol.codec, VAECodec) and pol.object_words == OBJECT_WORDS
+    assert pol.latent_shape == (4, 8, 8) and pol.codec.vae.config.scaling_factor == pytest.approx(1.0 / std)
+    images = sample(pol, ["a red circle", "two blue squares"], num_steps=2, guidance_scale=5.0, seed=0).images
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    (tmp_path / "latent" / "vae" / "config.json").unlink()
+    with pytest.raises(ModelError, match="vae"):
+        load_policy(str(tmp_path / "latent"))
