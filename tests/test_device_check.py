@@ -225,3 +225,30 @@ def test_every_planned_suite_accepts_its_device_arguments():
             parser.parse_args(step.args)
     finally:
         sys.path.remove(str(ROOT))
+
+
+def test_learning_summary_gives_the_paired_gain_at_every_evaluation():
+    """bench.learning.summarise_run against numpy: paired mean and standard error of after − before per image,
+    for the final evaluation and each intermediate one (``eval.every``)."""
+    import numpy as np
+
+    from bench.learning import summarise_run
+
+    rng = np.random.default_rng(0)
+    before = rng.random(16)
+    mids = [before + rng.normal(0.02 * k, 0.1, 16) for k in (1, 2, 3)]
+    metrics = [{"kind": "eval", "stage": 0, "rewards": before.tolist(), "reward_mean": float(before.mean())}]
+    for k, r in enumerate(mids, 1):
+        metrics.append({"kind": "stage", "stage": 4 * k - 1, "reward_mean": 0.5})
+        metrics.append(
+            {"kind": "eval", "stage": 4 * k, "rewards": r.tolist(), "reward_mean": float(r.mean())}
+        )
+    out = summarise_run(metrics)
+    assert [c[0] for c in out["gain_curve"]] == [4, 8, 12] and out["stages"] == 3
+    for (_, gain, se), r in zip(out["gain_curve"], mids):
+        d = r - before
+        assert gain == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(16))
+    assert (
+        out["gain"] == pytest.approx((mids[-1] - before).mean())
+        and out["gain_se"] == out["gain_curve"][-1][2]
+    )
