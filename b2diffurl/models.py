@@ -365,26 +365,25 @@ def load_policy(source: str = "toy", *, dtype: torch.dtype | str = torch.float32
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **kw).to(device)
     with _loading(path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    object_words: tuple = ()
     if toy is not None:
         from b2diffurl.toy.prompts import OBJECT_WORDS  # the toy world tells what its objects are
 
         object_words = OBJECT_WORDS
-        if toy.get("codec") == "vae":  # a latent toy (bench/latent_toy.py): the world's words, SD's codec
-            from diffusers import AutoencoderKL
-
-            with _loading(path, "vae"):
-                codec = VAECodec(AutoencoderKL.from_pretrained(path / "vae", **kw).to(device))
-        else:
-            codec = PixelShuffleCodec(toy["patch"])
-    else:
+    if toy is not None and toy.get("codec") != "vae":
+        codec = PixelShuffleCodec(toy["patch"])
+    else:  # SD folders, and toys in a learned latent space (bench/latent_toy.py)
         from diffusers import AutoencoderKL
 
         if not (path / "vae").is_dir():
-            raise ModelError(
-                f"{str(path)!r} has no vae/ subfolder; expected an SD 1.x/2.x diffusers folder with a VAE"
+            expected = (
+                "its b2diffurl_toy entry names codec 'vae'"
+                if toy is not None
+                else "expected an SD 1.x/2.x diffusers folder with a VAE"
             )
+            raise ModelError(f"{str(path)!r} has no vae/ subfolder; {expected}")
         with _loading(path, "vae"):
-            codec, object_words = VAECodec(AutoencoderKL.from_pretrained(path / "vae", **kw).to(device)), ()
+            codec = VAECodec(AutoencoderKL.from_pretrained(path / "vae", **kw).to(device))
     return Policy.from_components(
         unet, text_encoder, tokenizer, scheduler, codec, object_words=object_words, source=str(source)
     )

@@ -296,9 +296,8 @@ class Trainer:
         skipped = self.ctx.skipped_steps
         train_metrics = self.algo.train_stage(stage, data)
         rec = {"kind": "stage", "stage": stage, **data.metrics, **train_metrics, **self.watch.end_stage()}
-        rec["skipped_steps"] = (
-            self.ctx.skipped_steps - skipped
-        )  # non-finite gradients (RunContext.optimizer_step)
+        # optimizer steps skipped for a non-finite gradient this stage (RunContext.optimizer_step)
+        rec["skipped_steps"] = self.ctx.skipped_steps - skipped
         if self.ctx.scaler is not None:
             rec["loss_scale"] = self.ctx.scaler.get_scale()
         alarm = self.watch.alarm([*self.metrics.of_kind("stage"), rec])

@@ -90,8 +90,6 @@ def pretrain_latent_unet(
 ):
     """The toy UNet on 4×8×8 latents (``scale``·posterior samples of a fixed pool of renders) -> (EMA UNet,
     steps, minutes)."""
-    from diffusers import UNet2DConditionModel
-
     from b2diffurl.toy import model as M
     from b2diffurl.toy.pretrain import P_UNCOND, encode, sample_prompts
     from b2diffurl.toy.render import render
@@ -100,18 +98,7 @@ def pretrain_latent_unet(
     torch.manual_seed(seed)
     tokenizer, text_encoder = M.build_tokenizer(), M.build_text_encoder()
     ddpm, _ = M.build_schedulers()
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        cross_attention_dim=M.TEXT_DIM,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    )
+    unet = M.build_unet(latent_shape=(4, 8, 8))
     ema = copy.deepcopy(unet).requires_grad_(False)
     params, ema_params = list(unet.parameters()), list(ema.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)

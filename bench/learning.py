@@ -54,15 +54,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def paired_gain(after: list[float], before: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the per-image differences after − before (same images, same order)."""
-    d = [a - b for a, b in zip(after, before)]
-    n = len(d)
-    mean = sum(d) / n
-    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else math.nan
-    return mean, math.sqrt(var / n)
-
-
 def summarise_run(metrics: list[dict]) -> dict:
     """Held-out before/after, the paired gain (recomputed from the stored per-image rewards), the curve, and the
     paired gain at every later evaluation (``eval.every``): ``gain_curve`` = [(stage, gain, s.e.), ...]."""
@@ -74,23 +65,21 @@ def summarise_run(metrics: list[dict]) -> dict:
         "eval_curve": [(m["stage"], m["reward_mean"]) for m in evals],
     }
     if len(evals) >= 2 and len(evals[0]["rewards"]) == len(evals[-1]["rewards"]):
+        from b2diffurl.report import paired_gain  # the trainer's own paired comparison
+
         before = evals[0]["rewards"]
-        d = [a - b for a, b in zip(evals[-1]["rewards"], before)]
-        gain, se = paired_gain(evals[-1]["rewards"], before)
+        curve = [
+            (m["stage"], paired_gain(before, m["rewards"]))
+            for m in evals[1:]
+            if len(m["rewards"]) == len(before)
+        ]
         out.update(
             heldout_before=evals[0]["reward_mean"],
             heldout_after=evals[-1]["reward_mean"],
-            gain=gain,
-            gain_se=se,
-            n_images=len(d),
-            n_better=sum(x > 1e-6 for x in d),
-            n_worse=sum(x < -1e-6 for x in d),
-            per_image_gain=d,
-            gain_curve=[
-                (m["stage"], *paired_gain(m["rewards"], before))
-                for m in evals[1:]
-                if len(m["rewards"]) == len(before)
-            ],
+            **curve[-1][1],  # the last evaluation: gain, gain_se, n_better, n_worse
+            n_images=len(before),
+            per_image_gain=[a - b for a, b in zip(evals[-1]["rewards"], before)],
+            gain_curve=[(stage, g["gain"], g["gain_se"]) for stage, g in curve],
         )
     return out
 

@@ -76,14 +76,15 @@ def build_text_encoder(seed: int = TEXT_ENCODER_SEED):
     return te.requires_grad_(False).eval()
 
 
-def build_unet(block_out_channels=(32, 64, 64)):
-    """Tiny ``UNet2DConditionModel`` on 12×16×16 latents; cross-attention at 16×16, 8×8 and the 4×4 mid block."""
+def build_unet(block_out_channels=(32, 64, 64), latent_shape=LATENT_SHAPE):
+    """Tiny ``UNet2DConditionModel`` on (C, H, H) latents, 12×16×16 by default: cross-attention at 16×16, 8×8
+    and the 4×4 mid block (at H and H/2 for other sizes)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=LATENT_SHAPE[1],
-        in_channels=LATENT_SHAPE[0],
-        out_channels=LATENT_SHAPE[0],
+        sample_size=latent_shape[1],
+        in_channels=latent_shape[0],
+        out_channels=latent_shape[0],
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=tuple(block_out_channels),
