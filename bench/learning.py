@@ -10,6 +10,8 @@ Suites (each compares arms at the same sample budget, same held-out set, same se
 * ``default``    — ``b2diffurl train`` with no arguments, per seed (the README's learning claim).
 * ``b2_vs_ddpo`` — B² against DDPO (its own official-style settings) on the exact, end-only toy reward.
 * ``dpo_pairs``  — DPO on D-Fusion (target, base) pairs against DPO on plain best/worst pairs, same pair count.
+* ``jpeg``       — B² against DDPO on DDPO's JPEG-compressibility reward (minus the kB of each image): a reward
+  of the whole image that every prompt shares, as a check that the trainer moves a reward it can reach.
 
 Outputs: ``<out>/<suite>.json`` (per-run and per-arm numbers, reward curves) and ``<out>/<suite>.png``.
 ``python -m bench.learning table`` prints the README table from every ``learning-*.json`` in ``bench/results``.
@@ -39,6 +41,10 @@ SUITES: dict[str, dict[str, list[str]]] = {
     "b2_vs_ddpo": {
         "b2": ["--algo", "b2"],
         "ddpo": ["--algo", "ddpo"],
+    },
+    "jpeg": {
+        "b2": ["--algo", "b2", "--set", "reward=jpeg_compressibility"],
+        "ddpo": ["--algo", "ddpo", "--set", "reward=jpeg_compressibility"],
     },
     "dpo_pairs": {
         "dpo on d-fusion pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=fused"],
