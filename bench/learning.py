@@ -11,7 +11,7 @@ Suites (each compares arms at the same sample budget, same held-out set, same se
 * ``b2_vs_ddpo`` — B² against DDPO (its own official-style settings) on the exact, end-only toy reward.
 * ``dpo_pairs``  — DPO on D-Fusion (target, base) pairs against DPO on plain best/worst pairs, same pair count.
 * ``jpeg``       — B² against DDPO on DDPO's JPEG-compressibility reward (minus the kB of each image): a reward
-  of the whole image that every prompt shares, as a check that the trainer moves a reward it can reach.
+  of the whole image that every prompt shares, so no composition is needed to raise it.
 
 Outputs: ``<out>/<suite>.json`` (per-run and per-arm numbers, reward curves) and ``<out>/<suite>.png``.
 ``python -m bench.learning table`` prints the README table from every ``learning-*.json`` in ``bench/results``.
