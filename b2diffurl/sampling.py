@@ -188,7 +188,8 @@ class TreeSampler:
 
         ``steps``: int or LongTensor [N]; ``embeds`` from :meth:`embeds_for` with the same ``training``. Give
         ``noise`` [N, ...] to sample (returns ``(x_prev, logp [N])``) or ``x_prev`` to score a stored transition
-        (returns ``logp [N]``, differentiable w.r.t. the UNet). ``context_rows`` = r: the first r rows of
+        (returns ``logp [N]``, differentiable w.r.t. the UNet); a tuple of ``x_prev`` tensors scores each against
+        the same UNet call (returns a tuple of ``logp``). ``context_rows`` = r: the first r rows of
         ``x_t`` (and of each CFG half of ``embeds``) only join the UNet call (e.g. D-Fusion's reference rows,
         whose K/V the attention processors hand to the other rows); the DDIM step is taken for the rest."""
         from b2kernels import ddim_step_logprob, ddim_step_sample
@@ -205,6 +206,10 @@ class TreeSampler:
         common = dict(eta=self.eta, model_output_uncond=uncond, guidance_scale=gs, backend=self.backend)
         if noise is not None:
             return ddim_step_sample(self.table, steps, x_t, cond, noise, **common)
+        if isinstance(x_prev, tuple):
+            return tuple(
+                ddim_step_logprob(self.table, steps, x_t, cond, xp.to(self.dtype), **common) for xp in x_prev
+            )
         return ddim_step_logprob(self.table, steps, x_t, cond, x_prev.to(self.dtype), **common)
 
     def step_logprob(

@@ -184,6 +184,50 @@ def test_step_kl_matches_the_gaussian_closed_form(guidance):
     kl.sum().backward()  # differentiable w.r.t. the policy
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.unet.parameters())
 
+    # with stored transitions, the same call also gives their log-prob: a Gaussian with mean μ_θ (diffusers'
+    # zero-noise step) and variance σ², mean over elements
+    x_prev = torch.randn(3, 4, 8, 8, generator=g)
+    kl2, logp = step_kl(sampler, policy.lora_disabled, x, steps, cond, x_prev=x_prev)
+    want_logp = []
+    for k, i in enumerate(steps.tolist()):
+        t = sched.timesteps[i]
+        mu = sched.step(
+            eps(t.expand(3))[k : k + 1], t, x[k : k + 1], eta=1.0, variance_noise=torch.zeros_like(x[:1])
+        ).prev_sample
+        var = sched._get_variance(t, t - sched.config.num_train_timesteps // sched.num_inference_steps)
+        lp = -((x_prev[k : k + 1] - mu) ** 2) / (2 * var) - 0.5 * torch.log(2 * torch.pi * var)
+        want_logp.append(lp.mean())
+    torch.testing.assert_close(kl2.detach(), expected, rtol=2e-3, atol=1e-7)
+    torch.testing.assert_close(logp.detach(), torch.stack(want_logp).float(), rtol=1e-4, atol=1e-4)
+
+
+def test_kl_penalty_shares_the_policy_forward_with_the_log_prob():
+    """train.kl_coef's PPO path costs one reference forward: the policy's UNet call that scores the stored
+    transitions also gives the KL term (two UNet calls per micro-step, not three)."""
+    from types import SimpleNamespace
+
+    from b2diffurl.algos.kl import batch_logprob_and_kl
+    from b2diffurl.sampling import TreeSampler
+
+    policy = tiny_policy()
+    policy.add_lora(rank=2, alpha=2.0)
+    sampler = TreeSampler(policy, num_steps=4, guidance_scale=3.0, eta=1.0, backend="reference")
+    calls = []
+    policy.unet.register_forward_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(5)
+    cond_table = policy.encode_prompts(["a red circle", "two blue squares"])
+    batch = SimpleNamespace(
+        x_t=torch.randn(2, 4, 8, 8, generator=g),
+        x_prev=torch.randn(2, 4, 8, 8, generator=g),
+        step=torch.tensor([1, 2]),
+        prompt_id=torch.tensor([1, 0]),
+    )
+    ctx = SimpleNamespace(sampler=sampler, reference=policy.lora_disabled)
+    logp, kl = batch_logprob_and_kl(ctx, batch, cond_table)
+    assert len(calls) == 2
+    torch.testing.assert_close(logp, sampler.batch_logprob(batch, cond_table))
+    assert kl.ndim == 0 and kl.requires_grad
+
 
 def test_kl_coef_trains_with_a_penalty_and_zero_adds_none(tmp_path):
     """kl_coef > 0 logs the penalty (0 before the first update moves the policy); 0 logs none."""

@@ -16,28 +16,37 @@ from b2diffurl import distributed
 from b2diffurl.monitors import kl_estimate
 
 
-def step_kl(sampler, reference, x_t: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def step_kl(
+    sampler, reference, x_t: torch.Tensor, steps: torch.Tensor, cond: torch.Tensor, *, x_prev=None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per row, the exact KL(π_θ(·|x_t) ‖ π_ref(·|x_t)) of one DDIM step, differentiable w.r.t. the policy.
 
     Both steps are Gaussians with the same σ (it depends on the step only), so the KL is ‖μ_θ − μ_ref‖²/(2σ²);
     averaged over the latent's elements like the log-probs. It is read off log-probs, so no step mean has to
     leave the DDIM op: at x = μ_ref, log π_ref(x) − log π_θ(x) = (μ_θ − μ_ref)²/(2σ²) per element (the
     normalisers cancel). μ_ref is the reference step taken with zero noise. Costs one no-grad reference forward
-    and one more policy forward per call."""
+    and one policy forward per call.
+
+    With ``x_prev`` (stored transitions of the same rows), that one policy forward also scores them: returns
+    ``(kl, log π_θ(x_prev | x_t))``, so PPO's log-prob and its KL term share a UNet call."""
     x_t = x_t.to(sampler.dtype)
     embeds = sampler.embeds_for(cond, training=True)
     with torch.no_grad(), reference():
         mu_ref, logp_ref = sampler.policy_step(x_t, steps, embeds, noise=torch.zeros_like(x_t), training=True)
-    logp_theta = sampler.policy_step(x_t, steps, embeds, x_prev=mu_ref, training=True)
-    return logp_ref - logp_theta
+    if x_prev is None:
+        return logp_ref - sampler.policy_step(x_t, steps, embeds, x_prev=mu_ref, training=True)
+    at_ref, logp = sampler.policy_step(x_t, steps, embeds, x_prev=(mu_ref, x_prev), training=True)
+    return logp_ref - at_ref, logp
 
 
-def batch_kl(ctx, batch, cond_table: torch.Tensor) -> torch.Tensor:
-    """Mean :func:`step_kl` of rows gathered from a trajectory arena (the ``train.kl_coef`` term)."""
+def batch_logprob_and_kl(ctx, batch, cond_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows gathered from a trajectory arena -> (log π_θ of their stored transitions [N], mean :func:`step_kl`),
+    from one policy forward and one reference forward (the ``train.kl_coef`` path of PPO)."""
     if ctx.reference is None:
         raise RuntimeError("train.kl_coef > 0 needs RunContext.reference (the trainer sets it)")
     cond = cond_table[batch.prompt_id.to(cond_table.device)]
-    return step_kl(ctx.sampler, ctx.reference, batch.x_t, batch.step, cond).mean()
+    kl, logp = step_kl(ctx.sampler, ctx.reference, batch.x_t, batch.step, cond, x_prev=batch.x_prev)
+    return logp, kl.mean()
 
 
 KL_SHARE = 8

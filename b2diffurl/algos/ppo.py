@@ -13,7 +13,7 @@ import torch
 
 from b2diffurl import distributed
 from b2diffurl.algos.api import RunContext, StageData
-from b2diffurl.algos.kl import batch_kl, kl_to_start
+from b2diffurl.algos.kl import batch_logprob_and_kl, kl_to_start
 from b2diffurl.algos.terms import RewardNormaliser
 from b2diffurl.config import switch
 from b2diffurl.rewards import as_reward
@@ -209,13 +209,16 @@ def ppo_update(
                 share = int(here.sum()) / len(mb_ids)
                 if share > 0:
                     batch = arena.gather(mb_ids[here], mb_steps[here, j], device=dev)
-                    logp = ctx.sampler.batch_logprob(batch, cond_table)
+                    if tc.kl_coef > 0:  # one policy forward scores the transitions and the KL term
+                        logp, kl = batch_logprob_and_kl(ctx, batch, cond_table)
+                    else:  # 0: no reference forward at all
+                        logp = ctx.sampler.batch_logprob(batch, cond_table)
                     old = batch.logprob.to(dev)
                     ratio = torch.exp(logp - old)
                     adv = batch.advantage.to(dev)
                     loss = ppo_clip_loss(adv, ratio, tc.clip_range) * share
-                    if tc.kl_coef > 0:  # 0: no reference forward at all
-                        kl = batch_kl(ctx, batch, cond_table) * share
+                    if tc.kl_coef > 0:
+                        kl = kl * share
                         stats["kl_penalty"] += kl.detach()
                         loss = loss + tc.kl_coef * kl
                     ctx.backward(loss / group_size)
