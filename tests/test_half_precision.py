@@ -169,9 +169,8 @@ def test_a_float16_lora_run_scales_its_loss_and_resumes_with_the_scale(tmp_path)
     assert _half_or_skip(tr.run)["status"] == "finished"
     recs = tr.metrics.of_kind("stage")
     assert all(r["loss_scale"] > 0 and r["skipped_steps"] >= 0 for r in recs)
-    tr.ctx.scaler.update(
-        1024.0
-    )  # a scale no run starts from: the resumed run must read it from the checkpoint
+    # a scale no run starts from: the resumed run must read it from the checkpoint
+    tr.ctx.scaler.update(1024.0)
     saved = tr.save_checkpoint(3)
     assert torch.load(saved / "state.pt", weights_only=False)["scaler"]["scale"] == 1024.0
     resumed = Trainer(
