@@ -12,6 +12,14 @@ Suites (each compares arms at the same sample budget, same held-out set, same se
 * ``dpo_pairs``  — DPO on D-Fusion (target, base) pairs against DPO on plain best/worst pairs, same pair count.
 * ``jpeg``       — B² against DDPO on DDPO's JPEG-compressibility reward (minus the kB of each image): a reward
   of the whole image that every prompt shares, so no composition is needed to raise it.
+* ``brightness`` — B² against DDPO on the mean pixel value (reward ``brightness``): the sanity check that the
+  trainer raises a reward which one direction improves for every prompt.
+* ``sparse_brightness`` — the same with a sparse, end-only reward: 1 when the mean pixel value exceeds 0.09
+  (about a third of the toy's held-out images before training), else 0. The paper's claim (B² beats DDPO on
+  sparse rewards) on a reward this trainer can move.
+* ``word``       — B² on ±brightness, the sign set by one word of the prompt (``bench/sanity_rewards.py``):
+  a colour word (which the toy follows) against a relation word (which it ignores when drawing). It tells
+  whether training can make the model act on that word at all.
 
 Outputs: ``<out>/<suite>.json`` (per-run and per-arm numbers, reward curves) and ``<out>/<suite>.png``.
 ``python -m bench.learning table`` prints the README table from every ``learning-*.json`` in ``bench/results``.
@@ -45,6 +53,18 @@ SUITES: dict[str, dict[str, list[str]]] = {
     "jpeg": {
         "b2": ["--algo", "b2", "--set", "reward=jpeg_compressibility"],
         "ddpo": ["--algo", "ddpo", "--set", "reward=jpeg_compressibility"],
+    },
+    "brightness": {
+        "b2": ["--algo", "b2", "--set", "reward=brightness"],
+        "ddpo": ["--algo", "ddpo", "--set", "reward=brightness"],
+    },
+    "sparse_brightness": {
+        "b2": ["--algo", "b2", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
+        "ddpo": ["--algo", "ddpo", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
+    },
+    "word": {
+        "colour word": ["--algo", "b2", "--set", "reward=python:bench.sanity_rewards:colour_brightness"],
+        "relation word": ["--algo", "b2", "--set", "reward=python:bench.sanity_rewards:relation_brightness"],
     },
     "dpo_pairs": {
         "dpo on d-fusion pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=fused"],

@@ -252,3 +252,21 @@ def test_learning_summary_gives_the_paired_gain_at_every_evaluation():
         out["gain"] == pytest.approx((mids[-1] - before).mean())
         and out["gain_se"] == out["gain_curve"][-1][2]
     )
+
+
+def test_word_sanity_rewards_follow_the_named_word():
+    """bench.sanity_rewards: ± the mean pixel value, the sign set by the relation (or first colour) word."""
+    import torch
+
+    from bench.sanity_rewards import colour_brightness, relation_brightness
+
+    prompts = [
+        "a red circle to the left of a blue square",
+        "a red circle to the right of a blue square",
+        "a blue circle above a red square",
+        "a yellow square below a green circle",
+        "two green triangles",
+    ]
+    images = torch.stack([torch.full((3, 4, 4), v) for v in (0.1, 0.2, 0.3, 0.4, 0.5)])
+    assert torch.allclose(relation_brightness(images, prompts), torch.tensor([0.1, -0.2, 0.3, -0.4, 0.0]))
+    assert torch.allclose(colour_brightness(images, prompts), torch.tensor([0.1, 0.2, -0.3, -0.4, 0.5]))

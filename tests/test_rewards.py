@@ -38,7 +38,10 @@ def test_toy_reward_via_registry():
 @pytest.mark.parametrize(
     "spec,match",
     [
-        ("nope", "unknown reward 'nope'; expected one of aesthetic, clip, hpsv2, jpeg_compressibility"),
+        (
+            "nope",
+            "unknown reward 'nope'; expected one of aesthetic, brightness, clip, hpsv2, jpeg_compressibility",
+        ),
         ("python:nodots", "expected 'python:package.module:function'"),
         ("python:no_such_mod_xyz:f", "cannot import module"),
         ("python:math:no_such_fn", "has no callable 'no_such_fn'"),
@@ -111,6 +114,21 @@ def pil_jpeg_kb(img: torch.Tensor) -> float:
     arr = (img * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     Image.fromarray(arr).save(buf, format="JPEG", quality=95)
     return len(buf.getvalue()) / 1000
+
+
+def test_brightness_reward_closed_form():
+    imgs = torch.zeros(3, 3, 8, 8)
+    imgs[1] = 0.25
+    imgs[2, :, :4] = 1.0  # top half white: mean 0.5
+    want = torch.tensor([0.0, 0.25, 0.5])
+    assert torch.allclose(get_reward("brightness")(imgs, ["p"] * 3), want)
+    assert torch.allclose(get_reward("brightness", weight=-2)(imgs, ["p"] * 3), -2 * want)
+    sparse = get_reward("brightness", threshold=0.3)(imgs, ["p"] * 3)
+    assert torch.equal(sparse, torch.tensor([0.0, 0.0, 1.0]))
+    with pytest.raises(RewardError, match="unknown option.*gain.*its options are weight, threshold"):
+        get_reward("brightness", gain=1)
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        get_reward("brightness", threshold=float("nan"))
 
 
 def test_jpeg_rewards():

@@ -336,7 +336,7 @@ class RunConfig:
     reward: str = _f(
         "toy",
         "reward: toy | clip | aesthetic | pickscore | hpsv2 | jpeg_compressibility | jpeg_incompressibility | "
-        "python:pkg.mod:fn, or weighted terms such as aesthetic:0.7,clip:0.3",
+        "brightness (a sanity check) | python:pkg.mod:fn, or weighted terms such as aesthetic:0.7,clip:0.3",
     )
     reward_options: dict = _f(
         {},

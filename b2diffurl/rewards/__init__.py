@@ -350,6 +350,7 @@ register_reward("pickscore", _lazy("pickscore", "PickScoreReward"))
 register_reward("hpsv2", _lazy("hpsv2", "HPSv2Reward"))
 register_reward("jpeg_compressibility", _lazy("jpeg", "jpeg_compressibility"))
 register_reward("jpeg_incompressibility", _lazy("jpeg", "jpeg_incompressibility"))
+register_reward("brightness", _lazy("pixel", "brightness"))
 
 __all__ = [
     "AGGREGATES",
