@@ -293,6 +293,7 @@ class InjectionContext:
                 f"set_objects: token_indices must be [I] or [R, I] and non-empty, got {list(t.shape)}"
             )
         self._tokens = t
+        self._index_cache = {k: v for k, v in self._index_cache.items() if k[0] != "tokens"}
         self._thresholds = self.config.threshold if thresholds is None else thresholds
 
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -415,37 +416,49 @@ class InjectionContext:
         self._row_mask_cache[key] = out
         return out
 
-    def _index_tensors(self, layout: StreamLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("targets", layout, str(device))
+    def _cached(self, key, build):
+        """One device tensor per key, built on first use: index tensors are made once per (layout, device),
+        not per UNet call, so steady-state calls copy nothing from the host (CUDA-graph friendly)."""
         hit = self._index_cache.get(key)
         if hit is None:
-            tgt = layout.rows("target")
-            hit = (
+            hit = self._index_cache[key] = build()
+        return hit
+
+    def _index_tensors(self, layout: StreamLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+        tgt = layout.rows("target")
+        return self._cached(
+            ("targets", layout, str(device)),
+            lambda: (
                 torch.tensor(tgt, device=device),
                 torch.tensor([layout.ref_id[i] for i in tgt], device=device),
-            )
-            self._index_cache[key] = hit
-        return hit
+            ),
+        )
 
     def ref_index(self, layout: StreamLayout, source: StreamLayout, device) -> torch.Tensor:
         """[B] int32: row of ``source`` whose K/V row b reads (targets: their reference; others: themselves)."""
-        key = (layout, source, str(device))
-        hit = self._index_cache.get(key)
-        if hit is not None:
-            return hit
-        idx = list(range(layout.batch))
-        for i in layout.rows("target"):
-            j = source.ref_row(layout.ref_id[i], layout.cond[i])
-            if j is None:
-                raise RuntimeError(
-                    f"target row {i} takes K/V from reference stream {layout.ref_id[i]} "
-                    f"({'cond' if layout.cond[i] else 'uncond'} half), which is neither in this batch nor stored "
-                    "by a previous reference-only call"
-                )
-            idx[i] = j
-        t = torch.tensor(idx, dtype=torch.int32, device=device)
-        self._index_cache[key] = t
-        return t
+
+        def build():
+            idx = list(range(layout.batch))
+            for i in layout.rows("target"):
+                j = source.ref_row(layout.ref_id[i], layout.cond[i])
+                if j is None:
+                    raise RuntimeError(
+                        f"target row {i} takes K/V from reference stream {layout.ref_id[i]} "
+                        f"({'cond' if layout.cond[i] else 'uncond'} half), which is neither in this batch nor "
+                        "stored by a previous reference-only call"
+                    )
+                idx[i] = j
+            return torch.tensor(idx, dtype=torch.int32, device=device)
+
+        return self._cached((layout, source, str(device)), build)
+
+    def _capture_inputs(self, layout: StreamLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional reference rows [R], object-token columns [I] or [R, I]) on ``device``, cached."""
+        rows = layout.cond_ref_rows()
+        return (
+            self._cached(("cond_refs", layout, str(device)), lambda: torch.tensor(rows, device=device)),
+            self._cached(("tokens", str(device)), lambda: self._tokens.to(device)),
+        )
 
 
 # ------------------------------------------------------------------------------------------------- processor
@@ -579,11 +592,10 @@ class KVInjectionAttnProcessor:
         rows = layout.cond_ref_rows()
         if not rows:
             return
-        sel = torch.tensor(rows, device=query.device)
+        sel, tok = ctx._capture_inputs(layout, query.device)
         q = query.index_select(0, sel).to(torch.float32)
         k = key.index_select(0, sel).to(torch.float32)
         probs = torch.softmax(q @ k.transpose(-1, -2) * (query.shape[-1] ** -0.5), dim=-1)  # [R, H, N, L]
-        tok = ctx._tokens.to(query.device)
         if tok.dim() == 1:
             cols = probs[..., tok]  # [R, H, N, I]
         else:
