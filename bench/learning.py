@@ -16,7 +16,7 @@ Suites (each compares arms at the same sample budget, same held-out set, same se
   trainer raises a reward which one direction improves for every prompt.
 * ``sparse_brightness`` — the same with a sparse, end-only reward: 1 when the mean pixel value exceeds 0.09
   (about a third of the toy's held-out images before training), else 0. The paper's claim (B² beats DDPO on
-  sparse rewards) on a reward this trainer can move.
+  sparse rewards) on a reward this trainer can move; a third arm gives DDPO B²'s PPO clip range and epochs.
 * ``word``       — B² on ±brightness, the sign set by one word of the prompt (``bench/sanity_rewards.py``):
   a colour word (which the toy follows) against a relation word (which it ignores when drawing). It tells
   whether training can make the model act on that word at all.
@@ -61,6 +61,12 @@ SUITES: dict[str, dict[str, list[str]]] = {
     "sparse_brightness": {
         "b2": ["--algo", "b2", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
         "ddpo": ["--algo", "ddpo", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
+        # DDPO's sampling and statistics with B²'s PPO settings: separates B²'s branching and selection from
+        # its larger clip range and second inner epoch
+        "ddpo, b2's clip and epochs": [
+            *["--algo", "ddpo", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
+            *["--set", "train.clip_range=0.1", "--set", "train.inner_epochs=2"],
+        ],
     },
     "word": {
         "colour word": ["--algo", "b2", "--set", "reward=python:bench.sanity_rewards:colour_brightness"],
