@@ -63,7 +63,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "ddpo": ["--algo", "ddpo", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
         # DDPO's sampling and statistics with B²'s PPO settings: separates B²'s branching and selection from
         # its larger clip range and second inner epoch
-        "ddpo, b2's clip and epochs": [
+        "ddpo with b2's clip and epochs": [
             *["--algo", "ddpo", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
             *["--set", "train.clip_range=0.1", "--set", "train.inner_epochs=2"],
         ],
