@@ -174,15 +174,40 @@ def plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (arm, data) in enumerate(result["arms"].items()):
-        for j, run in enumerate(data["runs"]):
-            curve = [c for c in run.get("train_reward_curve", []) if c is not None]
-            ax.plot(curve, color=f"C{i}", alpha=0.7, label=arm if j == 0 else None)
+    runs = [
+        (i, arm, j, run)
+        for i, (arm, data) in enumerate(result["arms"].items())
+        for j, run in enumerate(data["runs"])
+    ]
+    with_gain = any(run.get("gain_curve") for *_, run in runs)
+    fig, axes = plt.subplots(1, 2 if with_gain else 1, figsize=(12 if with_gain else 7, 4), squeeze=False)
+    ax = axes[0, 0]
+    for i, arm, j, run in runs:
+        curve = [c for c in run.get("train_reward_curve", []) if c is not None]
+        ax.plot(curve, color=f"C{i}", alpha=0.7, label=arm if j == 0 else None)
     ax.set_xlabel("stage")
     ax.set_ylabel("training reward (stage mean)")
-    ax.set_title(f"bench.learning {result['suite']}")
+    ax.set_title(f"bench.learning {result['suite']}: training reward")
     ax.legend()
+    if with_gain:  # the measure: paired held-out gain at every evaluation, ± its standard error
+        ax = axes[0, 1]
+        for i, arm, j, run in runs:
+            pts = [(0, 0.0, 0.0), *run.get("gain_curve", [])]
+            ax.errorbar(
+                [p[0] + 0.08 * j for p in pts],  # seeds side by side
+                [p[1] for p in pts],
+                yerr=[p[2] for p in pts],
+                color=f"C{i}",
+                alpha=0.8,
+                capsize=3,
+                marker="o",
+                label=arm if j == 0 else None,
+            )
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("stage")
+        ax.set_ylabel("held-out paired gain ± s.e.")
+        ax.set_title("held-out gain, one line per seed")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
