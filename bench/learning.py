@@ -43,6 +43,9 @@ from bench.common import git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# 1 when the mean pixel value exceeds 0.09 (a third of the toy's held-out images before training), else 0
+_SPARSE_BRIGHTNESS = ["--set", "reward=brightness", "--set", "reward_options.threshold=0.09"]
+
 # arm name -> extra ``b2diffurl train`` arguments (the run seed is added per run)
 SUITES: dict[str, dict[str, list[str]]] = {
     "default": {"b2 (default run)": []},
@@ -59,12 +62,12 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "ddpo": ["--algo", "ddpo", "--set", "reward=brightness"],
     },
     "sparse_brightness": {
-        "b2": ["--algo", "b2", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
-        "ddpo": ["--algo", "ddpo", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
+        "b2": ["--algo", "b2", *_SPARSE_BRIGHTNESS],
+        "ddpo": ["--algo", "ddpo", *_SPARSE_BRIGHTNESS],
         # DDPO's sampling and statistics with B²'s PPO settings: separates B²'s branching and selection from
         # its larger clip range and second inner epoch
         "ddpo with b2's clip and epochs": [
-            *["--algo", "ddpo", "--set", "reward=brightness", "--set", "reward_options.threshold=0.09"],
+            *["--algo", "ddpo", *_SPARSE_BRIGHTNESS],
             *["--set", "train.clip_range=0.1", "--set", "train.inner_epochs=2"],
         ],
     },

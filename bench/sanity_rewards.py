@@ -29,7 +29,7 @@ def _signs(prompts, sign_of) -> torch.Tensor:
 def relation_brightness(images: torch.Tensor, prompts) -> torch.Tensor:
     """+brightness for 'to the left of' / 'above', −brightness for 'to the right of' / 'below', 0 without a
     relation."""
-    s = _signs(prompts, lambda sc: _REL_SIGN.get(sc.relation, 0.0) if sc.relation else 0.0)
+    s = _signs(prompts, lambda sc: _REL_SIGN.get(sc.relation, 0.0))
     return s.to(images.device) * mean_brightness(images)
 
 

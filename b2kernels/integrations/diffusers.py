@@ -425,14 +425,14 @@ class InjectionContext:
         return hit
 
     def _index_tensors(self, layout: StreamLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
-        tgt = layout.rows("target")
-        return self._cached(
-            ("targets", layout, str(device)),
-            lambda: (
+        def build():
+            tgt = layout.rows("target")
+            return (
                 torch.tensor(tgt, device=device),
                 torch.tensor([layout.ref_id[i] for i in tgt], device=device),
-            ),
-        )
+            )
+
+        return self._cached(("targets", layout, str(device)), build)
 
     def ref_index(self, layout: StreamLayout, source: StreamLayout, device) -> torch.Tensor:
         """[B] int32: row of ``source`` whose K/V row b reads (targets: their reference; others: themselves)."""
@@ -454,9 +454,11 @@ class InjectionContext:
 
     def _capture_inputs(self, layout: StreamLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditional reference rows [R], object-token columns [I] or [R, I]) on ``device``, cached."""
-        rows = layout.cond_ref_rows()
         return (
-            self._cached(("cond_refs", layout, str(device)), lambda: torch.tensor(rows, device=device)),
+            self._cached(
+                ("cond_refs", layout, str(device)),
+                lambda: torch.tensor(layout.cond_ref_rows(), device=device),
+            ),
             self._cached(("tokens", str(device)), lambda: self._tokens.to(device)),
         )
 
