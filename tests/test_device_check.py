@@ -211,6 +211,19 @@ def test_readme_learning_table_is_up_to_date():
     assert render_readme(text, table(), BEGIN, END) == text, "run: python -m bench.learning table --write"
 
 
+def test_every_learning_arm_can_be_chosen_alone_with_arms():
+    """``--arms`` takes a comma list, so an arm name with a comma could never be run on its own."""
+    from bench.learning import SUITES as LEARNING_SUITES
+    from bench.learning import main
+
+    for suite, arms in LEARNING_SUITES.items():
+        for arm in arms:
+            assert "," not in arm, f"{suite}: arm {arm!r} has a comma, which --arms splits on"
+    with pytest.raises(SystemExit) as e:  # an unknown arm is refused before any run starts
+        main(["sparse_brightness", "--arms", "b2,no such arm"])
+    assert e.value.code == 2
+
+
 def test_every_planned_suite_accepts_its_device_arguments():
     """The device plan names options of suites that others may change: parse them here, not first on a GPU."""
     import argparse
