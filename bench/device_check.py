@@ -185,12 +185,30 @@ def write_summary(path: Path, entries: list[dict], header: dict) -> None:
     tmp.replace(path)
 
 
+def suite_limit(plan: list[Step], i: int, left: float, focused: bool) -> float:
+    """Seconds suite ``i`` may run with ``left`` seconds to the deadline.
+
+    A full check caps each suite at its planned budget, so a short lease still reaches the later suites. A
+    focused call (``--suites``, e.g. a second call for the suites the first one could not finish) gives each
+    suite all that is left except the minimum start time of the suites after it.
+    """
+    if not focused:
+        return min(plan[i].budget_s, left)
+    later = sum(s.min_s for s in plan[i + 1 :])
+    return max(min(plan[i].min_s, left), left - later)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.device_check", description=__doc__)
     p.add_argument("--out", default=None, help="output directory (default $OUT, else bench/results)")
     p.add_argument("--deadline", type=float, default=None, help="unix time by which everything must end")
     p.add_argument("--budget", type=float, default=330.0, help="seconds for all suites (without --deadline)")
-    p.add_argument("--suites", default=None, help="comma list: run only these suites (in plan order)")
+    p.add_argument(
+        "--suites",
+        default=None,
+        help="comma list: run only these suites (in plan order), each with all the time left but the minimum "
+        "start time of the ones after it (a full check caps each suite at its planned budget)",
+    )
     p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes, Triton interpreted")
     p.add_argument("--log", default=None, help="append suite output to this file (default: stdout)")
     p.add_argument("--note", action="append", default=[], help="KEY=VALUE lines for the summary header")
@@ -224,7 +242,7 @@ def main(argv=None) -> int:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
     try:
-        for step in plan:
+        for i, step in enumerate(plan):
             left = deadline - time.time()
             if stop or left < step.min_s:
                 why = (
@@ -234,13 +252,20 @@ def main(argv=None) -> int:
                 )
                 entries.append({"suite": step.suite, "status": f"not run: {why}"})
             else:
-                entries.append(run_suite(step, out, min(step.budget_s, left), log))
+                entries.append(run_suite(step, out, suite_limit(plan, i, left, focused=bool(args.suites)), log))
             write_summary(summary, entries, header)
     finally:
         if log is not sys.stdout:
             log.close()
     print(summary.read_text())
     print(f"wrote {summary}")
+    unfinished = [e["suite"] for e in entries if e.get("complete") is not True and not e["status"].startswith("failed")]
+    if unfinished and not args.dry_run:
+        print(
+            "not finished: "
+            + ", ".join(unfinished)
+            + f"; a second call for them: bash bench/device_check.sh --suites {','.join(unfinished)} --no-tests"
+        )
     failed = [e for e in entries if e["status"].startswith(("failed", "killed"))]
     return 1 if failed else 0
 

@@ -104,7 +104,7 @@ def _bench_policy(kind: str, device, dtype):
     return pol
 
 
-def _throughput_rows(args, device) -> list[dict]:
+def _throughput_rows(args, device, rows: list[dict]) -> list[dict]:
     from b2diffurl.algos import dfusion as D
     from b2diffurl.sampling import TreeSampler
     from bench.official_dfusion import shared_items_mask, three_pass_fusion
@@ -182,17 +182,7 @@ def _throughput_rows(args, device) -> list[dict]:
             cfg=cfg,
         )
 
-    warm = 0 if device.type == "cpu" else 2
-    ms_engine = time_fn(engine, warmup=warm, iters=iters, device=device)
-    ms_official = time_fn(official, warmup=warm, iters=iters, device=device)
-    # interleaved (ABAB…) so that load drift on a shared machine hits both alike; medians
-    a_cap, a_plain = [], []
-    for _ in range(max(iters, 2)):
-        a_cap.append(time_fn(lambda: phase_a(True), warmup=warm, iters=1, device=device))
-        a_plain.append(time_fn(lambda: phase_a(False), warmup=warm, iters=1, device=device))
-    ms_a_cap, ms_a = sorted(a_cap)[len(a_cap) // 2], sorted(a_plain)[len(a_plain) // 2]
-    # capture overhead per target: one Phase-A image per target and a half (n = 16: 8 bases + 4 refs + 4 others)
-    overhead_ms = max(ms_a_cap - ms_a, 0.0) / rows_a * nt * 2
+    warm = 0 if device.type == "cpu" else 1  # the first call compiles and autotunes; one more is noise
     common = dict(
         unet=kind,
         device=device_name(device),
@@ -202,7 +192,18 @@ def _throughput_rows(args, device) -> list[dict]:
         fused_steps=f"{fused[0]}-{fused[-1]}",
         fused_blocks=str(list(layers)),
     )
-    out = [
+    # each row goes into ``rows`` as soon as it is measured: a suite stopped at its time limit keeps it
+    ms_engine = time_fn(engine, warmup=warm, iters=iters, device=device)
+    eng = dict(
+        common,
+        impl="engine (1 call/step)",
+        ms=ms_engine,
+        targets_per_s=nt / ms_engine * 1e3,
+        unet_rows_per_step=3 * nt,
+    )
+    rows.append(eng)
+    ms_official = time_fn(official, warmup=warm, iters=iters, device=device)
+    rows.append(
         dict(
             common,
             impl="official (3 calls/step)",
@@ -210,73 +211,21 @@ def _throughput_rows(args, device) -> list[dict]:
             targets_per_s=nt / ms_official * 1e3,
             unet_rows_per_step=6 * nt,
         ),
-        dict(
-            common,
-            impl="engine (1 call/step)",
-            ms=ms_engine,
-            targets_per_s=nt / ms_engine * 1e3,
-            unet_rows_per_step=3 * nt,
-            speedup=ms_official / ms_engine,
-            speedup_incl_capture=ms_official / (ms_engine + overhead_ms),
-            phase_a_capture_overhead=(ms_a_cap - ms_a) / ms_a,
-        ),
-    ]
-    return out
-
-
-def _toy_rows(args) -> list[dict]:
-    from b2diffurl.algos import dfusion as D
-    from b2diffurl.models import load_policy
-    from b2diffurl.rewards import get_reward
-    from b2diffurl.sampling import TreeSampler
-    from b2diffurl.toy import prompts as TP
-    from b2kernels.buffer import TrajectoryArena
-
-    quick = args.quick
-    policy = load_policy("toy")
-    reward = get_reward("toy")
-    T = 20
-    P = args.toy_prompts or (2 if quick else 8)
-    n = args.toy_n or (4 if quick else 16)
-    gen = torch.Generator().manual_seed(0)
-    train = TP.train_prompts()
-    prompts = [train[i] for i in torch.randperm(len(train), generator=gen)[:P].tolist()]
-    sampler = TreeSampler(policy, num_steps=T, guidance_scale=5.0, eta=1.0)
-    rows = []
-    for rule, thr in (("threshold", 0.05), ("mean", 0.05)):
-        cfg = DFusionConfig(samples_per_prompt=n, mask_rule=rule, mask_threshold=thr)
-        arena = TrajectoryArena(policy.latent_shape, num_steps=T, max_trees=P * n * 2, branches=1)
-        t0 = time.perf_counter()
-        st = D.generate_pairs(
-            sampler,
-            prompts,
-            cfg,
-            reward_fn=reward,
-            arena=arena,
-            run_seed=0,
-            epoch=0,
-            prompts_per_call=max(1, 64 // n),
-        )
-        sync()
-        m = st.metrics
-        rows.append(
-            dict(
-                toy=True,
-                mask_rule=rule,
-                threshold=thr if rule == "threshold" else "mean",
-                prompts=P,
-                n=n,
-                pairs=int(st.target_ids.numel()),
-                reward_ref=m["reward_ref_mean"],
-                reward_base=m["reward_base_mean"],
-                reward_target=m["reward_target_mean"],
-                target_minus_base=m["target_minus_base"],
-                target_beats_base=m["target_beats_base"],
-                target_loses=float((st.target_rewards < st.base_rewards).float().mean()),
-                mask_coverage=m["mask_coverage"],
-                s=time.perf_counter() - t0,
-            )
-        )
+    )
+    eng["speedup"] = ms_official / ms_engine
+    # interleaved (ABAB…) so that load drift on a shared machine hits both alike; medians
+    for _ in range(warm):  # compile both variants before timing
+        phase_a(True)
+        phase_a(False)
+    a_cap, a_plain = [], []
+    for _ in range(max(iters, 2)):
+        a_cap.append(time_fn(lambda: phase_a(True), warmup=0, iters=1, device=device))
+        a_plain.append(time_fn(lambda: phase_a(False), warmup=0, iters=1, device=device))
+    ms_a_cap, ms_a = sorted(a_cap)[len(a_cap) // 2], sorted(a_plain)[len(a_plain) // 2]
+    # capture overhead per target: one Phase-A image per target and a half (n = 16: 8 bases + 4 refs + 4 others)
+    overhead_ms = max(ms_a_cap - ms_a, 0.0) / rows_a * nt * 2
+    eng["speedup_incl_capture"] = ms_official / (ms_engine + overhead_ms)
+    eng["phase_a_capture_overhead"] = (ms_a_cap - ms_a) / ms_a
     return rows
 
 
@@ -284,7 +233,7 @@ def run(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # rows go straight into the runner's list: a suite stopped at its time limit keeps the ones it finished
     rows = args.result_rows if isinstance(getattr(args, "result_rows", None), list) else []
-    rows += _throughput_rows(args, device)
+    _throughput_rows(args, device, rows)
     toy = args.toy
     if toy == "auto":
         try:
@@ -304,9 +253,8 @@ def summary(rows):
     eng = [r for r in rows if str(r.get("impl", "")).startswith("engine")]
     toy = [r for r in rows if r.get("toy")]
     out = {}
-    if eng:
-        out["speedup"] = eng[0]["speedup"]
-        out["speedup_incl_capture"] = eng[0]["speedup_incl_capture"]
+    if eng:  # a run stopped early may lack the later columns
+        out.update({k: eng[0][k] for k in ("speedup", "speedup_incl_capture") if k in eng[0]})
     if toy:
         out["toy_target_minus_base"] = {r["mask_rule"]: r["target_minus_base"] for r in toy}
     return out

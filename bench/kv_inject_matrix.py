@@ -4,8 +4,9 @@
 
 Cases: head dims 8/16 (the toy model) and 40/64/80/160 (SD 1.5) at their token counts; per head dim every tile
 the autotuner may pick (``_CONFIGS_BY_HEAD_DIM``) at its own pipeline depth and at one stage; bool mask (the
-one-load select path) and soft mask (the fp32 blend); the default head-dim split and, for 40/80/160, one
-power-of-two chunk; fp16, plus fp32 (exact dots) for the small dims; and the autotuned launch itself.
+one-load select path) and soft mask (the fp32 blend); fp16, plus fp32 (exact dots) for the small dims; and the
+autotuned launch itself. (Results from before the two-chunk head-dim split was removed also carry a ``split``
+column.)
 
 Each case runs with ``CUDA_LAUNCH_BLOCKING=1`` in a worker process, so an illegal memory access is pinned to
 the case that made it: the worker dies, the case is recorded as ``crash`` with the error's last line, and a new
@@ -43,28 +44,20 @@ def add_args(p):
 
 def cases(quick: bool, batch: int, heads: int) -> list[dict]:
     from b2kernels._dispatch import triton_interpret
-    from b2kernels.ops.kv_inject_attention.triton import _tiles_for, head_dim_chunks, split_head_dim
+    from b2kernels.ops.kv_inject_attention.triton import _tiles_for
 
     out = []
     interp = triton_interpret()
     for d, n in QUICK_SHAPES if quick else SHAPES:
         tiles = [(32, 32, 4, 1)] if interp else list(_tiles_for(d))
-        splits = [list(head_dim_chunks(d))]  # the launcher's one padded chunk
-        if split_head_dim(d)[1]:
-            splits.append(list(split_head_dim(d)))  # the two-chunk split, off until it passes here
         dtypes = ["float16"] + (["float32"] if d <= 40 and not quick else [])
         base = dict(D=d, N=n, B=batch, H=heads)
         for dtype in dtypes:
             for binary in (True, False):
-                out.append(dict(base, dtype=dtype, binary=binary, config=None, split=None))  # autotuned
+                out.append(dict(base, dtype=dtype, binary=binary, config=None))  # autotuned
                 for bm, bn, warps, stages in tiles:
                     for st in sorted({stages, 1}):
-                        for split in splits:
-                            out.append(
-                                dict(
-                                    base, dtype=dtype, binary=binary, config=[bm, bn, warps, st], split=split
-                                )
-                            )
+                        out.append(dict(base, dtype=dtype, binary=binary, config=[bm, bn, warps, st]))
     return out
 
 
@@ -94,7 +87,6 @@ def run_case(c: dict, device) -> dict:
         D**-0.5,
         c["binary"],
         config=tuple(c["config"]) if c["config"] else None,
-        split=tuple(c["split"]) if c["split"] else None,
     )
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -136,7 +128,6 @@ def _label(c: dict) -> dict:
         "dtype": c["dtype"],
         "mask": "bool" if c["binary"] else "soft",
         "tile": "autotuned" if c["config"] is None else "x".join(map(str, c["config"])),
-        "split": "default" if c["split"] is None else "+".join(map(str, c["split"])),
     }
 
 
@@ -199,7 +190,7 @@ def run(args) -> list[dict]:
     finally:
         for p, _, _ in procs.values():
             p.kill()
-    rows.sort(key=lambda r: (r["D"], r["dtype"], r["mask"], r["tile"], r["split"]))
+    rows.sort(key=lambda r: (r["D"], r["dtype"], r["mask"], r["tile"]))
     return rows
 
 
@@ -209,7 +200,7 @@ def summary(rows: list[dict]) -> dict:
     bad = [r for r in rows if r.get("status") != "ok"]
     return {
         "failing": [
-            {k: r.get(k) for k in ("D", "N", "dtype", "mask", "tile", "split", "status", "error")}
+            {k: r.get(k) for k in ("D", "N", "dtype", "mask", "tile", "status", "error")}
             for r in bad
         ],
         "targets": [

@@ -211,6 +211,21 @@ def test_readme_learning_table_is_up_to_date():
     assert render_readme(text, table(), BEGIN, END) == text, "run: python -m bench.learning table --write"
 
 
+def test_a_focused_call_gives_its_suites_the_time_left():
+    """Full check: each suite at most its planned budget. ``--suites``: all that is left but the later suites'
+    minimum start times (a second call must not stop D-Fusion at 100 s with 300 s to spare)."""
+    from bench.device_check import DEVICE_PLAN, Step, suite_limit
+
+    plan = [Step("a", [], 100, min_s=40), Step("b", [], 150, min_s=60), Step("c", [], 50, min_s=20)]
+    assert suite_limit(plan, 0, 500, focused=False) == 100
+    assert suite_limit(plan, 0, 30, focused=False) == 30
+    assert suite_limit(plan, 0, 500, focused=True) == 500 - 60 - 20
+    assert suite_limit(plan, 1, 300, focused=True) == 300 - 20
+    assert suite_limit(plan, 2, 90, focused=True) == 90
+    assert suite_limit(plan, 0, 70, focused=True) == 40  # never below its own minimum while it fits
+    assert {s.suite for s in DEVICE_PLAN} >= {"stage", "dfusion"}
+
+
 def test_every_learning_arm_can_be_chosen_alone_with_arms():
     """``--arms`` takes a comma list, so an arm name with a comma could never be run on its own."""
     from bench.learning import SUITES as LEARNING_SUITES

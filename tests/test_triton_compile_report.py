@@ -89,16 +89,13 @@ def kv_inject_cases(head_dims=SD_HEAD_DIMS):
     }
     types["qk_scale"] = "fp32"
     for D in head_dims:
-        d0, d1 = kt.head_dim_chunks(D)  # what the launcher uses
         for binary, q_ref in ((True, False), (False, True)):
             # the configs the autotuner may pick for this head dim (its own pruning rule)
             configs = kt._prune(kt._kv_inject_fwd_kernel.configs, {"HEAD_DIM": D}, HEAD_DIM=D)
             for c in configs:
                 const = dict(
                     HEAD_DIM=D,
-                    BLOCK_D0=d0,
-                    BLOCK_D1=max(d1, 16),
-                    HAS_D1=d1 > 0,
+                    BLOCK_D=kt.head_dim_block(D),  # what the launcher uses
                     HAS_QREF=q_ref,
                     HAS_RIDX=binary,
                     BINARY=binary,

@@ -14,11 +14,10 @@ Neither an N×N score matrix nor a blended K/V copy ever touches memory.
 
 The mask is read per (batch row, token) with no head dimension (broadcast over heads by construction);
 reference rows come from ``ref_index[b]`` or ``b % Br`` (stride-0 broadcast of a batch-1 reference).
-The head dim is read as one power-of-two chunk (≥ 16) with masked loads: 40 → 64, 80 → 128, 160 → 256. The kernel
-can also split it into two chunks (40 → 32+16, 80 → 64+16, 160 → 128+32: 60% fewer padded FLOPs), but on an
-H200 (Triton 3.6) some split tiles gave wrong outputs and one faulted (128×64×8 at D=40, 64×32×8 at D=160;
-bench/kv_inject_matrix.py checks every tile), while every one-chunk case matched the oracle. So the split is
-only reachable through ``split=`` for that check, until it passes there.
+The head dim is read as one power-of-two chunk (≥ 16) with masked loads: 40 → 64, 80 → 128, 160 → 256. A split
+into two chunks (40 → 32+16, 160 → 128+32; fewer padded FLOPs) was tried and removed: on an H200 (Triton 3.6) some
+split tiles gave wrong fp16 outputs and two faulted, in both device runs, while every one-chunk case matched the
+fp32 oracle (bench/kv_inject_matrix.py).
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ _empty = torch.empty  # tests swap in a NaN-filled allocator to catch unwritten 
 # diffusers processors launch); with a soft mask and injected queries the 256-lane tile spills ~120 bytes (no
 # 256-lane tile was spill-free there). Left out because they spill: D ≤ 64: 128×128; D ≤ 128: 64×64, 128×32,
 # 128×64, 32×32; D > 128: every 128-row and 32-row tile, 64×32. Correct on an H200 (bench/kv_inject_matrix.py):
-# every D ≤ 64 tile and 64×32×8 at D ≤ 128; 64×16 at D ≤ 128 and D > 128 has not met a GPU yet. Short lists
-# also keep autotuning on a fresh machine to a few compiles per shape.
+# every tile listed here, at its own pipeline depth and at one stage, with bool and soft masks (D = 8/16/40/64/
+# 80/160). Short lists also keep autotuning on a fresh machine to a few compiles per shape.
 _CONFIGS_BY_HEAD_DIM = (
     (64, ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3))),
     (128, ((64, 32, 8, 3), (64, 16, 4, 3))),
@@ -125,9 +124,7 @@ def _kv_inject_fwd_kernel(
     qk_scale,
     NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D0: tl.constexpr,
-    BLOCK_D1: tl.constexpr,
-    HAS_D1: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     HAS_QREF: tl.constexpr,
     HAS_RIDX: tl.constexpr,
     BINARY: tl.constexpr,
@@ -136,8 +133,8 @@ def _kv_inject_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # fmt: on
-    # Head dim as [0, D0) + optionally [D0, D0+D1) (HAS_D1; the module docstring says why it is off).
-    # HEAD_DIM is constexpr: the d-masks fold to constants and the loads stay vectorised.
+    # Head dim as one padded chunk [0, BLOCK_D). HEAD_DIM is constexpr: the d-mask folds to a constant and the
+    # loads stay vectorised.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -152,10 +149,8 @@ def _kv_inject_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d0 = tl.arange(0, BLOCK_D0)
-    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-    d0_ok = offs_d0 < HEAD_DIM
-    d1_ok = offs_d1 < HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < NQ
     rows64 = offs_m.to(tl.int64)
 
@@ -165,25 +160,18 @@ def _kv_inject_fwd_kernel(
         mq = tl.load(M + mrow * smb + offs_m * smn, mask=m_ok, other=0.0)
         q_own = m_ok & (mq < 1.0)
         q_ref = m_ok & (mq > 0.0)
-        q0 = _blend_tile(
-            q_base, qr_base, rows64, sqn, sqrn, offs_d0, d0_ok, m_ok, q_own, q_ref, mq[:, None], BINARY
-        )
-        q1 = _blend_tile(
-            q_base, qr_base, rows64, sqn, sqrn, offs_d1, d1_ok, m_ok, q_own, q_ref, mq[:, None], BINARY
+        q = _blend_tile(
+            q_base, qr_base, rows64, sqn, sqrn, offs_d, d_ok, m_ok, q_own, q_ref, mq[:, None], BINARY
         )
     else:
-        q0 = tl.load(
-            q_base + rows64[:, None] * sqn + offs_d0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0
-        )
-        q1 = tl.load(
-            q_base + rows64[:, None] * sqn + offs_d1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0
+        q = tl.load(
+            q_base + rows64[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
         )
 
     # Finite start for the running max: a row whose scores were all -inf would give 0, not NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_base = K + b64 * skb + h64 * skh
     v_base = V + b64 * svb + h64 * svh
@@ -200,16 +188,8 @@ def _kv_inject_fwd_kernel(
         use_own = n_ok & (mk < 1.0)
         mk2 = mk[:, None]
 
-        k0 = _blend_tile(
-            k_base, kr_base, cols64, skn, skrn, offs_d0, d0_ok, n_ok, use_own, use_ref, mk2, BINARY
-        )
-        s = _dot(q0, tl.trans(k0), IEEE)
-        if HAS_D1:
-            k1 = _blend_tile(
-                k_base, kr_base, cols64, skn, skrn, offs_d1, d1_ok, n_ok, use_own, use_ref, mk2, BINARY
-            )
-            s += _dot(q1, tl.trans(k1), IEEE)
-        s = s * qk_scale
+        k = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d, d_ok, n_ok, use_own, use_ref, mk2, BINARY)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -218,52 +198,22 @@ def _kv_inject_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(V.dtype.element_ty)
 
-        v0 = _blend_tile(
-            v_base, vr_base, cols64, svn, svrn, offs_d0, d0_ok, n_ok, use_own, use_ref, mk2, BINARY
-        )
-        acc0 = acc0 * alpha[:, None] + _dot(p, v0, IEEE)
-        if HAS_D1:
-            v1 = _blend_tile(
-                v_base, vr_base, cols64, svn, svrn, offs_d1, d1_ok, n_ok, use_own, use_ref, mk2, BINARY
-            )
-            acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE)
+        v = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d, d_ok, n_ok, use_own, use_ref, mk2, BINARY)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o_base = O + b64 * sob + h64 * soh
-    out0 = acc0 / l_safe[:, None]
     tl.store(
-        o_base + rows64[:, None] * son + offs_d0[None, :],
-        out0.to(O.dtype.element_ty),
-        mask=m_ok[:, None] & d0_ok[None, :],
+        o_base + rows64[:, None] * son + offs_d[None, :],
+        (acc / l_safe[:, None]).to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
     )
-    if HAS_D1:
-        out1 = acc1 / l_safe[:, None]
-        tl.store(
-            o_base + rows64[:, None] * son + offs_d1[None, :],
-            out1.to(O.dtype.element_ty),
-            mask=m_ok[:, None] & d1_ok[None, :],
-        )
 
 
-def split_head_dim(d: int) -> tuple[int, int]:
-    """(D0, D1): power-of-two chunks ≥ 16 covering ``d`` (D1 = 0 when one chunk suffices).
-
-    40 → (32, 16), 64 → (64, 0), 80 → (64, 16), 128 → (128, 0), 160 → (128, 32).
-    """
-    d0 = max(16, 1 << (d.bit_length() - 1))
-    if d0 >= d:
-        return d0, 0
-    rest = d - d0
-    d1 = max(16, triton.next_power_of_2(rest))
-    if d1 >= d0:  # e.g. 100 = 64 + 36 → (64, 64) is no better than one 128 chunk
-        return triton.next_power_of_2(d), 0
-    return d0, d1
-
-
-def head_dim_chunks(d: int) -> tuple[int, int]:
-    """(D0, D1) the launcher uses: one power-of-two chunk ≥ 16 covering ``d`` (see the module docstring)."""
-    return max(16, triton.next_power_of_2(d)), 0
+def head_dim_block(d: int) -> int:
+    """The padded head-dim chunk the kernel reads: the power of two ≥ max(d, 16) (40 → 64, 160 → 256)."""
+    return max(16, triton.next_power_of_2(d))
 
 
 def _bucket(n: int) -> int:
@@ -284,12 +234,11 @@ def kv_inject_attention_triton(
     binary: bool = False,
     *,
     config: tuple | None = None,
-    split: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Launch the kernel. Inputs are already validated by the public function.
 
-    ``config`` = (BLOCK_M, BLOCK_N, warps, stages) launches that one tile without autotuning, and ``split``
-    overrides the head-dim chunks (D0, D1): for bench/kv_inject_matrix.py, which checks every tile on a GPU.
+    ``config`` = (BLOCK_M, BLOCK_N, warps, stages) launches that one tile without autotuning: for
+    bench/kv_inject_matrix.py, which checks every tile on a GPU.
 
     q [B,H,Nq,D], k/v [B,H,Nk,D], k_ref/v_ref [Br,H,Nk,D], q_ref [Br,H,Nq,D] or None, mask float32
     [Bm, Nk] with B % Bm == 0 (``binary``: its values are exactly 0 or 1, e.g. it came from a bool mask), ref_index int32 [B] or None. Any strides with a unit last-dim stride.
@@ -308,7 +257,6 @@ def kv_inject_attention_triton(
     out = _empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     qr = q_ref if q_ref is not None else q
     ridx = ref_index if ref_index is not None else mask  # dummy pointer when unused
-    d0, d1 = split or head_dim_chunks(D)
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
     kernel, meta = _kv_inject_fwd_kernel, {}
     if config is not None:
@@ -329,9 +277,7 @@ def kv_inject_attention_triton(
         float(scale) * math.log2(math.e),
         _bucket(NQ), _bucket(NK),
         HEAD_DIM=D,
-        BLOCK_D0=d0,
-        BLOCK_D1=max(d1, 16),
-        HAS_D1=d1 > 0,
+        BLOCK_D=head_dim_block(D),
         HAS_QREF=q_ref is not None,
         HAS_RIDX=ref_index is not None,
         BINARY=binary,
