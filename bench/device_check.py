@@ -252,14 +252,18 @@ def main(argv=None) -> int:
                 )
                 entries.append({"suite": step.suite, "status": f"not run: {why}"})
             else:
-                entries.append(run_suite(step, out, suite_limit(plan, i, left, focused=bool(args.suites)), log))
+                entries.append(
+                    run_suite(step, out, suite_limit(plan, i, left, focused=bool(args.suites)), log)
+                )
             write_summary(summary, entries, header)
     finally:
         if log is not sys.stdout:
             log.close()
     print(summary.read_text())
     print(f"wrote {summary}")
-    unfinished = [e["suite"] for e in entries if e.get("complete") is not True and not e["status"].startswith("failed")]
+    unfinished = [
+        e["suite"] for e in entries if e.get("complete") is not True and not e["status"].startswith("failed")
+    ]
     if unfinished and not args.dry_run:
         print(
             "not finished: "

@@ -229,6 +229,62 @@ def _throughput_rows(args, device, rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _toy_rows(args) -> list[dict]:
+    from b2diffurl.algos import dfusion as D
+    from b2diffurl.models import load_policy
+    from b2diffurl.rewards import get_reward
+    from b2diffurl.sampling import TreeSampler
+    from b2diffurl.toy import prompts as TP
+    from b2kernels.buffer import TrajectoryArena
+
+    quick = args.quick
+    policy = load_policy("toy")
+    reward = get_reward("toy")
+    T = 20
+    P = args.toy_prompts or (2 if quick else 8)
+    n = args.toy_n or (4 if quick else 16)
+    gen = torch.Generator().manual_seed(0)
+    train = TP.train_prompts()
+    prompts = [train[i] for i in torch.randperm(len(train), generator=gen)[:P].tolist()]
+    sampler = TreeSampler(policy, num_steps=T, guidance_scale=5.0, eta=1.0)
+    rows = []
+    for rule, thr in (("threshold", 0.05), ("mean", 0.05)):
+        cfg = DFusionConfig(samples_per_prompt=n, mask_rule=rule, mask_threshold=thr)
+        arena = TrajectoryArena(policy.latent_shape, num_steps=T, max_trees=P * n * 2, branches=1)
+        t0 = time.perf_counter()
+        st = D.generate_pairs(
+            sampler,
+            prompts,
+            cfg,
+            reward_fn=reward,
+            arena=arena,
+            run_seed=0,
+            epoch=0,
+            prompts_per_call=max(1, 64 // n),
+        )
+        sync()
+        m = st.metrics
+        rows.append(
+            dict(
+                toy=True,
+                mask_rule=rule,
+                threshold=thr if rule == "threshold" else "mean",
+                prompts=P,
+                n=n,
+                pairs=int(st.target_ids.numel()),
+                reward_ref=m["reward_ref_mean"],
+                reward_base=m["reward_base_mean"],
+                reward_target=m["reward_target_mean"],
+                target_minus_base=m["target_minus_base"],
+                target_beats_base=m["target_beats_base"],
+                target_loses=float((st.target_rewards < st.base_rewards).float().mean()),
+                mask_coverage=m["mask_coverage"],
+                s=time.perf_counter() - t0,
+            )
+        )
+    return rows
+
+
 def run(args) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # rows go straight into the runner's list: a suite stopped at its time limit keeps the ones it finished

@@ -200,8 +200,7 @@ def summary(rows: list[dict]) -> dict:
     bad = [r for r in rows if r.get("status") != "ok"]
     return {
         "failing": [
-            {k: r.get(k) for k in ("D", "N", "dtype", "mask", "tile", "status", "error")}
-            for r in bad
+            {k: r.get(k) for k in ("D", "N", "dtype", "mask", "tile", "status", "error")} for r in bad
         ],
         "targets": [
             target(

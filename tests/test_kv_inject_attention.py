@@ -298,6 +298,21 @@ def test_custom_op_fake_and_schema():
     assert b2kernels.kv_inject_attention is kv_inject_attention
 
 
+def test_auto_runs_the_reference_on_cuda_where_the_kernel_measured_slower():
+    """The K/V kernel measured 0.31-0.78x blend + SDPA on an H200, so ``auto`` serves CUDA tensors with the
+    reference; ``backend="triton"`` still runs the kernel, and the DDIM op (faster than its reference) keeps it.
+    Decided from the device only: no CUDA tensor is created."""
+    from b2kernels import _dispatch
+
+    if _dispatch.triton_reasons("cuda"):
+        pytest.skip(f"triton cannot serve CUDA here: {_dispatch.triton_reasons('cuda')}")
+    assert _dispatch.resolve("kv_inject_attention", "auto", "cuda") == "reference"
+    assert _dispatch.resolve("kv_inject_attention", "triton", "cuda") == "triton"
+    assert _dispatch.resolve("ddim_logprob", "auto", "cuda") == "triton"
+    choice, why = _dispatch.explain("kv_inject_attention", "cuda")
+    assert choice == "reference" and "blend + SDPA" in why
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 
 
@@ -310,7 +325,7 @@ def test_gpu_sd_shapes(D, N, dtype):
         t.cuda() if t is not None else None for t in make(B, H, N, D, dtype, ref_batch=1)
     )
     m = m > 0.5
-    out = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m)
+    out = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, backend="triton")
     ref = kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, backend="reference")
     want = oracle(q, k, v, expand(kr, B), expand(vr, B), m.float())
     check_close(out, want, ref, dtype)
@@ -322,9 +337,14 @@ def test_gpu_torch_compile_captures_op():
     # not fullgraph: the backend resolution reads the environment / importlib (a graph break at most); the
     # custom op itself is what must be capturable.
     f = torch.compile(
-        lambda *a: kv_inject_attention(*a[:3], k_ref=a[3], v_ref=a[4], mask=a[5], validate=False)
+        lambda *a: kv_inject_attention(
+            *a[:3], k_ref=a[3], v_ref=a[4], mask=a[5], validate=False, backend="triton"
+        )
     )
     torch.testing.assert_close(
-        f(q, k, v, kr, vr, m), kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m), atol=0, rtol=0
+        f(q, k, v, kr, vr, m),
+        kv_inject_attention(q, k, v, k_ref=kr, v_ref=vr, mask=m, backend="triton"),
+        atol=0,
+        rtol=0,
     )
     assert math.isfinite(f(q, k, v, kr, vr, m).float().sum().item())
