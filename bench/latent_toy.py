@@ -91,7 +91,7 @@ def pretrain_latent_unet(
     """The toy UNet on 4×8×8 latents (``scale``·posterior samples of a fixed pool of renders) -> (EMA UNet,
     steps, minutes)."""
     from b2diffurl.toy import model as M
-    from b2diffurl.toy.pretrain import P_UNCOND, encode, sample_prompts
+    from b2diffurl.toy.pretrain import P_UNCOND, PromptEmbeddings, denoising_loss, sample_prompts, update
     from b2diffurl.toy.render import render
 
     rng = random.Random(seed)
@@ -110,30 +110,13 @@ def pretrain_latent_unet(
             pool_prompts += prompts
             pool.append(vae.encode(render(prompts, seed=10_000_000 + b) * 2 - 1).latent_dist.sample() * scale)
     pool = torch.cat(pool)
-    cache: dict[str, torch.Tensor] = {}
-
-    def embed(prompts):
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if missing:
-            with torch.no_grad():
-                cache.update(zip(missing, encode(tokenizer, text_encoder, missing)))
-        return torch.stack([cache[p] for p in prompts])
-
+    embed = PromptEmbeddings(tokenizer, text_encoder)
     acp, t0, losses, step = ddpm.alphas_cumprod, time.time(), [], 0
     while time.time() - t0 < 60 * minutes:
         ix = torch.randint(0, len(pool_prompts), (batch,))
         prompts = ["" if rng.random() < P_UNCOND else pool_prompts[i] for i in ix.tolist()]
-        x0, t = pool[ix], torch.randint(0, ddpm.config.num_train_timesteps, (batch,))
-        noise, a = torch.randn_like(x0), acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, embed(prompts)).sample, a.sqrt() * noise - (1 - a).sqrt() * x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - min(0.999, (1 + step) / (10 + step)))
+        loss = denoising_loss(unet, pool[ix], embed(prompts), acp, "v_prediction")
+        update(loss, opt, sched, params, ema_params, step, 0.999)
         losses.append(loss.item())
         step += 1
         if step % 100 == 0:

@@ -53,6 +53,44 @@ def sample_prompts(rng: random.Random, n: int) -> list[str]:
     return [rng.choice(by_cat[c]) for c in cats]
 
 
+class PromptEmbeddings:
+    """Cached embeddings of the frozen text encoder: each distinct prompt is encoded once."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            with torch.no_grad():
+                self.cache.update(zip(missing, encode(self.tokenizer, self.text_encoder, missing)))
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+def denoising_loss(
+    unet, x0: torch.Tensor, cond: torch.Tensor, alphas_cumprod, prediction: str
+) -> torch.Tensor:
+    """DDPM training loss at uniform timesteps: MSE to v (``v_prediction``) or to the noise (``epsilon``).
+    Draws the timesteps, then the noise (the order the committed checkpoints were trained with)."""
+    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    return F.mse_loss(unet(xt, t, cond).sample, target)
+
+
+def update(loss, opt, sched, params, ema_params, step: int, ema: float) -> None:
+    """Backward, clip to norm 1, AdamW and LR-schedule steps, then the EMA (decay warmed up as (1+s)/(10+s))."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, params, 1 - min(ema, (1 + step) / (10 + step)))
+
+
 @torch.no_grad()
 def ddim_sample(
     unet, text_encoder, tokenizer, scheduler, prompts, *, num_steps=20, guidance_scale=5.0, eta=1.0, seed=0
@@ -255,14 +293,7 @@ def main(argv=None) -> None:
     params = list(unet.parameters())
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_params = list(ema_unet.parameters())
-    cache: dict[str, torch.Tensor] = {}
-
-    def embed(prompts: list[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if missing:
-            with torch.no_grad():
-                cache.update(zip(missing, encode(tokenizer, te, missing)))
-        return torch.stack([cache[p] for p in prompts])
+    embed = PromptEmbeddings(tokenizer, te)
 
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
@@ -281,20 +312,8 @@ def main(argv=None) -> None:
         prompts = sample_prompts(rng, args.batch)
         x0 = M.images_to_latents(render(prompts, seed=args.seed * 100_000 + step)).to(dev)
         prompts = ["" if rng.random() < P_UNCOND else p for p in prompts]
-        t = torch.randint(0, ddpm.config.num_train_timesteps, (args.batch,), device=dev)
-        noise = torch.randn_like(x0)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = noise if args.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        loss = F.mse_loss(unet(xt, t, embed(prompts)).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        loss = denoising_loss(unet, x0, embed(prompts), acp, args.prediction)
+        update(loss, opt, sched, params, ema_params, step, args.ema)
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(
