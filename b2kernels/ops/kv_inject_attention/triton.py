@@ -6,11 +6,15 @@ One program computes a [BLOCK_M, D] tile of the output for one (batch row, head)
 builds the blended K'/V' tile in registers, then runs the usual online softmax (exp2, running max/sum in fp32).
 Neither an N×N score matrix nor a blended K/V copy ever touches memory.
 
-* Bool mask (D-Fusion; what the diffusers processors pass): ONE load per element from a per-row selected
-  source (K_ref rows where m = 1, K rows where m = 0) — the same memory traffic as plain attention, no blend
-  arithmetic, exact.
-* Float mask: K is read only where m < 1 and K_ref only where m > 0 (complementary predicates), blended
-  ``m·K_ref + (1−m)·K`` in fp32 and cast back to the input dtype (as the reference does).
+* Bool mask (D-Fusion; what the diffusers processors pass): K is read where m = 0 and K_ref where m = 1 (two
+  masked loads with complementary predicates, then a select): the same memory traffic as plain attention, no
+  blend arithmetic, exact. An earlier version loaded through a per-row selected pointer; that defeats Triton's
+  vectorisation and load pipelining (compiled for sm_90: scalar 2-byte loads, no cp.async).
+* Float mask: K is read only where m < 1 and K_ref only where m > 0, blended ``m·K_ref + (1−m)·K`` in fp32 and
+  cast back to the input dtype (as the reference does).
+* ``ALIGN8``: when every stride is a multiple of 8 elements and every pointer 16-byte aligned (checked by the
+  launcher), the row offsets carry that hint, so D = 40 (a token stride that is not a multiple of 16) still gets
+  16-byte loads.
 
 The mask is read per (batch row, token) with no head dimension (broadcast over heads by construction);
 reference rows come from ``ref_index[b]`` or ``b % Br`` (stride-0 broadcast of a batch-1 reference).
@@ -34,16 +38,16 @@ _empty = torch.empty  # tests swap in a NaN-filled allocator to catch unwritten 
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per head-dim range, for the one padded head-dim chunk (64/128/256 lanes).
-# tests/test_triton_compile_report.py runs ptxas -v on each for sm_90: none spills with the bool mask (the path the
-# diffusers processors launch); with a soft mask and injected queries the 256-lane tile spills ~120 bytes (no
-# 256-lane tile was spill-free there). Left out because they spill: D ≤ 64: 128×128; D ≤ 128: 64×64, 128×32,
-# 128×64, 32×32; D > 128: every 128-row and 32-row tile, 64×32. Correct on an H200 (bench/kv_inject_matrix.py):
-# every tile listed here, at its own pipeline depth and at one stage, with bool and soft masks (D = 8/16/40/64/
-# 80/160). Short lists also keep autotuning on a fresh machine to a few compiles per shape.
+# tests/test_triton_compile_report.py compiles each for sm_90 (ptxas -v): none spills, with the bool mask or
+# the soft mask with injected queries, and every one pipelines its K/V loads (cp.async). Searched and left out
+# because they spill at 255 registers: D ≤ 128: 64×64×4; D > 128: 64×32×4, 64×64×4, 128×32×8. The tiles of
+# the first list (before the two-load change) matched the fp32 oracle on an H200 (bench/kv_inject_matrix.py);
+# the larger ones added with it (128×128, 64×64 at D ≤ 64; 128×64, 128×32 at D ≤ 128; 64×32 at D > 128) have
+# not met a GPU yet. Short lists keep autotuning on a fresh machine to a few compiles per shape.
 _CONFIGS_BY_HEAD_DIM = (
-    (64, ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3))),
-    (128, ((64, 32, 8, 3), (64, 16, 4, 3))),
-    (256, ((64, 16, 8, 3),)),
+    (64, ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3))),
+    (128, ((64, 32, 8, 3), (64, 16, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3))),
+    (256, ((64, 16, 8, 3), (64, 32, 8, 3))),
 )
 
 
@@ -74,24 +78,31 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _blend_tile(own, ref, rows64, s_own, s_ref, offs_d, d_ok, ok, use_own, use_ref, m2, BINARY: tl.constexpr):
-    """[rows, d] tile of ``m·ref + (1−m)·own``, in the input dtype.
+def _blend_tile(own, ref, own_off, ref_off, offs_d, d_ok, use_own, use_ref, m2, BINARY: tl.constexpr):
+    """[rows, d] tile of ``m·ref + (1−m)·own``, in the input dtype; ``*_off`` are per-row element offsets.
 
-    Binary mask: ONE load per element from a per-row selected source (ref where m = 1, own where m = 0) — the
-    tile costs exactly what plain attention's does, and it feeds the dot directly (so it can be pipelined).
-    Soft mask: K is read only where m < 1 and K_ref only where m > 0, blended in fp32.
+    K is read only where m < 1 and K_ref only where m > 0 (complementary predicates, so a row that is not
+    read costs no memory traffic). Binary mask: the tile is a select of the two loads, exact, no arithmetic.
+    Soft mask: blended in fp32. Two plain masked loads (not one load through a per-row selected pointer) keep
+    the loads vectorised and let Triton pipeline them (cp.async) across ``num_stages``.
     """
+    a = tl.load(own + own_off[:, None] + offs_d[None, :], mask=use_own[:, None] & d_ok[None, :], other=0.0)
+    r = tl.load(ref + ref_off[:, None] + offs_d[None, :], mask=use_ref[:, None] & d_ok[None, :], other=0.0)
     if BINARY:
-        ptrs = tl.where(use_ref[:, None], ref + rows64[:, None] * s_ref, own + rows64[:, None] * s_own)
-        return tl.load(ptrs + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        return tl.where(use_ref[:, None], r, a)
     else:
-        a = tl.load(
-            own + rows64[:, None] * s_own + offs_d[None, :], mask=use_own[:, None] & d_ok[None, :], other=0.0
-        )
-        r = tl.load(
-            ref + rows64[:, None] * s_ref + offs_d[None, :], mask=use_ref[:, None] & d_ok[None, :], other=0.0
-        )
         return (m2 * r.to(tl.float32) + (1.0 - m2) * a.to(tl.float32)).to(a.dtype)
+
+
+@triton.jit
+def _rows(base, rows, stride, ALIGN8: tl.constexpr):
+    """Per-row element offsets ``base + rows·stride``, marked as multiples of 8 when the launcher checked every
+    stride (so that 16-byte vector loads are allowed even when a stride like D = 40 is not a multiple of 16).
+    The sum is computed here: the hint attaches to the op that defines the value, not to a function argument."""
+    off = base + rows * stride
+    if ALIGN8:
+        off = tl.multiple_of(off, 8)
+    return off
 
 
 @triton.jit
@@ -129,6 +140,7 @@ def _kv_inject_fwd_kernel(
     HAS_RIDX: tl.constexpr,
     BINARY: tl.constexpr,
     IEEE: tl.constexpr,
+    ALIGN8: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -154,29 +166,25 @@ def _kv_inject_fwd_kernel(
     m_ok = offs_m < NQ
     rows64 = offs_m.to(tl.int64)
 
-    q_base = Q + b64 * sqb + h64 * sqh
-    qr_base = QR + r64 * sqrb + h64 * sqrh
+    q_off = _rows(b64 * sqb + h64 * sqh, rows64, sqn, ALIGN8)
     if HAS_QREF:
+        qr_off = _rows(r64 * sqrb + h64 * sqrh, rows64, sqrn, ALIGN8)
         mq = tl.load(M + mrow * smb + offs_m * smn, mask=m_ok, other=0.0)
         q_own = m_ok & (mq < 1.0)
         q_ref = m_ok & (mq > 0.0)
-        q = _blend_tile(
-            q_base, qr_base, rows64, sqn, sqrn, offs_d, d_ok, m_ok, q_own, q_ref, mq[:, None], BINARY
-        )
+        q = _blend_tile(Q, QR, q_off, qr_off, offs_d, d_ok, q_own, q_ref, mq[:, None], BINARY)
     else:
-        q = tl.load(
-            q_base + rows64[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
     # Finite start for the running max: a row whose scores were all -inf would give 0, not NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_base = K + b64 * skb + h64 * skh
-    v_base = V + b64 * svb + h64 * svh
-    kr_base = KR + r64 * skrb + h64 * skrh
-    vr_base = VR + r64 * svrb + h64 * svrh
+    k_bh = b64 * skb + h64 * skh
+    v_bh = b64 * svb + h64 * svh
+    kr_bh = r64 * skrb + h64 * skrh
+    vr_bh = r64 * svrb + h64 * svrh
     m_base = M + mrow * smb
 
     for start_n in range(0, NK, BLOCK_N):
@@ -188,7 +196,9 @@ def _kv_inject_fwd_kernel(
         use_own = n_ok & (mk < 1.0)
         mk2 = mk[:, None]
 
-        k = _blend_tile(k_base, kr_base, cols64, skn, skrn, offs_d, d_ok, n_ok, use_own, use_ref, mk2, BINARY)
+        k_off = _rows(k_bh, cols64, skn, ALIGN8)
+        kr_off = _rows(kr_bh, cols64, skrn, ALIGN8)
+        k = _blend_tile(K, KR, k_off, kr_off, offs_d, d_ok, use_own, use_ref, mk2, BINARY)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
 
@@ -198,14 +208,16 @@ def _kv_inject_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(V.dtype.element_ty)
 
-        v = _blend_tile(v_base, vr_base, cols64, svn, svrn, offs_d, d_ok, n_ok, use_own, use_ref, mk2, BINARY)
+        v_off = _rows(v_bh, cols64, svn, ALIGN8)
+        vr_off = _rows(vr_bh, cols64, svrn, ALIGN8)
+        v = _blend_tile(V, VR, v_off, vr_off, offs_d, d_ok, use_own, use_ref, mk2, BINARY)
         acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    o_base = O + b64 * sob + h64 * soh
+    o_off = _rows(b64 * sob + h64 * soh, rows64, son, ALIGN8)
     tl.store(
-        o_base + rows64[:, None] * son + offs_d[None, :],
+        O + o_off[:, None] + offs_d[None, :],
         (acc / l_safe[:, None]).to(O.dtype.element_ty),
         mask=m_ok[:, None] & d_ok[None, :],
     )
@@ -214,6 +226,12 @@ def _kv_inject_fwd_kernel(
 def head_dim_block(d: int) -> int:
     """The padded head-dim chunk the kernel reads: the power of two ≥ max(d, 16) (40 → 64, 160 → 256)."""
     return max(16, triton.next_power_of_2(d))
+
+
+def _aligned8(*tensors: torch.Tensor) -> bool:
+    """Every data pointer 16-byte aligned and every non-unit stride a multiple of 8 elements: then each row's
+    element offset is a multiple of 8 (the kernel's ``ALIGN8`` hint)."""
+    return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
 
 
 def _bucket(n: int) -> int:
@@ -281,6 +299,7 @@ def kv_inject_attention_triton(
         HAS_QREF=q_ref is not None,
         HAS_RIDX=ref_index is not None,
         BINARY=binary,
+        ALIGN8=_aligned8(q, k, v, qr, k_ref, v_ref, out),
         # fp32 inputs: exact fp32 dots (no TF32), like torch's default. The interpreter's bf16 dot is broken
         # (numpy has no bf16), so interpreted bf16 runs its dots in fp32 on bf16-rounded operands.
         IEEE=q.dtype == torch.float32 or (triton_interpret() and q.dtype == torch.bfloat16),
