@@ -299,7 +299,7 @@ def test_custom_op_fake_and_schema():
 
 
 def test_auto_runs_the_reference_on_cuda_where_the_kernel_measured_slower():
-    """The K/V kernel measured 0.31-0.78x blend + SDPA on an H200, so ``auto`` serves CUDA tensors with the
+    """The K/V kernel measured 0.56-0.78x blend + SDPA on an H200, so ``auto`` serves CUDA tensors with the
     reference; ``backend="triton"`` still runs the kernel, and the DDIM op (faster than its reference) keeps it.
     Decided from the device only: no CUDA tensor is created."""
     from b2kernels import _dispatch

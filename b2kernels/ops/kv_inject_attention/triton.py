@@ -40,10 +40,9 @@ _empty = torch.empty  # tests swap in a NaN-filled allocator to catch unwritten 
 # (BLOCK_M, BLOCK_N, warps, stages) per head-dim range, for the one padded head-dim chunk (64/128/256 lanes).
 # tests/test_triton_compile_report.py compiles each for sm_90 (ptxas -v): none spills, with the bool mask or
 # the soft mask with injected queries, and every one pipelines its K/V loads (cp.async). Searched and left out
-# because they spill at 255 registers: D ≤ 128: 64×64×4; D > 128: 64×32×4, 64×64×4, 128×32×8. The tiles of
-# the first list (before the two-load change) matched the fp32 oracle on an H200 (bench/kv_inject_matrix.py);
-# the larger ones added with it (128×128, 64×64 at D ≤ 64; 128×64, 128×32 at D ≤ 128; 64×32 at D > 128) have
-# not met a GPU yet. Short lists keep autotuning on a fresh machine to a few compiles per shape.
+# because they spill at 255 registers: D ≤ 128: 64×64×4; D > 128: 64×32×4, 64×64×4, 128×32×8. Every tile here
+# matched the fp32 oracle on an H200 (bench/kv_inject_matrix.py: fp16, and fp32 at D ≤ 40, which skips 128×128, see
+# ``_tiles_for``). Short lists keep autotuning on a fresh machine to a few compiles per shape.
 _CONFIGS_BY_HEAD_DIM = (
     (64, ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3))),
     (128, ((64, 32, 8, 3), (64, 16, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3))),
@@ -51,8 +50,11 @@ _CONFIGS_BY_HEAD_DIM = (
 )
 
 
-def _tiles_for(head_dim: int) -> tuple:
-    return next(tiles for max_d, tiles in _CONFIGS_BY_HEAD_DIM if head_dim <= max_d)
+def _tiles_for(head_dim: int, element_size: int = 2) -> tuple:
+    """The tiles for this head dim; 4-byte inputs (fp32) drop the 128×128 tile, whose pipelined K/V buffers
+    need more shared memory than an H200 has (263 KB of 227 KB at D = 40, measured)."""
+    tiles = next(tiles for max_d, tiles in _CONFIGS_BY_HEAD_DIM if head_dim <= max_d)
+    return tuple(t for t in tiles if element_size <= 2 or t[0] * t[1] <= 128 * 64)
 
 
 def _config(bm, bn, w, s):
@@ -71,7 +73,8 @@ def _configs():
 def _prune(configs, named_args, **kwargs):
     """Keep the spill-free configs of this head dim (see ``_CONFIGS_BY_HEAD_DIM``)."""
     d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
-    allowed = set(_tiles_for(d))
+    q = named_args.get("Q")
+    allowed = set(_tiles_for(d, q.element_size() if hasattr(q, "element_size") else 2))
     key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
     keep = [c for c in configs if key(c) in allowed]
     return keep or configs
