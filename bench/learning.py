@@ -17,7 +17,7 @@ Suites (each compares arms at the same sample budget, same held-out set, same se
 * ``sparse_brightness`` — the same with a sparse, end-only reward: 1 when the mean pixel value exceeds 0.09
   (about a third of the toy's held-out images before training), else 0. The paper's claim (B² beats DDPO on
   sparse rewards) on a reward this trainer can move. Further arms take B² apart: DDPO with B²'s PPO clip range
-  and epochs, the same plus per-prompt statistics, and B² with no shared prefix (no branching).
+  and epochs, DDPO with per-prompt statistics, both together, and B² with no shared prefix (no branching).
 * ``word``       — B² on ±brightness, the sign set by one word of the prompt (``bench/sanity_rewards.py``):
   a colour word (which the toy follows) against a relation word (which it ignores when drawing). It tells
   whether training can make the model act on that word at all.
@@ -70,6 +70,12 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "ddpo with b2's clip and epochs": [
             *["--algo", "ddpo", *_SPARSE_BRIGHTNESS],
             *["--set", "train.clip_range=0.1", "--set", "train.inner_epochs=2"],
+        ],
+        # per-prompt statistics from the stage's own 4 rewards per prompt (no 16-reward buffer), DDPO's PPO
+        # settings: with the arms around it, a 2×2 of statistics × PPO settings
+        "ddpo with per-prompt stats": [
+            *["--algo", "ddpo", *_SPARSE_BRIGHTNESS],
+            *["--set", "ddpo.buffer_size=0", "--set", "ddpo.min_count=2"],
         ],
         # the same plus per-prompt statistics from the stage's own 4 rewards per prompt (no 16-reward buffer):
         # everything B² has except branching and best/worst selection
