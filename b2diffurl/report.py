@@ -91,15 +91,23 @@ class MetricsLog:
         return [m for m in self.records if m.get("kind") == kind]
 
 
+def mean_se(values) -> tuple[float, float]:
+    """Mean of the finite values and its standard error (sample std / √n); NaN where there are too few."""
+    d = np.asarray(values, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    mean = float(d.mean()) if d.size else float("nan")
+    return mean, (float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan"))
+
+
 def paired_gain(before, after) -> dict:
     """Paired comparison of two evaluations of the same (prompt, seed) images: mean per-image gain, its
     standard error, and how many images got better / worse. Images without a finite reward in either
     evaluation (NaN, or null in metrics.jsonl) are left out."""
     d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
     d = d[np.isfinite(d)]
-    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    gain, se = mean_se(d)
     return {
-        "gain": float(d.mean()) if d.size else float("nan"),
+        "gain": gain,
         "gain_se": se,
         "n_better": int((d > 1e-6).sum()),
         "n_worse": int((d < -1e-6).sum()),

@@ -164,14 +164,11 @@ def pool_arm(runs: list[dict]) -> dict:
     ok = [r for r in runs if "gain" in r]
     if not ok:
         return {"seeds": 0}
-    g = [r["gain"] for r in ok]
-    k = len(g)
-    mean = sum(g) / k
-    se_seeds = math.sqrt(sum((x - mean) ** 2 for x in g) / (k - 1) / k) if k > 1 else math.nan
-    d = [x for r in ok for x in r["per_image_gain"]]
-    n = len(d)
-    dm = sum(d) / n
-    se_pool = math.sqrt(sum((x - dm) ** 2 for x in d) / (n - 1) / n) if n > 1 else math.nan
+    from b2diffurl.report import mean_se
+
+    k = len(ok)
+    mean, se_seeds = mean_se([r["gain"] for r in ok])
+    dm, se_pool = mean_se([x for r in ok for x in r["per_image_gain"]])
     return {
         "seeds": k,
         "gain_mean": mean,
