@@ -17,7 +17,8 @@ Suites (each compares arms at the same sample budget, same held-out set, same se
 * ``sparse_brightness`` — the same with a sparse, end-only reward: 1 when the mean pixel value exceeds 0.09
   (about a third of the toy's held-out images before training), else 0. The paper's claim (B² beats DDPO on
   sparse rewards) on a reward this trainer can move. Further arms take B² apart: DDPO with B²'s PPO clip range
-  and epochs, DDPO with per-prompt statistics, both together, and B² with no shared prefix (no branching).
+  and epochs, DDPO with per-prompt statistics, both together, and B² with no shared prefix (no branching) or
+  with the first step shared at every stage.
 * ``word``       — B² on ±brightness, the sign set by one word of the prompt (``bench/sanity_rewards.py``):
   a colour word (which the toy follows) against a relation word (which it ignores when drawing). It tells
   whether training can make the model act on that word at all.
@@ -87,6 +88,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # B² with no shared prefix at any stage (the toy preset shares at most one step): selection and
         # statistics without branching
         "b2 without a shared prefix": ["--algo", "b2", *_SPARSE_BRIGHTNESS, "--set", "b2.k_left=10"],
+        # and the other way: the first step shared (so never trained) at every stage, not only the early ones
+        "b2 sharing the first step throughout": ["--algo", "b2", *_SPARSE_BRIGHTNESS, "--set", "b2.k_right=9"],
     },
     "word": {
         "colour word": ["--algo", "b2", "--set", "reward=python:bench.sanity_rewards:colour_brightness"],
