@@ -89,7 +89,13 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # statistics without branching
         "b2 without a shared prefix": ["--algo", "b2", *_SPARSE_BRIGHTNESS, "--set", "b2.k_left=10"],
         # and the other way: the first step shared (so never trained) at every stage, not only the early ones
-        "b2 sharing the first step throughout": ["--algo", "b2", *_SPARSE_BRIGHTNESS, "--set", "b2.k_right=9"],
+        "b2 sharing the first step throughout": [
+            "--algo",
+            "b2",
+            *_SPARSE_BRIGHTNESS,
+            "--set",
+            "b2.k_right=9",
+        ],
     },
     "word": {
         "colour word": ["--algo", "b2", "--set", "reward=python:bench.sanity_rewards:colour_brightness"],
