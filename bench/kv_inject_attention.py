@@ -79,6 +79,16 @@ def _blend(x, xr, m4):
     return (m4 * xr + (1 - m4) * x).to(x.dtype)
 
 
+def _autotuned_config() -> str | None:
+    """The tile the autotuner used for the kernel's last launch (BLOCK_M×BLOCK_N, warps, stages), if it ran."""
+    from b2kernels.ops.kv_inject_attention.triton import _kv_inject_fwd_kernel
+
+    c = getattr(_kv_inject_fwd_kernel, "best_config", None)
+    if c is None:
+        return None
+    return f"{c.kwargs.get('BLOCK_M')}x{c.kwargs.get('BLOCK_N')} w{c.num_warps} s{c.num_stages}"
+
+
 def _methods(q, k, v, kr, vr, mask, *, cuda, official):
     from b2kernels import kv_inject_attention
     from b2kernels._dispatch import triton_reasons
@@ -187,6 +197,8 @@ def run(args) -> list[dict]:
                     rows.append({**row, "error": str(exc).splitlines()[0][:80]})
                     continue
                 row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+                if name.startswith("kv_inject_triton"):
+                    row["triton_config"] = _autotuned_config()
                 if cuda:
                     row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
                     # device time from a CUDA graph of back-to-back calls: no host work (validation, dispatch,
