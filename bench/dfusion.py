@@ -104,7 +104,7 @@ def _bench_policy(kind: str, device, dtype):
     return pol
 
 
-def _throughput_rows(args, device, rows: list[dict]) -> list[dict]:
+def _throughput_rows(args, device, rows: list[dict]) -> None:
     from b2diffurl.algos import dfusion as D
     from b2diffurl.sampling import TreeSampler
     from bench.official_dfusion import shared_items_mask, three_pass_fusion
@@ -213,10 +213,10 @@ def _throughput_rows(args, device, rows: list[dict]) -> list[dict]:
         ),
     )
     eng["speedup"] = ms_official / ms_engine
-    # interleaved (ABAB…) so that load drift on a shared machine hits both alike; medians
     for _ in range(warm):  # compile both variants before timing
         phase_a(True)
         phase_a(False)
+    # interleaved (ABAB…) so that load drift on a shared machine hits both alike; medians
     a_cap, a_plain = [], []
     for _ in range(max(iters, 2)):
         a_cap.append(time_fn(lambda: phase_a(True), warmup=0, iters=1, device=device))
@@ -226,7 +226,6 @@ def _throughput_rows(args, device, rows: list[dict]) -> list[dict]:
     overhead_ms = max(ms_a_cap - ms_a, 0.0) / rows_a * nt * 2
     eng["speedup_incl_capture"] = ms_official / (ms_engine + overhead_ms)
     eng["phase_a_capture_overhead"] = (ms_a_cap - ms_a) / ms_a
-    return rows
 
 
 def _toy_rows(args) -> list[dict]:

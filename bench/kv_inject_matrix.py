@@ -4,7 +4,7 @@
 
 Cases: head dims 8/16 (the toy model) and 40/64/80/160 (SD 1.5) at their token counts; per head dim every tile
 the autotuner may pick (``_CONFIGS_BY_HEAD_DIM``) at its own pipeline depth and at one stage; bool mask (the
-one-load select path) and soft mask (the fp32 blend); fp16, plus fp32 (exact dots) for the small dims; and the
+exact select of two loads) and soft mask (the fp32 blend); fp16, plus fp32 (exact dots) for the small dims; and the
 autotuned launch itself. (Results from before the two-chunk head-dim split was removed also carry a ``split``
 column.)
 

@@ -78,8 +78,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
             *["--algo", "ddpo", *_SPARSE_BRIGHTNESS],
             *["--set", "ddpo.buffer_size=0", "--set", "ddpo.min_count=2"],
         ],
-        # the same plus per-prompt statistics from the stage's own 4 rewards per prompt (no 16-reward buffer):
-        # everything B² has except branching and best/worst selection
+        # both changes together: B²'s clip range and epochs and per-prompt statistics; everything B² has except
+        # branching and best/worst selection
         "ddpo with per-prompt stats and b2's clip and epochs": [
             *["--algo", "ddpo", *_SPARSE_BRIGHTNESS],
             *["--set", "train.clip_range=0.1", "--set", "train.inner_epochs=2"],
