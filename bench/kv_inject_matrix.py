@@ -52,9 +52,13 @@ def cases(quick: bool, batch: int, heads: int) -> list[dict]:
         dtypes = ["float16"] + (["float32"] if d <= 40 and not quick else [])
         base = dict(D=d, N=n, B=batch, H=heads)
         for dtype in dtypes:
-            # the tiles the autotuner may pick for this head dim and element size
-            tiles = [(32, 32, 4, 1)] if interp else list(_tiles_for(d, 4 if dtype == "float32" else 2))
             for binary in (True, False):
+                # the tiles the autotuner may pick for this head dim, element size and mask kind
+                tiles = (
+                    [(32, 32, 4, 1)]
+                    if interp
+                    else list(_tiles_for(d, 4 if dtype == "float32" else 2, binary))
+                )
                 out.append(dict(base, dtype=dtype, binary=binary, config=None))  # autotuned
                 for bm, bn, warps, stages in tiles:
                     for st in sorted({stages, 1}):

@@ -247,6 +247,9 @@ def test_bad_inputs_raise_clear_errors():
         kv_inject_attention(q[:, :, :4], k, v, k_ref=kr, v_ref=vr, mask=m, q_ref=qr[:, :, :4])
     with pytest.raises(ValueError, match="backend must be one of"):
         kv_inject_attention(q, k, v, **kw, backend="cuda")
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"scale must be a positive finite number"):
+            kv_inject_attention(q, k, v, **kw, scale=bad)
     big = torch.randn(1, 1, 4, 320)
     with pytest.raises(RuntimeError, match=r"head dim 320 unsupported"):
         kv_inject_attention(big, big, big, k_ref=big, v_ref=big, mask=torch.ones(1, 4), backend="triton")

@@ -81,19 +81,24 @@ def _compile(jit_fn, types: dict, const: dict, num_warps: int, num_stages: int):
 def kv_inject_cases(head_dims=SD_HEAD_DIMS):
     """(name, compile kwargs) of the attention kernel: every autotune config kept for each head dim, for the
     binary mask with ``ref_index`` (what the diffusers processors launch) and the soft mask with injected queries."""
+    import triton
+
     from b2kernels.ops.kv_inject_attention import triton as kt
 
-    jf = kt._kv_inject_fwd_kernel.fn
+    jf = kt._kv_inject_fwd_kernel
+    while not isinstance(jf, triton.runtime.JITFunction):  # autotuner → heuristics → the jitted kernel
+        jf = jf.fn
     ptrs = {"Q", "K", "V", "QR", "KR", "VR", "O"}
     types = {
         n: "*bf16" if n in ptrs else "*fp32" if n == "M" else "*i32" if n == "RIDX" else "i32"
         for n in jf.arg_names
     }
     types["qk_scale"] = "fp32"
+    types.update(QR_DELTA="i64", KR_DELTA="i64", VR_DELTA="i64")  # pointer distances may exceed 32 bits
     for D in head_dims:
         for binary, q_ref in ((True, False), (False, True)):
             # the configs the autotuner may pick for this head dim (its own pruning rule)
-            configs = kt._prune(kt._kv_inject_fwd_kernel.configs, {"HEAD_DIM": D}, HEAD_DIM=D)
+            configs = kt._prune(kt._kv_inject_fwd_kernel.configs, {"HEAD_DIM": D}, HEAD_DIM=D, BINARY=binary)
             for c in configs:
                 const = dict(
                     HEAD_DIM=D,
@@ -103,16 +108,19 @@ def kv_inject_cases(head_dims=SD_HEAD_DIMS):
                     BINARY=binary,
                     IEEE=False,
                     ALIGN8=True,  # SD layouts: D = 40/80/160 and H·D are multiples of 8
+                    EVEN_N=True,  # SD token counts (4096/1024/256) are multiples of every BLOCK_N
                     **c.kwargs,
                 )
                 name = (
                     f"kv_inject D={D} {'bool' if binary else 'soft+qref'} "
                     f"M{c.kwargs['BLOCK_M']}xN{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
                 )
+                tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 yield (
                     name,
                     dict(jit_fn=jf, types=types, const=const, num_warps=c.num_warps, num_stages=c.num_stages),
                     D,
+                    kt.smem_estimate(tile, D, 2, binary),
                 )
 
 
@@ -145,19 +153,34 @@ def ddim_cases():
             f"ddim_step {kind} BLOCK={block} w{warps}",
             dict(jit_fn=jf, types=types, const=const, num_warps=warps, num_stages=1),
             None,
+            None,
         )
 
 
 def report(head_dims=SD_HEAD_DIMS) -> list[dict]:
     rows = []
-    for name, kw, D in [*kv_inject_cases(head_dims), *ddim_cases()]:
+    for name, kw, D, smem_estimate in [*kv_inject_cases(head_dims), *ddim_cases()]:
         compiled = _compile(**kw)
         row = {"kernel": name, "D": D, **_ptxas_report(compiled.asm["ptx"], name)}
         row["shared_bytes"] = int(getattr(compiled.metadata, "shared", 0))
+        row["smem_estimate"] = smem_estimate
         row["wgmma"] = "wgmma" in compiled.asm["ptx"]
         row["cp_async"] = len(re.findall(r"cp\.async\.c[ag]", compiled.asm["ptx"]))
+        row.update(_loop_data_path(compiled.asm["ttgir"]))
         rows.append(row)
     return rows
+
+
+def _loop_data_path(ttgir: str) -> dict:
+    """What the key loop (the first ``scf.for``) does with its tiles, from the TTGIR: asynchronous global →
+    shared copies, and register → shared stores (``ttg.local_alloc %value``: a tile computed in registers and
+    written back to shared memory before a tensor-core dot can read it)."""
+    start = ttgir.find("scf.for")
+    body = ttgir[start : ttgir.find("scf.yield", start)] if start >= 0 else ""
+    return {
+        "loop_async_copies": body.count("ttg.async_copy_global_to_local"),
+        "loop_reg_to_smem": len(re.findall(r"ttg\.local_alloc %", body)),
+    }
 
 
 def _run_report_subprocess() -> list[dict]:
@@ -193,21 +216,40 @@ def test_attention_uses_hopper_tensor_cores(compile_report):
 @pytest.mark.slow
 def test_attention_loads_are_pipelined(compile_report):
     """Every bool-mask attention config (SD layouts, ALIGN8) copies its K/V tiles asynchronously (cp.async, so
-    ``num_stages`` overlaps the loads with the dots). A load through a per-row selected pointer compiled to
-    scalar 2-byte loads with none; this guards against going back."""
+    ``num_stages`` overlaps the loads with the dots), and the dots read those copies where they land: no tile
+    goes register → shared memory inside the key loop. History: a load through a per-row selected *pointer*
+    compiled to scalar 2-byte loads with no cp.async; two masked loads and a select in registers pipelined the
+    loads but stored each selected tile back to shared memory before its dot."""
     bool_rows = [r for r in compile_report if r["kernel"].startswith("kv_inject") and "bool" in r["kernel"]]
     assert bool_rows
-    serial = [r for r in bool_rows if r["cp_async"] < 8]
+    serial = [r for r in bool_rows if r["loop_async_copies"] < 2 or r["cp_async"] == 0]
     assert not serial, "attention K/V loads not pipelined:\n" + _table(serial)
+    round_trip = [r for r in bool_rows if r["loop_reg_to_smem"]]
+    assert not round_trip, "attention K/V tiles pass through registers before the dot:\n" + _table(round_trip)
+
+
+@pytest.mark.slow
+def test_attention_smem_estimate_bounds_the_compiled_kernels(compile_report):
+    """``smem_estimate`` (which prunes tiles that would not fit an H100/H200) is within 2 KB of what each
+    compiled kernel allocates, so a tile the autotuner may pick cannot raise OutOfResources on the device."""
+    rows = [r for r in compile_report if r["smem_estimate"]]
+    assert rows
+    under = [r for r in rows if r["shared_bytes"] > r["smem_estimate"] + 2048]
+    assert not under, "shared memory above the estimate:\n" + _table(under)
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'kernel':<52}{'regs':>6}{'stack':>7}{'spill st':>10}{'spill ld':>10}{'smem':>8}{'cp.async':>9}  wgmma"
+    head = (
+        f"{'kernel':<44}{'regs':>5}{'stack':>6}{'spill st':>9}{'spill ld':>9}{'smem':>8}{'est.':>8}"
+        f"{'cp.async':>9}{'loop copies':>12}{'reg→smem':>9}  wgmma"
+    )
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['kernel']:<52}{r['registers']:>6}{r['stack_bytes']:>7}{r['spill_store_bytes']:>10}"
-            f"{r['spill_load_bytes']:>10}{r['shared_bytes']:>8}{r.get('cp_async', 0):>9}  {'yes' if r['wgmma'] else 'no'}"
+            f"{r['kernel']:<44}{r['registers']:>5}{r['stack_bytes']:>6}{r['spill_store_bytes']:>9}"
+            f"{r['spill_load_bytes']:>9}{r['shared_bytes']:>8}{r.get('smem_estimate') or '':>8}"
+            f"{r.get('cp_async', 0):>9}{r.get('loop_async_copies', 0):>12}{r.get('loop_reg_to_smem', 0):>9}"
+            f"  {'yes' if r['wgmma'] else 'no'}"
         )
     return "\n".join(lines)
 

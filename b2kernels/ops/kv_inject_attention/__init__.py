@@ -6,6 +6,7 @@ Public API: :func:`kv_inject_attention`, :class:`KVMask`. Backends: ``triton`` (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -279,6 +280,8 @@ def kv_inject_attention(
             _validate_ref_index(ref_index, k_ref.shape[0])
     D = q.shape[-1]
     scale = float(scale) if scale is not None else D**-0.5
+    if not (0.0 < scale < math.inf):  # the kernel folds the scale into its running max, which needs scale > 0
+        raise ValueError(f"kv_inject_attention: scale must be a positive finite number, got {scale}")
     tensors = (q, k, v, k_ref, v_ref) + ((q_ref,) if q_ref is not None else ())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     choice = resolve(_OP, backend, q.device, triton_reasons_for(q, needs_grad=needs_grad))
@@ -295,5 +298,5 @@ def kv_inject_attention(
             ref_index=ref_index,
         )
     ridx = ref_index.to(torch.int32) if ref_index is not None else None
-    # A bool mask lets the kernel replace the fp32 blend by an exact add of two complementary loads.
+    # A bool mask lets the kernel read each K/V row from one source (no fp32 blend): see triton.py, `_pick`.
     return _kv_inject_attention_fwd(q, k, v, k_ref, v_ref, mask.rows(), q_ref, ridx, scale, mask.binary)

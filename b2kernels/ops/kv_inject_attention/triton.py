@@ -6,12 +6,17 @@ One program computes a [BLOCK_M, D] tile of the output for one (batch row, head)
 builds the blended K'/V' tile in registers, then runs the usual online softmax (exp2, running max/sum in fp32).
 Neither an N×N score matrix nor a blended K/V copy ever touches memory.
 
-* Bool mask (D-Fusion; what the diffusers processors pass): K is read where m = 0 and K_ref where m = 1 (two
-  masked loads with complementary predicates, then a select): the same memory traffic as plain attention, no
-  blend arithmetic, exact. An earlier version loaded through a per-row selected pointer; that defeats Triton's
-  vectorisation and load pipelining (compiled for sm_90: scalar 2-byte loads, no cp.async).
+* Bool mask (D-Fusion; what the diffusers processors pass): each K/V row is read from K or from K_ref, by one
+  load through per-row offsets that point into either tensor (``_pick``). The tile lands in shared memory by
+  asynchronous copy and the tensor-core dots read it there: the data path of plain flash attention, with the
+  same memory traffic, no blend arithmetic, exact. Two earlier forms were slower on sm_90: a select between two
+  row *pointers* compiled to scalar 2-byte loads with no cp.async; two masked loads and a select in registers
+  pipelined the loads but wrote every selected tile back to shared memory before its dot, and kept the dots
+  synchronous (tests/test_triton_compile_report.py checks the TTGIR for both).
 * Float mask: K is read only where m < 1 and K_ref only where m > 0, blended ``m·K_ref + (1−m)·K`` in fp32 and
   cast back to the input dtype (as the reference does).
+* Key blocks: when N is a multiple of BLOCK_N (SD's 4096/1024/256 tokens), ``EVEN_N`` drops every bounds mask
+  from the key loop. The softmax scale is folded into the exponent (one multiply-add per score).
 * ``ALIGN8``: when every stride is a multiple of 8 elements and every pointer 16-byte aligned (checked by the
   launcher), the row offsets carry that hint, so D = 40 (a token stride that is not a multiple of 16) still gets
   16-byte loads.
@@ -39,22 +44,34 @@ _empty = torch.empty  # tests swap in a NaN-filled allocator to catch unwritten 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per head-dim range, for the one padded head-dim chunk (64/128/256 lanes).
 # tests/test_triton_compile_report.py compiles each for sm_90 (ptxas -v): none spills, with the bool mask or
-# the soft mask with injected queries, and every one pipelines its K/V loads (cp.async). Searched and left out
-# because they spill at 255 registers: D ≤ 128: 64×64×4; D > 128: 64×32×4, 64×64×4, 128×32×8. Every tile here
-# matched the fp32 oracle on an H200 (bench/kv_inject_matrix.py: fp16, and fp32 at D ≤ 40, which skips 128×128, see
-# ``_tiles_for``). Short lists keep autotuning on a fresh machine to a few compiles per shape.
+# the soft mask with injected queries, and the bool-mask tiles feed the tensor-core dots straight from their
+# asynchronous copies. Searched and left out because they spill at 255 registers: 128×64×4 at D ≤ 128,
+# 64×64×4 at D > 128. Short lists keep autotuning on a fresh machine to a few compiles per shape.
 _CONFIGS_BY_HEAD_DIM = (
-    (64, ((128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3))),
-    (128, ((64, 32, 8, 3), (64, 16, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3))),
-    (256, ((64, 16, 8, 3), (64, 32, 8, 3))),
+    (64, ((128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3))),
+    (128, ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 8, 3), (128, 32, 8, 3))),
+    (256, ((128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3), (64, 16, 8, 3))),
 )
 
+#: shared memory per block on sm_90 (H100/H200: 227 KB)
+SMEM_LIMIT = 227 * 1024
 
-def _tiles_for(head_dim: int, element_size: int = 2) -> tuple:
-    """The tiles for this head dim; 4-byte inputs (fp32) drop the 128×128 tile, whose pipelined K/V buffers
-    need more shared memory than an H200 has (263 KB of 227 KB at D = 40, measured)."""
+
+def smem_estimate(tile: tuple, head_dim: int, element_size: int, binary: bool = True) -> int:
+    """Shared memory a tile needs: the Q tile (Q and Q_ref on the soft path) plus at least two pipelined buffers
+    of each streamed tensor (K and V on the bool path; K, K_ref, V and V_ref on the soft path). Checked against
+    the compiled kernels on sm_90 (bf16, D = 40/80/160; tests/test_triton_compile_report.py): the mask's own
+    few hundred bytes are all it leaves out."""
+    bm, bn, _, stages = tile
+    bd = head_dim_block(head_dim)
+    q_tiles, streams = (1, 2) if binary else (2, 4)
+    return (q_tiles * bm * bd + max(stages - 1, 2) * streams * bn * bd) * element_size
+
+
+def _tiles_for(head_dim: int, element_size: int = 2, binary: bool = True) -> tuple:
+    """The tiles for this head dim whose shared memory fits an H100/H200 (e.g. fp32 inputs drop the largest)."""
     tiles = next(tiles for max_d, tiles in _CONFIGS_BY_HEAD_DIM if head_dim <= max_d)
-    return tuple(t for t in tiles if element_size <= 2 or t[0] * t[1] <= 128 * 64)
+    return tuple(t for t in tiles if smem_estimate(t, head_dim, element_size, binary) <= SMEM_LIMIT)
 
 
 def _config(bm, bn, w, s):
@@ -73,28 +90,43 @@ def _configs():
 def _prune(configs, named_args, **kwargs):
     """Keep the spill-free configs of this head dim (see ``_CONFIGS_BY_HEAD_DIM``)."""
     d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    binary = kwargs.get("BINARY", named_args.get("BINARY", True))
     q = named_args.get("Q")
-    allowed = set(_tiles_for(d, q.element_size() if hasattr(q, "element_size") else 2))
+    allowed = set(_tiles_for(d, q.element_size() if hasattr(q, "element_size") else 2, binary))
     key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
     keep = [c for c in configs if key(c) in allowed]
     return keep or configs
 
 
 @triton.jit
-def _blend_tile(own, ref, own_off, ref_off, offs_d, d_ok, use_own, use_ref, m2, BINARY: tl.constexpr):
-    """[rows, d] tile of ``m·ref + (1−m)·own``, in the input dtype; ``*_off`` are per-row element offsets.
-
-    K is read only where m < 1 and K_ref only where m > 0 (complementary predicates, so a row that is not
-    read costs no memory traffic). Binary mask: the tile is a select of the two loads, exact, no arithmetic.
-    Soft mask: blended in fp32. Two plain masked loads (not one load through a per-row selected pointer) keep
-    the loads vectorised and let Triton pipeline them (cp.async) across ``num_stages``.
-    """
+def _blend_soft(own, ref, own_off, ref_off, offs_d, d_ok, use_own, use_ref, m2):
+    """[rows, d] tile of ``m·ref + (1−m)·own`` for a soft mask, blended in fp32 and cast back to the input dtype;
+    ``*_off`` are per-row element offsets. K is read only where m < 1 and K_ref only where m > 0 (complementary
+    predicates, so a row that is not read costs no memory traffic)."""
     a = tl.load(own + own_off[:, None] + offs_d[None, :], mask=use_own[:, None] & d_ok[None, :], other=0.0)
     r = tl.load(ref + ref_off[:, None] + offs_d[None, :], mask=use_ref[:, None] & d_ok[None, :], other=0.0)
-    if BINARY:
-        return tl.where(use_ref[:, None], r, a)
-    else:
-        return (m2 * r.to(tl.float32) + (1.0 - m2) * a.to(tl.float32)).to(a.dtype)
+    return (m2 * r.to(tl.float32) + (1.0 - m2) * a.to(tl.float32)).to(a.dtype)
+
+
+@triton.jit
+def _pick(use_ref, ref_base, ref_stride, own_base, own_stride, rows, ALIGN8: tl.constexpr):
+    """Bool mask: each row's element offset from the *own* tensor's pointer, to its own row or, where the mask
+    is set, to the reference row (``ref_base`` already holds the reference tensor's distance from the own one).
+
+    One load through these offsets reads the blended tile directly, and Triton copies it asynchronously into the
+    shared-memory buffer that the tensor-core dot reads (compiled for sm_90: the same data path as plain flash
+    attention). Two masked loads and a select in registers (the earlier form) cost a shared-memory round trip
+    per tile and kept the dots synchronous; a select between two *pointers* loses Triton's contiguity analysis
+    (scalar 2-byte loads, no cp.async). ``ALIGN8`` marks the offsets as multiples of 8 (see ``_rows``)."""
+    off = tl.where(use_ref, ref_base + rows * ref_stride, own_base + rows * own_stride)
+    if ALIGN8:
+        off = tl.multiple_of(off, 8)
+    return off
+
+
+@triton.jit
+def _select_rows(base, off, offs_d, row_ok, d_ok):
+    return tl.load(base + off[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -123,6 +155,7 @@ def _dot(a, b, IEEE: tl.constexpr):
     key=["NQ_BUCKET", "NK_BUCKET", "HEAD_DIM", "HAS_QREF"],
     prune_configs_by={"early_config_prune": _prune},
 )
+@triton.heuristics({"EVEN_N": lambda args: args["NK"] % args["BLOCK_N"] == 0})
 @triton.jit
 def _kv_inject_fwd_kernel(
     Q, K, V, QR, KR, VR, M, RIDX, O,
@@ -136,6 +169,7 @@ def _kv_inject_fwd_kernel(
     sob, soh, son,
     H, NQ, NK, BR, MB,
     qk_scale,
+    QR_DELTA, KR_DELTA, VR_DELTA,
     NQ_BUCKET, NK_BUCKET,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -144,6 +178,7 @@ def _kv_inject_fwd_kernel(
     BINARY: tl.constexpr,
     IEEE: tl.constexpr,
     ALIGN8: tl.constexpr,
+    EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -169,15 +204,20 @@ def _kv_inject_fwd_kernel(
     m_ok = offs_m < NQ
     rows64 = offs_m.to(tl.int64)
 
-    q_off = _rows(b64 * sqb + h64 * sqh, rows64, sqn, ALIGN8)
+    q_bh = b64 * sqb + h64 * sqh
+    qr_bh = r64 * sqrb + h64 * sqrh
     if HAS_QREF:
-        qr_off = _rows(r64 * sqrb + h64 * sqrh, rows64, sqrn, ALIGN8)
         mq = tl.load(M + mrow * smb + offs_m * smn, mask=m_ok, other=0.0)
         q_own = m_ok & (mq < 1.0)
         q_ref = m_ok & (mq > 0.0)
-        q = _blend_tile(Q, QR, q_off, qr_off, offs_d, d_ok, q_own, q_ref, mq[:, None], BINARY)
+        if BINARY:
+            q = _select_rows(Q, _pick(q_ref, QR_DELTA + qr_bh, sqrn, q_bh, sqn, rows64, ALIGN8), offs_d, m_ok, d_ok)
+        else:
+            q_off = _rows(q_bh, rows64, sqn, ALIGN8)
+            qr_off = _rows(qr_bh, rows64, sqrn, ALIGN8)
+            q = _blend_soft(Q, QR, q_off, qr_off, offs_d, d_ok, q_own, q_ref, mq[:, None])
     else:
-        q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q = _select_rows(Q, _rows(q_bh, rows64, sqn, ALIGN8), offs_d, m_ok, d_ok)
 
     # Finite start for the running max: a row whose scores were all -inf would give 0, not NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -192,28 +232,40 @@ def _kv_inject_fwd_kernel(
 
     for start_n in range(0, NK, BLOCK_N):
         cols = start_n + offs_n
-        n_ok = cols < NK
         cols64 = cols.to(tl.int64)
-        mk = tl.load(m_base + cols * smn, mask=n_ok, other=0.0)
+        if EVEN_N:  # every key block is full: no bounds masks on the loads or the scores
+            n_ok = offs_n >= 0
+            mk = tl.load(m_base + cols * smn)
+        else:
+            n_ok = cols < NK
+            mk = tl.load(m_base + cols * smn, mask=n_ok, other=0.0)
         use_ref = n_ok & (mk > 0.0)
         use_own = n_ok & (mk < 1.0)
         mk2 = mk[:, None]
 
-        k_off = _rows(k_bh, cols64, skn, ALIGN8)
-        kr_off = _rows(kr_bh, cols64, skrn, ALIGN8)
-        k = _blend_tile(K, KR, k_off, kr_off, offs_d, d_ok, use_own, use_ref, mk2, BINARY)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+        if BINARY:
+            k = _select_rows(K, _pick(use_ref, KR_DELTA + kr_bh, skrn, k_bh, skn, cols64, ALIGN8), offs_d, n_ok, d_ok)
+        else:
+            k_off = _rows(k_bh, cols64, skn, ALIGN8)
+            kr_off = _rows(kr_bh, cols64, skrn, ALIGN8)
+            k = _blend_soft(K, KR, k_off, kr_off, offs_d, d_ok, use_own, use_ref, mk2)
+        s = _dot(q, tl.trans(k), IEEE)
+        if not EVEN_N:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # scale folded into the exponent: one multiply-add per score (qk_scale = scale·log2 e, scale > 0)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(V.dtype.element_ty)
 
-        v_off = _rows(v_bh, cols64, svn, ALIGN8)
-        vr_off = _rows(vr_bh, cols64, svrn, ALIGN8)
-        v = _blend_tile(V, VR, v_off, vr_off, offs_d, d_ok, use_own, use_ref, mk2, BINARY)
+        if BINARY:
+            v = _select_rows(V, _pick(use_ref, VR_DELTA + vr_bh, svrn, v_bh, svn, cols64, ALIGN8), offs_d, n_ok, d_ok)
+        else:
+            v_off = _rows(v_bh, cols64, svn, ALIGN8)
+            vr_off = _rows(vr_bh, cols64, svrn, ALIGN8)
+            v = _blend_soft(V, VR, v_off, vr_off, offs_d, d_ok, use_own, use_ref, mk2)
         acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m_i = m_new
 
@@ -235,6 +287,15 @@ def _aligned8(*tensors: torch.Tensor) -> bool:
     """Every data pointer 16-byte aligned and every non-unit stride a multiple of 8 elements: then each row's
     element offset is a multiple of 8 (the kernel's ``ALIGN8`` hint)."""
     return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
+def _elements_between(own: torch.Tensor, ref: torch.Tensor) -> int:
+    """``ref``'s data pointer minus ``own``'s, in elements (the bool-mask path addresses reference rows from
+    the own tensor's pointer; see ``_pick``)."""
+    delta = ref.data_ptr() - own.data_ptr()
+    if delta % own.element_size():  # cannot happen for two tensors of one dtype; never address a torn element
+        raise ValueError("kv_inject_attention: reference and own tensors are not element-aligned to each other")
+    return delta // own.element_size()
 
 
 def _bucket(n: int) -> int:
@@ -296,6 +357,7 @@ def kv_inject_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         H, NQ, NK, k_ref.shape[0], mask.shape[0],
         float(scale) * math.log2(math.e),
+        _elements_between(q, qr), _elements_between(k, k_ref), _elements_between(v, v_ref),
         _bucket(NQ), _bucket(NK),
         HEAD_DIM=D,
         BLOCK_D=head_dim_block(D),
