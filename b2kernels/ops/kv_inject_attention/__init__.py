@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from b2kernels._dispatch import resolve
+from b2kernels._dispatch import resolve, triton_interpret
 from b2kernels.ops.kv_inject_attention.reference import kv_inject_attention_reference
 
 __all__ = ["KVMask", "kv_inject_attention", "kv_inject_attention_reference", "triton_reasons_for"]
@@ -104,6 +104,10 @@ def triton_reasons_for(q: torch.Tensor, *, needs_grad: bool) -> list[str]:
         )
     if needs_grad:
         reasons.append("the Triton kernel has no backward yet; inputs require grad (use backend='reference')")
+    if triton_interpret() and q.is_cuda:
+        # the interpreter copies each argument to the host on its own, which breaks the kernel's addressing of
+        # reference rows relative to the own tensor (triton.py, `_pick`)
+        reasons.append("under TRITON_INTERPRET the Triton kernel runs on CPU tensors only, not CUDA ones")
     return reasons
 
 
