@@ -339,6 +339,7 @@ def kv_inject_attention_triton(
     out = _empty((B, NQ, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     qr = q_ref if q_ref is not None else q
     ridx = ref_index if ref_index is not None else mask  # dummy pointer when unused
+    deltas = (_elements_between(q, qr), _elements_between(k, k_ref), _elements_between(v, v_ref))
     grid = lambda meta: (triton.cdiv(NQ, meta["BLOCK_M"]), B * H)
     kernel, meta = _kv_inject_fwd_kernel, {}
     if config is not None:
@@ -357,14 +358,16 @@ def kv_inject_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         H, NQ, NK, k_ref.shape[0], mask.shape[0],
         float(scale) * math.log2(math.e),
-        _elements_between(q, qr), _elements_between(k, k_ref), _elements_between(v, v_ref),
+        *deltas,
         _bucket(NQ), _bucket(NK),
         HEAD_DIM=D,
         BLOCK_D=head_dim_block(D),
         HAS_QREF=q_ref is not None,
         HAS_RIDX=ref_index is not None,
         BINARY=binary,
-        ALIGN8=_aligned8(q, k, v, qr, k_ref, v_ref, out),
+        # the reference-row offsets start from a pointer distance, which must keep the multiple of 8 too (fp32:
+        # 16-byte-aligned pointers are only 4 elements apart at the least)
+        ALIGN8=_aligned8(q, k, v, qr, k_ref, v_ref, out) and all(d % 8 == 0 for d in deltas),
         # fp32 inputs: exact fp32 dots (no TF32), like torch's default. The interpreter's bf16 dot is broken
         # (numpy has no bf16), so interpreted bf16 runs its dots in fp32 on bf16-rounded operands.
         IEEE=q.dtype == torch.float32 or (triton_interpret() and q.dtype == torch.bfloat16),
