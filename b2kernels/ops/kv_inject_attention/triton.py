@@ -130,6 +130,20 @@ def _select_rows(base, off, offs_d, row_ok, d_ok):
 
 
 @triton.jit
+def _kv_tile(own, ref, delta, own_bh, own_stride, ref_bh, ref_stride, rows, offs_d, row_ok, d_ok, use_own, use_ref, m2,
+             BINARY: tl.constexpr, ALIGN8: tl.constexpr):  # fmt: skip
+    """One key block of K' (or V'): rows ``rows`` of ``own`` or ``ref`` (``delta``: ref's pointer minus own's, in
+    elements), selected by a bool mask, or blended by a soft one."""
+    if BINARY:
+        return _select_rows(own, _pick(use_ref, delta + ref_bh, ref_stride, own_bh, own_stride, rows, ALIGN8), offs_d,
+                            row_ok, d_ok)  # fmt: skip
+    else:
+        own_off = _rows(own_bh, rows, own_stride, ALIGN8)
+        ref_off = _rows(ref_bh, rows, ref_stride, ALIGN8)
+        return _blend_soft(own, ref, own_off, ref_off, offs_d, d_ok, use_own, use_ref, m2)
+
+
+@triton.jit
 def _rows(base, rows, stride, ALIGN8: tl.constexpr):
     """Per-row element offsets ``base + rows·stride``, marked as multiples of 8 when the launcher checked every
     stride (so that 16-byte vector loads are allowed even when a stride like D = 40 is not a multiple of 16).
@@ -243,12 +257,8 @@ def _kv_inject_fwd_kernel(
         use_own = n_ok & (mk < 1.0)
         mk2 = mk[:, None]
 
-        if BINARY:
-            k = _select_rows(K, _pick(use_ref, KR_DELTA + kr_bh, skrn, k_bh, skn, cols64, ALIGN8), offs_d, n_ok, d_ok)
-        else:
-            k_off = _rows(k_bh, cols64, skn, ALIGN8)
-            kr_off = _rows(kr_bh, cols64, skrn, ALIGN8)
-            k = _blend_soft(K, KR, k_off, kr_off, offs_d, d_ok, use_own, use_ref, mk2)
+        k = _kv_tile(K, KR, KR_DELTA, k_bh, skn, kr_bh, skrn, cols64, offs_d, n_ok, d_ok, use_own, use_ref, mk2,
+                     BINARY, ALIGN8)  # fmt: skip
         s = _dot(q, tl.trans(k), IEEE)
         if not EVEN_N:
             s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -260,12 +270,8 @@ def _kv_inject_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(V.dtype.element_ty)
 
-        if BINARY:
-            v = _select_rows(V, _pick(use_ref, VR_DELTA + vr_bh, svrn, v_bh, svn, cols64, ALIGN8), offs_d, n_ok, d_ok)
-        else:
-            v_off = _rows(v_bh, cols64, svn, ALIGN8)
-            vr_off = _rows(vr_bh, cols64, svrn, ALIGN8)
-            v = _blend_soft(V, VR, v_off, vr_off, offs_d, d_ok, use_own, use_ref, mk2)
+        v = _kv_tile(V, VR, VR_DELTA, v_bh, svn, vr_bh, svrn, cols64, offs_d, n_ok, d_ok, use_own, use_ref, mk2,
+                     BINARY, ALIGN8)  # fmt: skip
         acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m_i = m_new
 
