@@ -247,8 +247,8 @@ def test_bad_inputs_raise_clear_errors():
         kv_inject_attention(q[:, :, :4], k, v, k_ref=kr, v_ref=vr, mask=m, q_ref=qr[:, :, :4])
     with pytest.raises(ValueError, match="backend must be one of"):
         kv_inject_attention(q, k, v, **kw, backend="cuda")
-    for bad in (0.0, -0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match=r"scale must be a positive finite number"):
+    for bad in (0.0, -0.1, 1e-40, 1e39, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"scale must be a positive finite number in \[1e-30, 1e\+30\]"):
             kv_inject_attention(q, k, v, **kw, scale=bad)
     big = torch.randn(1, 1, 4, 320)
     with pytest.raises(RuntimeError, match=r"head dim 320 unsupported"):
@@ -351,3 +351,21 @@ def test_gpu_torch_compile_captures_op():
         rtol=0,
     )
     assert math.isfinite(f(q, k, v, kr, vr, m).float().sum().item())
+
+
+def test_tile_lists_fit_shared_memory_and_are_never_empty():
+    """Every head dim and mask kind gets tiles; half-precision ones fit 227 KB by the estimate that
+    tests/test_triton_compile_report.py checks against compiled kernels; fp32 gets its smallest tile only."""
+    from b2kernels.ops.kv_inject_attention import triton as kt
+
+    for d in (1, 16, 40, 64, 80, 128, 160, 256):
+        for binary in (True, False):
+            half = kt._tiles_for(d, 2, binary)
+            assert half and all(kt.smem_estimate(t, d, 2, binary) <= kt.SMEM_LIMIT for t in half), (d, binary)
+            (only,) = kt._tiles_for(d, 4, binary)
+            assert kt.smem_estimate(only, d, 4, binary) == min(
+                kt.smem_estimate(t, d, 4, binary) for t in kt._tiles_for(d, 2, binary) + (only,)
+            )
+    # the soft path stages four K/V streams and two Q tiles: at D = 160 the big bool tiles do not fit it
+    assert (128, 64, 8, 2) in kt._tiles_for(160, 2, True)
+    assert (128, 64, 8, 2) not in kt._tiles_for(160, 2, False)

@@ -171,15 +171,33 @@ def report(head_dims=SD_HEAD_DIMS) -> list[dict]:
     return rows
 
 
-def _loop_data_path(ttgir: str) -> dict:
-    """What the key loop (the first ``scf.for``) does with its tiles, from the TTGIR: asynchronous global →
-    shared copies, and register → shared stores (``ttg.local_alloc %value``: a tile computed in registers and
-    written back to shared memory before a tensor-core dot can read it)."""
+def _first_loop_body(ttgir: str) -> str:
+    """The text of the first ``scf.for`` region (braces matched, so nested regions stay inside)."""
     start = ttgir.find("scf.for")
-    body = ttgir[start : ttgir.find("scf.yield", start)] if start >= 0 else ""
+    if start < 0:
+        return ""
+    line_end = ttgir.index("\n", start)
+    open_at = ttgir.rindex("{", start, line_end)  # the region opens at the end of the loop's line
+    depth = 0
+    for i in range(open_at, len(ttgir)):
+        depth += {"{": 1, "}": -1}.get(ttgir[i], 0)
+        if depth == 0:
+            return ttgir[open_at : i + 1]
+    raise ValueError("unbalanced braces in the TTGIR")
+
+
+def _loop_data_path(ttgir: str) -> dict:
+    """What the key loop (the first ``scf.for``) does with its K/V tiles, from the TTGIR: asynchronous global →
+    shared copies of 2-D half-precision tiles (the mask's 1-D copy is not counted), and register → shared writes
+    (``ttg.local_alloc %value`` or ``ttg.local_store``: a tile computed in registers and written back to shared
+    memory before a tensor-core dot can read it)."""
+    if "ttg." not in ttgir:
+        raise ValueError("TTGIR without the ttg dialect (Triton < 3.2?): this report cannot read it")
+    body = _first_loop_body(ttgir)
+    tile_copy = r"ttg\.async_copy_global_to_local [^\n]*tensor<\d+x\d+x!tt\.ptr<(?:bf16|f16)>"
     return {
-        "loop_async_copies": body.count("ttg.async_copy_global_to_local"),
-        "loop_reg_to_smem": len(re.findall(r"ttg\.local_alloc %", body)),
+        "loop_async_copies": len(re.findall(tile_copy, body)),
+        "loop_reg_to_smem": len(re.findall(r"ttg\.local_alloc %|ttg\.local_store ", body)),
     }
 
 

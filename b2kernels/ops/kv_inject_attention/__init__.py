@@ -6,7 +6,6 @@ Public API: :func:`kv_inject_attention`, :class:`KVMask`. Backends: ``triton`` (
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +84,9 @@ class KVMask:
         return self.rows().repeat(batch // self.batch, 1)
 
 
+_MIN_SCALE, _MAX_SCALE = 1e-30, 1e30
+
+
 def triton_reasons_for(q: torch.Tensor, *, needs_grad: bool) -> list[str]:
     """Why the Triton kernel can't serve this call (beyond device/installation reasons)."""
     reasons = []
@@ -104,6 +106,12 @@ def triton_reasons_for(q: torch.Tensor, *, needs_grad: bool) -> list[str]:
         )
     if needs_grad:
         reasons.append("the Triton kernel has no backward yet; inputs require grad (use backend='reference')")
+    if torch.version.hip is not None:
+        # AMD's backend may turn loads into buffer loads with 32-bit offsets inside the base tensor; the bool path
+        # addresses K_ref from K's pointer (triton.py, `_pick`). Untested there, so not offered.
+        reasons.append(
+            "the Triton kernel is untested on ROCm (its bool path addresses K_ref from K's pointer)"
+        )
     if triton_interpret() and q.is_cuda:
         # the interpreter copies each argument to the host on its own, which breaks the kernel's addressing of
         # reference rows relative to the own tensor (triton.py, `_pick`)
@@ -284,8 +292,13 @@ def kv_inject_attention(
             _validate_ref_index(ref_index, k_ref.shape[0])
     D = q.shape[-1]
     scale = float(scale) if scale is not None else D**-0.5
-    if not (0.0 < scale < math.inf):  # the kernel folds the scale into its running max, which needs scale > 0
-        raise ValueError(f"kv_inject_attention: scale must be a positive finite number, got {scale}")
+    # The kernel folds the scale into its running max (needs scale > 0) and takes scale·log2(e) in fp32 (must not
+    # underflow or overflow there).
+    if not (_MIN_SCALE <= scale <= _MAX_SCALE):
+        raise ValueError(
+            f"kv_inject_attention: scale must be a positive finite number in [{_MIN_SCALE:g}, {_MAX_SCALE:g}], "
+            f"got {scale}"
+        )
     tensors = (q, k, v, k_ref, v_ref) + ((q_ref,) if q_ref is not None else ())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     choice = resolve(_OP, backend, q.device, triton_reasons_for(q, needs_grad=needs_grad))
