@@ -32,7 +32,8 @@ BACKENDS = ("auto", "triton", "reference")
 AUTO_PICKS_REFERENCE = {
     "kv_inject_attention": (
         "the Triton kernel measured 0.56-0.78x the speed of blend + SDPA on an H200 (bench kv_inject_attention, "
-        "SD 1.5 head dims); backend='triton' still runs it"
+        "SD 1.5 head dims; before its bool path read each K/V tile straight into the dots, not yet re-measured); "
+        "backend='triton' still runs it"
     ),
 }
 
