@@ -95,7 +95,7 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the spill-free configs of this head dim (see ``_CONFIGS_BY_HEAD_DIM``)."""
+    """Keep the tiles listed for this head dim, element size and mask kind (see ``_tiles_for``)."""
     d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
     binary = kwargs.get("BINARY", named_args.get("BINARY", True))
     q = named_args.get("Q")
