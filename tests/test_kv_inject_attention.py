@@ -367,5 +367,5 @@ def test_tile_lists_fit_shared_memory_and_are_never_empty():
                 kt.smem_estimate(t, d, 4, binary) for t in kt._tiles_for(d, 2, binary) + (only,)
             )
     # the soft path stages four K/V streams and two Q tiles: at D = 160 the big bool tiles do not fit it
-    assert (128, 64, 8, 2) in kt._tiles_for(160, 2, True)
-    assert (128, 64, 8, 2) not in kt._tiles_for(160, 2, False)
+    assert (128, 32, 8, 3) in kt._tiles_for(160, 2, True)
+    assert (128, 32, 8, 3) not in kt._tiles_for(160, 2, False)

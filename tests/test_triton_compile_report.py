@@ -95,8 +95,9 @@ def kv_inject_cases(head_dims=SD_HEAD_DIMS):
     }
     types["qk_scale"] = "fp32"
     types.update(QR_DELTA="i64", KR_DELTA="i64", VR_DELTA="i64")  # pointer distances may exceed 32 bits
+    # the bool mask (what the processors launch) with and without full key blocks; the soft mask with full ones
     for D in head_dims:
-        for binary, q_ref in ((True, False), (False, True)):
+        for binary, q_ref, even_n in ((True, False, True), (True, False, False), (False, True, True)):
             # the configs the autotuner may pick for this head dim (its own pruning rule)
             configs = kt._prune(kt._kv_inject_fwd_kernel.configs, {"HEAD_DIM": D}, HEAD_DIM=D, BINARY=binary)
             for c in configs:
@@ -108,11 +109,11 @@ def kv_inject_cases(head_dims=SD_HEAD_DIMS):
                     BINARY=binary,
                     IEEE=False,
                     ALIGN8=True,  # SD layouts: D = 40/80/160 and H·D are multiples of 8
-                    EVEN_N=True,  # SD token counts (4096/1024/256) are multiples of every BLOCK_N
+                    EVEN_N=even_n,  # SD token counts (4096/1024/256) are multiples of every BLOCK_N
                     **c.kwargs,
                 )
                 name = (
-                    f"kv_inject D={D} {'bool' if binary else 'soft+qref'} "
+                    f"kv_inject D={D} {'bool' if binary else 'soft+qref'}{'' if even_n else ' ragged'} "
                     f"M{c.kwargs['BLOCK_M']}xN{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
                 )
                 tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
@@ -258,13 +259,13 @@ def test_attention_smem_estimate_bounds_the_compiled_kernels(compile_report):
 
 def _table(rows: list[dict]) -> str:
     head = (
-        f"{'kernel':<44}{'regs':>5}{'stack':>6}{'spill st':>9}{'spill ld':>9}{'smem':>8}{'est.':>8}"
+        f"{'kernel':<51}{'regs':>5}{'stack':>6}{'spill st':>9}{'spill ld':>9}{'smem':>8}{'est.':>8}"
         f"{'cp.async':>9}{'loop copies':>12}{'reg→smem':>9}  wgmma"
     )
     lines = [head]
     for r in rows:
         lines.append(
-            f"{r['kernel']:<44}{r['registers']:>5}{r['stack_bytes']:>6}{r['spill_store_bytes']:>9}"
+            f"{r['kernel']:<51}{r['registers']:>5}{r['stack_bytes']:>6}{r['spill_store_bytes']:>9}"
             f"{r['spill_load_bytes']:>9}{r['shared_bytes']:>8}{r.get('smem_estimate') or '':>8}"
             f"{r.get('cp_async', 0):>9}{r.get('loop_async_copies', 0):>12}{r.get('loop_reg_to_smem', 0):>9}"
             f"  {'yes' if r['wgmma'] else 'no'}"
