@@ -4,8 +4,8 @@
 
 Cases: head dims 8/16 (the toy model) and 40/64/80/160 (SD 1.5) at their token counts; per head dim every tile
 the autotuner may pick (``_CONFIGS_BY_HEAD_DIM``) at its own pipeline depth and at one stage; bool mask (the
-exact select of two loads) and soft mask (the fp32 blend); fp16, plus fp32 (exact dots) for the small dims; and the
-autotuned launch itself. (Results from before the two-chunk head-dim split was removed also carry a ``split``
+exact path: one load per row, from K or K_ref) and soft mask (the fp32 blend); fp16, plus fp32 (exact dots) for
+the small dims; and the autotuned launch itself. (Results from before the two-chunk head-dim split was removed also carry a ``split``
 column.)
 
 Each case runs with ``CUDA_LAUNCH_BLOCKING=1`` in a worker process, so an illegal memory access is pinned to

@@ -47,7 +47,8 @@ _empty = torch.empty  # tests swap in a NaN-filled allocator to catch unwritten 
 # the soft mask with injected queries, and the bool-mask tiles feed the tensor-core dots straight from their
 # asynchronous copies. Searched and left out because they spill at 255 registers: 128×64×4 at D ≤ 128,
 # 64×64×4 at D > 128. Left out at exactly 255 registers with Triton 3.8 (too close to spilling under another
-# version): 128×128×8×2 at D = 80, 128×64×8×2 at D = 160 (when N is not a multiple of the key block). Short lists keep autotuning on a fresh machine to a few compiles per shape.
+# version): 128×128×8×2 at D = 80, 128×64×8×2 at D = 160 (when N is not a multiple of the key block). Short
+# lists keep autotuning on a fresh machine to a few compiles per shape.
 _CONFIGS_BY_HEAD_DIM = (
     (64, ((128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3))),
     (128, ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 8, 3), (128, 32, 8, 3))),
@@ -139,8 +140,8 @@ def _select_rows(base, off, offs_d, row_ok, d_ok):
 @triton.jit
 def _kv_tile(own, ref, delta, own_bh, own_stride, ref_bh, ref_stride, rows, offs_d, row_ok, d_ok, use_own, use_ref, m2,
              BINARY: tl.constexpr, ALIGN8: tl.constexpr):  # fmt: skip
-    """One key block of K' (or V'): rows ``rows`` of ``own`` or ``ref`` (``delta``: ref's pointer minus own's, in
-    elements), selected by a bool mask, or blended by a soft one."""
+    """A [rows, d] tile of K' or V' (one key block), or of Q' (the query block): rows ``rows`` of ``own`` or
+    ``ref`` (``delta``: ref's pointer minus own's, in elements), selected by a bool mask, or blended by a soft one."""
     if BINARY:
         return _select_rows(own, _pick(use_ref, delta + ref_bh, ref_stride, own_bh, own_stride, rows, ALIGN8), offs_d,
                             row_ok, d_ok)  # fmt: skip
@@ -231,12 +232,8 @@ def _kv_inject_fwd_kernel(
         mq = tl.load(M + mrow * smb + offs_m * smn, mask=m_ok, other=0.0)
         q_own = m_ok & (mq < 1.0)
         q_ref = m_ok & (mq > 0.0)
-        if BINARY:
-            q = _select_rows(Q, _pick(q_ref, QR_DELTA + qr_bh, sqrn, q_bh, sqn, rows64, ALIGN8), offs_d, m_ok, d_ok)
-        else:
-            q_off = _rows(q_bh, rows64, sqn, ALIGN8)
-            qr_off = _rows(qr_bh, rows64, sqrn, ALIGN8)
-            q = _blend_soft(Q, QR, q_off, qr_off, offs_d, d_ok, q_own, q_ref, mq[:, None])
+        q = _kv_tile(Q, QR, QR_DELTA, q_bh, sqn, qr_bh, sqrn, rows64, offs_d, m_ok, d_ok, q_own, q_ref, mq[:, None],
+                     BINARY, ALIGN8)  # fmt: skip
     else:
         q = _select_rows(Q, _rows(q_bh, rows64, sqn, ALIGN8), offs_d, m_ok, d_ok)
 
