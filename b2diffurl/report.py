@@ -124,12 +124,16 @@ def evaluate(
     reward_fn,
     group_of: Callable[[str], str] | None,
     metrics: MetricsLog,
+    gold_fn=None,
 ) -> None:
     """Log the mean reward on ``eval_config.num_prompts`` held-out prompts, sampled with a fixed noise seed
     (the same images every time) to ``metrics``.
 
     When the run's first evaluation covers the same images, the record carries the :func:`paired_gain`
-    against it. ``group_of`` (from the prompt set) adds the mean reward per prompt group.
+    against it. ``group_of`` (from the prompt set) adds the mean reward per prompt group. ``gold_fn`` (the
+    monitors' gold reward, when the run has one) scores the same images: ``gold_mean``, ``gold_rewards`` and,
+    against the first evaluation, ``gold_gain`` / ``gold_gain_se``, so a run shows what training did to the
+    reward it was not trained on.
     """
     num_prompts, images_per_prompt = eval_config.num_prompts, eval_config.images_per_prompt
     first = next(iter(metrics.of_kind("eval")), None)
@@ -147,12 +151,14 @@ def evaluate(
 
     part = distributed.shard(len(prompts), block=batch_size)
     mine = prompts[part.start : part.stop]
-    r = torch.zeros(0)
+    r = g = torch.zeros(0)
     if mine:
         gens = distributed.tree_generators(eval_config.seed, 0, part, sampler.device)
         res = sample(sampler.policy, mine, batch_size=batch_size, sampler=sampler, generators=gens)
         with torch.no_grad():
             r = reward_fn(res.images, mine).float().cpu()
+            if gold_fn is not None:
+                g = torch.as_tensor(gold_fn(res.images, mine)).detach().float().reshape(-1).cpu()
     r = distributed.all_gather_cat(r)
     rec = {
         "kind": "eval",
@@ -167,6 +173,15 @@ def evaluate(
     }
     if first is not None and first["stage"] != stage and len(first["rewards"]) == r.numel():
         rec.update(paired_gain(first["rewards"], rec["rewards"]))
+    if gold_fn is not None:
+        g = distributed.all_gather_cat(g)
+        rec["gold_mean"] = (
+            float(g[torch.isfinite(g)].mean()) if bool(torch.isfinite(g).any()) else float("nan")
+        )
+        rec["gold_rewards"] = [round(v, 6) for v in g.tolist()]
+        if first is not None and first["stage"] != stage and len(first.get("gold_rewards", ())) == g.numel():
+            pg = paired_gain(first["gold_rewards"], rec["gold_rewards"])
+            rec["gold_gain"], rec["gold_gain_se"] = pg["gain"], pg["gain_se"]
     if group_of is not None:
         groups: dict[str, list[float]] = {}
         for p, v in zip(prompts, r.tolist()):
@@ -243,7 +258,11 @@ def plot_reward_curve(metrics: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("reward")
     for a, (key, label) in zip(axes[1:], extra):
         pts = [(m["stage"], m[key]) for m in stages if m.get(key) is not None]
-        a.plot([p[0] for p in pts], [p[1] for p in pts], ".-")
+        a.plot([p[0] for p in pts], [p[1] for p in pts], ".-", label="training images")
+        held = [(m["stage"], m[key]) for m in evals if m.get(key) is not None]
+        if held:
+            a.plot([p[0] for p in held], [p[1] for p in held], "o-", label="held-out images")
+            a.legend(fontsize="small")
         a.set_ylabel(label)
     alarms = [m["stage"] for m in stages if m.get("hacking_alarm")]
     for a in axes:
@@ -274,5 +293,14 @@ def summarize(metrics: list[dict]) -> dict:
                 last["gain_se"],
                 last["n_better"],
                 last["n_worse"],
+            )
+        if "gold_gain" in last:
+            out.update(heldout_gold_gain=last["gold_gain"], heldout_gold_gain_se=last["gold_gain_se"])
+            log.info(
+                "held-out gold reward (not trained on) %.4f -> %.4f: paired change %+.4f ± %.4f (1 s.e.)",
+                evals[0]["gold_mean"],
+                last["gold_mean"],
+                last["gold_gain"],
+                last["gold_gain_se"],
             )
     return out

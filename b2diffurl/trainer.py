@@ -71,6 +71,7 @@ class Trainer:
         if not self.train_prompts:
             raise C.ConfigError(f"prompts={run_config.prompts!r} gave no training prompts")
         self.reward_fn, gold = run_monitor.build_rewards(run_config, reward_fn, gold_fn, self.train_prompts)
+        self.gold_fn = gold
         if run_config.log_with == "tensorboard":
             run_monitor.check_tensorboard()
         from b2diffurl.algos.api import RunContext, algorithm_class, make_optimizer
@@ -218,6 +219,7 @@ class Trainer:
             reward_fn=self.reward_fn,
             group_of=self.group_of,
             metrics=self.metrics,
+            gold_fn=self.gold_fn,
         )
 
     # ---- the loop ------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ seeds we report the mean gain, its standard error over seeds, and every seed's o
 
 Suites (each compares arms at the same sample budget, same held-out set, same seeds):
 
-* ``default``    — ``b2diffurl train`` with no arguments, per seed (the README's learning claim).
+* ``default``    — ``b2diffurl train`` with no arguments, per seed (the README's learning claim). On the toy that
+  trains the sparse brightness reward below, with the prompt-following toy reward as the held-out gold reward.
+* ``prompt_reward`` — B² at the default settings on the toy's prompt-following reward (``--set reward=toy``).
 * ``b2_vs_ddpo`` — B² against DDPO (its own official-style settings) on the exact, end-only toy reward.
 * ``dpo_pairs``  — DPO on D-Fusion (target, base) pairs against DPO on plain best/worst pairs, same pair count.
 * ``jpeg``       — B² against DDPO on DDPO's JPEG-compressibility reward (minus the kB of each image): a reward
@@ -51,9 +53,12 @@ _SPARSE_BRIGHTNESS = ["--set", "reward=brightness", "--set", "reward_options.thr
 # arm name -> extra ``b2diffurl train`` arguments (the run seed is added per run)
 SUITES: dict[str, dict[str, list[str]]] = {
     "default": {"b2 (default run)": []},
+    # B² at the default settings on the toy's prompt-following reward (the default run's reward until
+    # 2026-11-29; the same command then)
+    "prompt_reward": {"b2 (default settings)": ["--algo", "b2", "--set", "reward=toy"]},
     "b2_vs_ddpo": {
-        "b2": ["--algo", "b2"],
-        "ddpo": ["--algo", "ddpo"],
+        "b2": ["--algo", "b2", "--set", "reward=toy"],
+        "ddpo": ["--algo", "ddpo", "--set", "reward=toy"],
     },
     "jpeg": {
         "b2": ["--algo", "b2", "--set", "reward=jpeg_compressibility"],
@@ -142,6 +147,17 @@ def summarise_run(metrics: list[dict]) -> dict:
             per_image_gain=[a - b for a, b in zip(evals[-1]["rewards"], before)],
             gain_curve=[(stage, g["gain"], g["gain_se"]) for stage, g in curve],
         )
+        gold_before, gold_after = evals[0].get("gold_rewards"), evals[-1].get("gold_rewards")
+        if gold_before and gold_after and len(gold_before) == len(gold_after):
+            # the run's gold reward (on the toy: the prompt-following reward it was not trained on), same images
+            g = paired_gain(gold_before, gold_after)
+            out.update(
+                gold_before=evals[0]["gold_mean"],
+                gold_after=evals[-1]["gold_mean"],
+                gold_gain=g["gain"],
+                gold_gain_se=g["gain_se"],
+                per_image_gold_gain=[a - b for a, b in zip(gold_after, gold_before)],
+            )
     return out
 
 
@@ -189,6 +205,25 @@ def pool_arm(runs: list[dict]) -> dict:
         "before_mean": sum(r["heldout_before"] for r in ok) / k,
         "after_mean": sum(r["heldout_after"] for r in ok) / k,
         "wall_s_mean": sum(r["wall_s"] for r in ok) / k,
+        **_pool_gold(ok),
+    }
+
+
+def _pool_gold(runs: list[dict]) -> dict:
+    """The held-out gold reward's change over seeds and pooled, when every run logged it."""
+    if not all("gold_gain" in r for r in runs):
+        return {}
+    from b2diffurl.report import mean_se
+
+    mean, se_seeds = mean_se([r["gold_gain"] for r in runs])
+    pooled, se_pool = mean_se([x for r in runs for x in r["per_image_gold_gain"]])
+    return {
+        "gold_gain_mean": mean,
+        "gold_gain_se_over_seeds": se_seeds,
+        "gold_pooled_gain": pooled,
+        "gold_pooled_gain_se": se_pool,
+        "gold_per_seed": [(r["seed"], r["gold_gain"], r["gold_gain_se"]) for r in runs],
+        "gold_before_mean": sum(r["gold_before"] for r in runs) / len(runs),
     }
 
 
@@ -310,8 +345,9 @@ def table(results_dir: Path = RESULTS) -> str:
     """Markdown table of every committed learning result (the README's learning section)."""
     lines = [
         "| suite | toy | arm | seeds | held-out before → after | gain, mean over seeds ± s.e. "
-        "| gain, all images pooled ± s.e. | seeds with gain ≥ 3 s.e. | wall / run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| gain, all images pooled ± s.e. | seeds with gain ≥ 3 s.e. | gold reward change, pooled ± s.e. "
+        "| wall / run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for path in sorted(results_dir.glob("learning-*.json")):
         res = json.loads(path.read_text())
@@ -319,14 +355,19 @@ def table(results_dir: Path = RESULTS) -> str:
         for arm, data in res["arms"].items():
             s = data["summary"]
             if not s.get("seeds"):
-                lines.append(f"| {res['suite']} | {toy} | {arm} | 0 | – | – | – | – | – |")
+                lines.append(f"| {res['suite']} | {toy} | {arm} | 0 | – | – | – | – | – | – |")
                 continue
             se = s["gain_se_over_seeds"]
             over_seeds = f"{s['gain_mean']:+.4f} ± {se:.4f}" if math.isfinite(se) else "– (1 seed)"
+            gold = (
+                f"{s['gold_pooled_gain']:+.4f} ± {s['gold_pooled_gain_se']:.4f}"
+                if "gold_pooled_gain" in s
+                else "–"
+            )
             lines.append(
                 f"| {res['suite']} | {toy} | {arm} | {s['seeds']} | {s['before_mean']:.3f} → {s['after_mean']:.3f} "
                 f"| {over_seeds} | {s['pooled_gain']:+.4f} ± {s['pooled_gain_se']:.4f} "
-                f"| {s['seeds_above_3se']}/{s['seeds']} | {s['wall_s_mean']:.0f} s |"
+                f"| {s['seeds_above_3se']}/{s['seeds']} | {gold} | {s['wall_s_mean']:.0f} s |"
             )
     return "\n".join(lines)
 

@@ -83,6 +83,21 @@ def test_official_and_toy_presets_are_valid():
         C.validate(C.load_config(overrides={"preset": preset}))
 
 
+def test_toy_policy_gradient_runs_default_to_the_sparse_reward_and_a_named_reward_drops_its_options():
+    """The toy preset trains B² and DDPO on the sparse brightness reward (threshold 0.09); naming another reward
+    leaves the preset's reward options out (the toy reward takes none), and D-Fusion keeps the toy reward."""
+    for algo in ("b2", "ddpo"):
+        cfg = C.load_config(overrides={"algo": algo})
+        assert (cfg.preset, cfg.reward, cfg.reward_options) == ("toy", "brightness", {"threshold": 0.09})
+    cfg = C.load_config(overrides={"reward": "toy"})
+    assert (cfg.reward, cfg.reward_options) == ("toy", {})
+    assert C.load_config(overrides=["reward=jpeg_compressibility"]).reward_options == {}
+    assert C.load_config(overrides=["reward_options.threshold=0.2"]).reward_options == {"threshold": 0.2}
+    cfg = C.load_config(overrides={"algo": "dfusion"})
+    assert (cfg.reward, cfg.reward_options) == ("toy", {})
+    assert C.load_config(overrides={"preset": "official"}).reward == "clip"
+
+
 # ----------------------------------------------------------------------------------------------- CLI user errors
 def _one_line_exit_2(capsys, argv, needle):
     rc = main(argv)

@@ -261,6 +261,31 @@ def test_final_eval_is_paired_with_the_first(tmp_path):
     assert ev[1]["n_better"] + ev[1]["n_worse"] <= 6 and summary["heldout_gain_se"] >= 0
 
 
+def test_heldout_eval_scores_the_gold_reward_on_the_same_images(tmp_path):
+    """A gold reward that is a known function of the training reward (2r + 0.5) must come out as exactly that
+    function of the logged per-image rewards, in the same order, and its paired change as twice the reward's."""
+    cfg = cfg_for(
+        tmp_path, **{"stages": 1, "eval.prompts": "toy", "eval.num_prompts": 3, "eval.images_per_prompt": 2}
+    )
+    tr = Trainer(
+        cfg,
+        policy=tiny_policy(),
+        reward_fn=brightness_reward,
+        gold_fn=lambda images, prompts: 2.0 * brightness_reward(images, prompts) + 0.5,
+        train_prompts=PROMPTS,
+        heldout_prompts=PROMPTS[1:],
+    )
+    summary = tr.run()
+    ev = [r for r in stage_metrics(tmp_path) if r["kind"] == "eval"]
+    assert len(ev) == 2 and "gold_gain" not in ev[0]
+    for rec in ev:
+        assert rec["gold_rewards"] == pytest.approx([2 * v + 0.5 for v in rec["rewards"]], abs=1e-5)
+        assert rec["gold_mean"] == pytest.approx(2 * rec["reward_mean"] + 0.5, abs=1e-5)
+    assert ev[1]["gold_gain"] == pytest.approx(2 * ev[1]["gain"], abs=1e-5)
+    assert ev[1]["gold_gain_se"] == pytest.approx(2 * ev[1]["gain_se"], abs=1e-5)
+    assert summary["heldout_gold_gain"] == pytest.approx(ev[1]["gold_gain"])
+
+
 def test_keep_checkpoints_prunes_old_ones_and_resume_still_works(tmp_path):
     out = tmp_path / "run"
     trainer(cfg_for(out, keep_checkpoints=2)).run()  # checkpoints after stages 1, 2, 3

@@ -10,7 +10,7 @@ import os
 import typing
 from typing import Any
 
-from b2diffurl.config.presets import ALGO_PRESETS, PRESETS
+from b2diffurl.config.presets import ALGO_PRESETS, PRESETS, preset_items
 from b2diffurl.config.schema import ConfigError, RunConfig
 from b2diffurl.config.validation import validate
 
@@ -194,9 +194,9 @@ def load_config(
         set_value(run_config, k, v)
     preset = resolve_preset(run_config)
     run_config = RunConfig()
-    for k, v in PRESETS[preset].items():
+    for k, v in preset_items(PRESETS[preset], explicit):
         set_value(run_config, k, v)
-    for k, v in ALGO_PRESETS.get((preset, explicit.get("algo", run_config.algo)), {}).items():
+    for k, v in preset_items(ALGO_PRESETS.get((preset, explicit.get("algo", run_config.algo)), {}), explicit):
         set_value(run_config, k, v)
     for k, v in explicit.items():
         set_value(run_config, k, v)

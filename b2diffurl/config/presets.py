@@ -58,9 +58,27 @@ ALGO_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "train.grad_accum_steps": 16,
         "model.lora": "on",
     },
-    # same sample budget and model parametrisation as toy B²; DDPO's own PPO settings and statistics
+    # On the toy world the policy-gradient methods train a sparse, end-only reward: 1 when the image's mean
+    # pixel value exceeds 0.09 (a third of the held-out images before training), else 0 - the setting B² is
+    # built for, and one this trainer raises on every seed (bench.learning sparse_brightness: +0.28 ± 0.08 over
+    # 3 seeds in 12 stages). The toy's prompt-following reward ('--set reward=toy') does not rise above the
+    # noise in this budget (README); it stays the gold reward these runs are watched with. D-Fusion keeps the
+    # prompt-following reward: its pairs are about alignment with the prompt.
+    ("toy", "b2"): {"reward": "brightness", "reward_options.threshold": 0.09},
+    # same sample budget, reward and model parametrisation as toy B²; DDPO's own PPO settings and statistics
     ("toy", "ddpo"): {
+        "reward": "brightness",
+        "reward_options.threshold": 0.09,
         "train.clip_range": 1e-4,
         "train.inner_epochs": 1,
     },
 }
+
+
+def preset_items(values: dict[str, Any], explicit: dict[str, Any]):
+    """A preset's (key, value) pairs that apply under the user's ``explicit`` keys: a preset's
+    ``reward_options.*`` belong to the preset's reward, so they are left out when the user names another."""
+    for k, v in values.items():
+        if k.startswith("reward_options") and "reward" in explicit:
+            continue
+        yield k, v
