@@ -47,14 +47,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 TRAIN_DESCRIPTION = """\
 Fine-tune a text-to-image diffusion policy with RL: B²-DiffuRL (default), the DDPO baseline or D-Fusion.
 
-With no arguments: B² on the embedded toy world, CPU-friendly sizes (preset 'toy'), a few minutes on 2 cores;
-held-out toy reward is reported before and after. Real models: --model /path/to/sd-diffusers-folder (LoRA,
+With no arguments: B² on the embedded toy world, CPU-friendly sizes (preset 'toy'), about 7 minutes on 2
+cores. It trains a sparse, end-only reward (1 when the image's mean pixel value exceeds 0.09, else 0) and
+reports it on held-out images before and after, next to the toy's prompt-following reward (the gold reward
+it is watched with; train on that one with --set reward=toy). Real models: --model /path/to/sd-diffusers-folder (LoRA,
 official B²-DiffuRL hyper-parameters: preset 'official'). Every field below can be set with
 --set key=value (repeatable) or in a YAML file (--config run.yaml, nested sections or dotted keys);
 precedence: defaults < preset < YAML < flags < --set.
 
 Outputs in --out: config.yaml, metrics.jsonl (per stage: the algorithm's metrics; per evaluation: held-out
-reward), grids/, checkpoints/ (every checkpoint_every stages, at the end and on SIGTERM), reward_curve.png.
+reward and gold reward), grids/ (training samples; held-out images per evaluation), checkpoints/ (every checkpoint_every stages, at the end and on SIGTERM), reward_curve.png.
 --resume DIR continues a run exactly.
 """
 

@@ -125,6 +125,7 @@ def evaluate(
     group_of: Callable[[str], str] | None,
     metrics: MetricsLog,
     gold_fn=None,
+    grid_path: Path | None = None,
 ) -> None:
     """Log the mean reward on ``eval_config.num_prompts`` held-out prompts, sampled with a fixed noise seed
     (the same images every time) to ``metrics``.
@@ -133,7 +134,8 @@ def evaluate(
     against it. ``group_of`` (from the prompt set) adds the mean reward per prompt group. ``gold_fn`` (the
     monitors' gold reward, when the run has one) scores the same images: ``gold_mean``, ``gold_rewards`` and,
     against the first evaluation, ``gold_gain`` / ``gold_gain_se``, so a run shows what training did to the
-    reward it was not trained on.
+    reward it was not trained on. ``grid_path``: the first 32 held-out images go there as a grid (the same
+    images every evaluation, so the grids of a run show what training changed).
     """
     num_prompts, images_per_prompt = eval_config.num_prompts, eval_config.images_per_prompt
     first = next(iter(metrics.of_kind("eval")), None)
@@ -159,6 +161,8 @@ def evaluate(
             r = reward_fn(res.images, mine).float().cpu()
             if gold_fn is not None:
                 g = torch.as_tensor(gold_fn(res.images, mine)).detach().float().reshape(-1).cpu()
+        if grid_path is not None and distributed.is_main():  # rank 0 holds the first images
+            save_grid(res.images[:32], grid_path, mine[:32])
     r = distributed.all_gather_cat(r)
     rec = {
         "kind": "eval",

@@ -220,6 +220,7 @@ class Trainer:
             group_of=self.group_of,
             metrics=self.metrics,
             gold_fn=self.gold_fn,
+            grid_path=self.out / "grids" / f"heldout_{stage:05d}.png" if self.cfg.grid_every else None,
         )
 
     # ---- the loop ------------------------------------------------------------------------------------------

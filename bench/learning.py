@@ -184,47 +184,47 @@ def run_one(args: list[str], seed: int, out_dir: Path, log_path: Path) -> dict:
     return res
 
 
+def _over_seeds(runs: list[dict], key: str) -> dict:
+    """``key`` ("gain" or "gold_gain") over runs: its mean with the s.e. across seeds, the pooled per-image
+    comparison (``per_image_<key>``), and each seed's own (value, s.e.)."""
+    from b2diffurl.report import mean_se
+
+    mean, se_seeds = mean_se([r[key] for r in runs])
+    pooled, se_pool = mean_se([x for r in runs for x in r[f"per_image_{key}"]])
+    return {
+        "mean": mean,
+        "se_over_seeds": se_seeds,
+        "pooled": pooled,
+        "pooled_se": se_pool,
+        "per_seed": [(r["seed"], r[key], r[f"{key}_se"]) for r in runs],
+    }
+
+
 def pool_arm(runs: list[dict]) -> dict:
-    """Mean of the per-seed paired gains with its s.e. across seeds, plus the pooled per-image comparison."""
+    """Mean of the per-seed paired gains with its s.e. across seeds, plus the pooled per-image comparison; the
+    same for the held-out gold reward when every run logged it."""
     ok = [r for r in runs if "gain" in r]
     if not ok:
         return {"seeds": 0}
-    from b2diffurl.report import mean_se
-
     k = len(ok)
-    mean, se_seeds = mean_se([r["gain"] for r in ok])
-    dm, se_pool = mean_se([x for r in ok for x in r["per_image_gain"]])
-    return {
+    g = _over_seeds(ok, "gain")
+    out = {
         "seeds": k,
-        "gain_mean": mean,
-        "gain_se_over_seeds": se_seeds,
-        "pooled_gain": dm,
-        "pooled_gain_se": se_pool,
-        "per_seed": [(r["seed"], r["gain"], r["gain_se"]) for r in ok],
+        "gain_mean": g["mean"],
+        "gain_se_over_seeds": g["se_over_seeds"],
+        "pooled_gain": g["pooled"],
+        "pooled_gain_se": g["pooled_se"],
+        "per_seed": g["per_seed"],
         "seeds_above_3se": sum(r["gain"] >= 3 * r["gain_se"] for r in ok),
         "before_mean": sum(r["heldout_before"] for r in ok) / k,
         "after_mean": sum(r["heldout_after"] for r in ok) / k,
         "wall_s_mean": sum(r["wall_s"] for r in ok) / k,
-        **_pool_gold(ok),
     }
-
-
-def _pool_gold(runs: list[dict]) -> dict:
-    """The held-out gold reward's change over seeds and pooled, when every run logged it."""
-    if not all("gold_gain" in r for r in runs):
-        return {}
-    from b2diffurl.report import mean_se
-
-    mean, se_seeds = mean_se([r["gold_gain"] for r in runs])
-    pooled, se_pool = mean_se([x for r in runs for x in r["per_image_gold_gain"]])
-    return {
-        "gold_gain_mean": mean,
-        "gold_gain_se_over_seeds": se_seeds,
-        "gold_pooled_gain": pooled,
-        "gold_pooled_gain_se": se_pool,
-        "gold_per_seed": [(r["seed"], r["gold_gain"], r["gold_gain_se"]) for r in runs],
-        "gold_before_mean": sum(r["gold_before"] for r in runs) / len(runs),
-    }
+    if all("gold_gain" in r for r in ok):
+        gold = _over_seeds(ok, "gold_gain")
+        out.update({f"gold_{name}": v for name, v in gold.items()})
+        out["gold_before_mean"] = sum(r["gold_before"] for r in ok) / k
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -359,11 +359,7 @@ def table(results_dir: Path = RESULTS) -> str:
                 continue
             se = s["gain_se_over_seeds"]
             over_seeds = f"{s['gain_mean']:+.4f} ± {se:.4f}" if math.isfinite(se) else "– (1 seed)"
-            gold = (
-                f"{s['gold_pooled_gain']:+.4f} ± {s['gold_pooled_gain_se']:.4f}"
-                if "gold_pooled_gain" in s
-                else "–"
-            )
+            gold = f"{s['gold_pooled']:+.4f} ± {s['gold_pooled_se']:.4f}" if "gold_pooled" in s else "–"
             lines.append(
                 f"| {res['suite']} | {toy} | {arm} | {s['seeds']} | {s['before_mean']:.3f} → {s['after_mean']:.3f} "
                 f"| {over_seeds} | {s['pooled_gain']:+.4f} ± {s['pooled_gain_se']:.4f} "

@@ -298,3 +298,39 @@ def test_word_sanity_rewards_follow_the_named_word():
     images = torch.stack([torch.full((3, 4, 4), v) for v in (0.1, 0.2, 0.3, 0.4, 0.5)])
     assert torch.allclose(relation_brightness(images, prompts), torch.tensor([0.1, -0.2, 0.3, -0.4, 0.0]))
     assert torch.allclose(colour_brightness(images, prompts), torch.tensor([0.1, 0.2, -0.3, -0.4, 0.5]))
+
+
+def test_learning_pools_the_gain_and_the_gold_change_over_seeds():
+    """Hand values: per-seed gains 0.1 and 0.3 (s.e. over seeds = std 0.1414 / √2 = 0.1); pooled per-image
+    gains 0.1, 0.1, 0.2, 0.4 (mean 0.2, unbiased std √0.02, s.e. √0.02 / 2); gold changes −0.02 and 0."""
+    from bench.learning import pool_arm
+
+    def run(seed, gain, per_image, gold, per_image_gold):
+        return {
+            **{"seed": seed, "gain": gain, "gain_se": 0.01, "per_image_gain": per_image},
+            **{"heldout_before": 0.3, "heldout_after": 0.3 + gain, "wall_s": 10.0},
+            **{
+                "gold_gain": gold,
+                "gold_gain_se": 0.02,
+                "per_image_gold_gain": per_image_gold,
+                "gold_before": 0.6,
+            },
+        }
+
+    s = pool_arm([run(1, 0.1, [0.1, 0.1], -0.02, [0.0, -0.04]), run(2, 0.3, [0.2, 0.4], 0.0, [0.0, 0.0])])
+    assert s["gain_mean"] == pytest.approx(0.2) and s["gain_se_over_seeds"] == pytest.approx(0.1)
+    assert s["pooled_gain"] == pytest.approx(0.2) and s["pooled_gain_se"] == pytest.approx(0.02**0.5 / 2)
+    assert s["seeds_above_3se"] == 2 and s["after_mean"] == pytest.approx(0.5)
+    assert s["gold_mean"] == pytest.approx(-0.01) and s["gold_se_over_seeds"] == pytest.approx(0.01)
+    assert s["gold_pooled"] == pytest.approx(-0.01) and s["gold_per_seed"] == [
+        (1, -0.02, 0.02),
+        (2, 0.0, 0.02),
+    ]
+    gold_pooled_se = (sum((x + 0.01) ** 2 for x in (0.0, -0.04, 0.0, 0.0)) / 3) ** 0.5 / 2
+    assert s["gold_pooled_se"] == pytest.approx(gold_pooled_se)
+    no_gold = {
+        k: v
+        for k, v in run(1, 0.1, [0.1, 0.2], 0.0, [0.0, 0.0]).items()
+        if not k.startswith(("gold", "per_image_gold"))
+    }
+    assert not any(k.startswith("gold") for k in pool_arm([no_gold]))  # runs without a gold reward

@@ -264,9 +264,14 @@ def test_final_eval_is_paired_with_the_first(tmp_path):
 def test_heldout_eval_scores_the_gold_reward_on_the_same_images(tmp_path):
     """A gold reward that is a known function of the training reward (2r + 0.5) must come out as exactly that
     function of the logged per-image rewards, in the same order, and its paired change as twice the reward's."""
-    cfg = cfg_for(
-        tmp_path, **{"stages": 1, "eval.prompts": "toy", "eval.num_prompts": 3, "eval.images_per_prompt": 2}
-    )
+    over = {
+        "stages": 1,
+        "eval.prompts": "toy",
+        "eval.num_prompts": 3,
+        "eval.images_per_prompt": 2,
+        "grid_every": 1,
+    }
+    cfg = cfg_for(tmp_path, **over)
     tr = Trainer(
         cfg,
         policy=tiny_policy(),
@@ -284,6 +289,12 @@ def test_heldout_eval_scores_the_gold_reward_on_the_same_images(tmp_path):
     assert ev[1]["gold_gain"] == pytest.approx(2 * ev[1]["gain"], abs=1e-5)
     assert ev[1]["gold_gain_se"] == pytest.approx(2 * ev[1]["gain_se"], abs=1e-5)
     assert summary["heldout_gold_gain"] == pytest.approx(ev[1]["gold_gain"])
+    # each evaluation leaves a grid of its held-out images, captioned with their prompts (2 per prompt)
+    for stage in (0, 1):
+        grid = tmp_path / "grids" / f"heldout_{stage:05d}.png"
+        assert grid.is_file()
+        captions = grid.with_suffix(".txt").read_text().splitlines()
+        assert len(captions) == 6 and captions[0::2] == captions[1::2] and len(set(captions)) == 3
 
 
 def test_keep_checkpoints_prunes_old_ones_and_resume_still_works(tmp_path):
