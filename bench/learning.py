@@ -25,6 +25,9 @@ Suites (each compares arms at the same sample budget, same held-out set, same se
   a colour word (which the toy follows) against a relation word (which it ignores when drawing). It tells
   whether training can make the model act on that word at all.
 
+Arguments after ``--`` go to every run, so ``-- --model DIR --set model.device=cuda`` runs a suite on a GPU with
+another toy checkpoint, e.g. the SD-shaped one of ``bench/sd_shaped.py`` (its docstring has the command).
+
 Outputs: ``<out>/<suite>.json`` (per-run and per-arm numbers, reward curves) and ``<out>/<suite>.png``.
 ``python -m bench.learning table`` prints the README table from every ``learning-*.json`` in ``bench/results``.
 """
