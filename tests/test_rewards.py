@@ -40,7 +40,7 @@ def test_toy_reward_via_registry():
     [
         (
             "nope",
-            "unknown reward 'nope'; expected one of aesthetic, brightness, clip, hpsv2, jpeg_compressibility",
+            "unknown reward 'nope'; expected one of aesthetic, brightness, clip, foreground, hpsv2, jpeg_compressibility",
         ),
         ("python:nodots", "expected 'python:package.module:function'"),
         ("python:no_such_mod_xyz:f", "cannot import module"),
@@ -129,6 +129,30 @@ def test_brightness_reward_closed_form():
         get_reward("brightness", gain=1)
     with pytest.raises(ValueError, match="threshold must be a finite number"):
         get_reward("brightness", threshold=float("nan"))
+
+
+def test_foreground_reward_closed_form_and_the_toy_renderer():
+    """Fraction of pixels whose brightest channel exceeds ``level``: hand-made images, then a rendered toy scene,
+    whose drawn pixels the toy scorer's own foreground rule (brightest channel > 0.4) counts the same way."""
+    imgs = torch.zeros(3, 3, 8, 8)
+    imgs[1, 0, :2] = 0.9  # a red band, 2 of 8 rows: 0.25
+    imgs[2, 2, :, :4] = 0.5  # dim blue left half: 0.5 at level 0.4, 0 at level 0.6
+    assert torch.allclose(get_reward("foreground")(imgs, ["p"] * 3), torch.tensor([0.0, 0.25, 0.5]))
+    assert torch.allclose(
+        get_reward("foreground", level=0.6)(imgs, ["p"] * 3), torch.tensor([0.0, 0.25, 0.0])
+    )
+    sparse = get_reward("foreground", threshold=0.3)(imgs, ["p"] * 3)
+    assert torch.equal(sparse, torch.tensor([0.0, 0.0, 1.0]))
+    scene = render(["two red squares"])
+    from b2diffurl.toy.score import pixel_classes
+
+    drawn = (pixel_classes(scene) >= 0).float().mean()
+    assert get_reward("foreground")(scene, ["two red squares"]).item() == pytest.approx(drawn.item())
+    assert 0.02 < drawn.item() < 0.5  # two squares on a black background
+    with pytest.raises(ValueError, match="level must be in"):
+        get_reward("foreground", level=1.5)
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        get_reward("foreground", threshold=float("inf"))
 
 
 def test_jpeg_rewards():

@@ -336,7 +336,8 @@ class RunConfig:
     reward: str = _f(
         "toy",
         "reward: toy | clip | aesthetic | pickscore | hpsv2 | jpeg_compressibility | jpeg_incompressibility | "
-        "brightness (a sanity check) | python:pkg.mod:fn, or weighted terms such as aesthetic:0.7,clip:0.3",
+        "brightness | foreground (pixel rewards; 0/1 with reward_options.threshold) | python:pkg.mod:fn, or "
+        "weighted terms such as aesthetic:0.7,clip:0.3 (the toy preset trains B² and DDPO on a sparse pixel reward)",
     )
     reward_options: dict = _f(
         {},

@@ -351,6 +351,7 @@ register_reward("hpsv2", _lazy("hpsv2", "HPSv2Reward"))
 register_reward("jpeg_compressibility", _lazy("jpeg", "jpeg_compressibility"))
 register_reward("jpeg_incompressibility", _lazy("jpeg", "jpeg_incompressibility"))
 register_reward("brightness", _lazy("pixel", "brightness"))
+register_reward("foreground", _lazy("pixel", "foreground"))
 
 __all__ = [
     "AGGREGATES",
