@@ -134,6 +134,11 @@ def cmd_train(args) -> int:
     from b2diffurl import distributed, trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch  # main() has set its thread count by now
+
+    logging.getLogger("b2diffurl.cli").info(
+        "torch CPU threads: %d (choose with --threads or OMP_NUM_THREADS)", torch.get_num_threads()
+    )
     run_config, resume = config_from_args(args)
     # under torchrun: a rank that fails prints its error and ends the job (user errors stay one line)
     with distributed.record_failure(_user_errors()):

@@ -28,3 +28,18 @@ def test_explicit_and_environment_win(two_cores, monkeypatch):  # noqa: ARG001
     assert cli.choose_threads(None) is None  # torch already honours the variable
     with pytest.raises(cli.UsageError, match="--threads must be >= 1"):
         cli.choose_threads(0)
+
+
+def test_train_logs_the_thread_count_it_runs_with(caplog):
+    """``train`` says how many torch threads it got before any work (here: a config error right after)."""
+    import logging
+
+    import torch
+
+    before = torch.get_num_threads()
+    caplog.set_level(logging.INFO, logger="b2diffurl.cli")
+    try:
+        assert cli.main(["--threads", "1", "train", "--set", "stages=-1"]) == 2  # refused: one-line error
+    finally:
+        torch.set_num_threads(before)
+    assert "torch CPU threads: 1" in caplog.text
