@@ -47,8 +47,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 TRAIN_DESCRIPTION = """\
 Fine-tune a text-to-image diffusion policy with RL: B²-DiffuRL (default), the DDPO baseline or D-Fusion.
 
-With no arguments: B² on the embedded toy world, CPU-friendly sizes (preset 'toy'), about 7 minutes on 2
-cores. It trains a sparse, end-only reward (1 when the image's mean pixel value exceeds 0.09, else 0) and
+With no arguments: B² on the embedded toy world, CPU-friendly sizes (preset 'toy'), about 4 minutes on 2
+idle cores. It trains a sparse, end-only reward (1 when the image's mean pixel value exceeds 0.09, else 0) and
 reports it on held-out images before and after, next to the toy's prompt-following reward (the gold reward
 it is watched with; train on that one with --set reward=toy). Real models: --model /path/to/sd-diffusers-folder (LoRA,
 official B²-DiffuRL hyper-parameters: preset 'official'). Every field below can be set with
@@ -137,7 +137,8 @@ def cmd_train(args) -> int:
     import torch  # main() has set its thread count by now
 
     logging.getLogger("b2diffurl.cli").info(
-        "torch CPU threads: %d (choose with --threads or OMP_NUM_THREADS)", torch.get_num_threads()
+        "torch CPU threads: %d (choose with b2diffurl --threads N train, or OMP_NUM_THREADS)",
+        torch.get_num_threads(),
     )
     run_config, resume = config_from_args(args)
     # under torchrun: a rank that fails prints its error and ends the job (user errors stay one line)

@@ -134,8 +134,9 @@ def evaluate(
     against it. ``group_of`` (from the prompt set) adds the mean reward per prompt group. ``gold_fn`` (the
     monitors' gold reward, when the run has one) scores the same images: ``gold_mean``, ``gold_rewards`` and,
     against the first evaluation, ``gold_gain`` / ``gold_gain_se``, so a run shows what training did to the
-    reward it was not trained on. ``grid_path``: the first 32 held-out images go there as a grid (the same
-    images every evaluation, so the grids of a run show what training changed).
+    reward it was not trained on. ``grid_path``: up to 32 held-out images go there as a grid, the first of the
+    first process's share (the first 32 in a one-process run; the same images every evaluation, so the grids of
+    a run show what training changed).
     """
     num_prompts, images_per_prompt = eval_config.num_prompts, eval_config.images_per_prompt
     first = next(iter(metrics.of_kind("eval")), None)
@@ -300,11 +301,12 @@ def summarize(metrics: list[dict]) -> dict:
             )
         if "gold_gain" in last:
             out.update(heldout_gold_gain=last["gold_gain"], heldout_gold_gain_se=last["gold_gain_se"])
+            num = lambda v: float("nan") if v is None else v  # noqa: E731 - NaN is stored as null
             log.info(
                 "held-out gold reward (not trained on) %.4f -> %.4f: paired change %+.4f ± %.4f (1 s.e.)",
-                evals[0]["gold_mean"],
-                last["gold_mean"],
-                last["gold_gain"],
-                last["gold_gain_se"],
+                num(evals[0]["gold_mean"]),
+                num(last["gold_mean"]),
+                num(last["gold_gain"]),
+                num(last["gold_gain_se"]),
             )
     return out

@@ -90,6 +90,14 @@ def gold_reward(run_config, reward: Reward, train_prompts: list[str]) -> Reward 
     return get_reward(spec, **mon.gold_reward_options)
 
 
+def heldout_gold(run_config, gold: Reward | None, heldout_prompts: list[str]) -> Reward | None:
+    """The gold reward for held-out evaluations: ``gold``, unless 'auto' chose the toy reward from the training
+    prompts and the held-out prompts are not all toy-world prompts (the toy reward cannot score them)."""
+    if gold is None or run_config.monitor.gold_reward != "auto" or _toy_world(heldout_prompts):
+        return gold
+    return None
+
+
 def _toy_world(prompts: list[str]) -> bool:
     """Whether the toy reward can score these prompts (it knows only the toy world's grammar)."""
     from b2diffurl.toy.prompts import parse

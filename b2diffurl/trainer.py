@@ -71,7 +71,10 @@ class Trainer:
         if not self.train_prompts:
             raise C.ConfigError(f"prompts={run_config.prompts!r} gave no training prompts")
         self.reward_fn, gold = run_monitor.build_rewards(run_config, reward_fn, gold_fn, self.train_prompts)
-        self.gold_fn = gold
+        # an injected gold reward is the caller's choice; 'auto' scores held-out images only where it can
+        self.gold_fn = (
+            gold if gold_fn is not None else run_monitor.heldout_gold(run_config, gold, self.heldout_prompts)
+        )
         if run_config.log_with == "tensorboard":
             run_monitor.check_tensorboard()
         from b2diffurl.algos.api import RunContext, algorithm_class, make_optimizer

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
         "b2.k_right": a.k,
         "eval.prompts": "none",
         "progress": False,
+        "reward": "toy",  # the prompt-following toy reward this bench is about, whatever the preset trains
         "model.lora": a.lora,
         "out": tempfile.mkdtemp(prefix="b2diffurl-gradient-snr-"),
     }

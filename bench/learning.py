@@ -147,7 +147,7 @@ def summarise_run(metrics: list[dict]) -> dict:
             heldout_after=evals[-1]["reward_mean"],
             **curve[-1][1],  # the last evaluation: gain, gain_se, n_better, n_worse
             n_images=len(before),
-            per_image_gain=[a - b for a, b in zip(evals[-1]["rewards"], before)],
+            per_image_gain=_differences(evals[-1]["rewards"], before),
             gain_curve=[(stage, g["gain"], g["gain_se"]) for stage, g in curve],
         )
         gold_before, gold_after = evals[0].get("gold_rewards"), evals[-1].get("gold_rewards")
@@ -155,13 +155,28 @@ def summarise_run(metrics: list[dict]) -> dict:
             # the run's gold reward (on the toy: the prompt-following reward it was not trained on), same images
             g = paired_gain(gold_before, gold_after)
             out.update(
-                gold_before=evals[0]["gold_mean"],
-                gold_after=evals[-1]["gold_mean"],
+                gold_before=_number(evals[0]["gold_mean"]),
+                gold_after=_number(evals[-1]["gold_mean"]),
                 gold_gain=g["gain"],
                 gold_gain_se=g["gain_se"],
-                per_image_gold_gain=[a - b for a, b in zip(gold_after, gold_before)],
+                per_image_gold_gain=_differences(gold_after, gold_before),
             )
     return out
+
+
+def _number(v) -> float:
+    """A logged number: metrics.jsonl stores NaN as null."""
+    return float("nan") if v is None else float(v)
+
+
+def _differences(after: list, before: list) -> list[float]:
+    """Per-image after − before; NaN where either score is missing (null) or not finite."""
+    return [_number(a) - _number(b) for a, b in zip(after, before)]
+
+
+def _finite_mean(values) -> float:
+    kept = [v for v in map(_number, values) if math.isfinite(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def run_one(args: list[str], seed: int, out_dir: Path, log_path: Path) -> dict:
@@ -193,7 +208,8 @@ def _over_seeds(runs: list[dict], key: str) -> dict:
     from b2diffurl.report import mean_se
 
     mean, se_seeds = mean_se([r[key] for r in runs])
-    pooled, se_pool = mean_se([x for r in runs for x in r[f"per_image_{key}"]])
+    per_image = [_number(x) for r in runs for x in r[f"per_image_{key}"]]
+    pooled, se_pool = mean_se([x for x in per_image if math.isfinite(x)])  # images without a score left out
     return {
         "mean": mean,
         "se_over_seeds": se_seeds,
@@ -219,14 +235,14 @@ def pool_arm(runs: list[dict]) -> dict:
         "pooled_gain_se": g["pooled_se"],
         "per_seed": g["per_seed"],
         "seeds_above_3se": sum(r["gain"] >= 3 * r["gain_se"] for r in ok),
-        "before_mean": sum(r["heldout_before"] for r in ok) / k,
-        "after_mean": sum(r["heldout_after"] for r in ok) / k,
+        "before_mean": _finite_mean(r["heldout_before"] for r in ok),
+        "after_mean": _finite_mean(r["heldout_after"] for r in ok),
         "wall_s_mean": sum(r["wall_s"] for r in ok) / k,
     }
     if all("gold_gain" in r for r in ok):
         gold = _over_seeds(ok, "gold_gain")
         out.update({f"gold_{name}": v for name, v in gold.items()})
-        out["gold_before_mean"] = sum(r["gold_before"] for r in ok) / k
+        out["gold_before_mean"] = _finite_mean(r["gold_before"] for r in ok)
     return out
 
 

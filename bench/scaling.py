@@ -55,6 +55,8 @@ def _overrides(args, out: str) -> dict:
         "grid_every": 0,
         "progress": False,
         "out": out,
+        # the toy reward, as in the committed timings (the toy preset's B² default is now a pixel reward)
+        **({"reward": "toy"} if args.model == "toy" else {}),
     }
 
 

@@ -8,6 +8,7 @@ shapes, Triton interpreted) keeps the script, the runner and the JSON/summary fo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -334,3 +335,35 @@ def test_learning_pools_the_gain_and_the_gold_change_over_seeds():
         if not k.startswith(("gold", "per_image_gold"))
     }
     assert not any(k.startswith("gold") for k in pool_arm([no_gold]))  # runs without a gold reward
+
+
+def test_learning_summary_leaves_out_images_without_a_score():
+    """metrics.jsonl stores a NaN score as null: that image drops out of the paired numbers instead of
+    crashing the suite after every run has finished."""
+    from bench.learning import pool_arm, summarise_run
+
+    evals = [
+        {
+            "kind": "eval",
+            "stage": 0,
+            "reward_mean": 0.5,
+            "rewards": [0.0, 1.0, 0.5],
+            "gold_mean": 0.4,
+            "gold_rewards": [0.2, None, 0.6],
+        },
+        {
+            "kind": "eval",
+            "stage": 2,
+            "reward_mean": 0.75,
+            "rewards": [0.5, 1.0, 0.75],
+            "gold_mean": None,
+            "gold_rewards": [0.3, 0.1, None],
+        },
+    ]
+    run = {"seed": 7, "wall_s": 1.0, **summarise_run(evals)}
+    assert run["gain"] == pytest.approx(0.25) and run["gold_gain"] == pytest.approx(
+        0.1
+    )  # only image 0 has both
+    assert math.isnan(run["per_image_gold_gain"][1]) and math.isnan(run["gold_after"])
+    s = pool_arm([run])
+    assert s["gold_pooled"] == pytest.approx(0.1) and s["gold_before_mean"] == pytest.approx(0.4)

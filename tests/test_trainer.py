@@ -297,6 +297,30 @@ def test_heldout_eval_scores_the_gold_reward_on_the_same_images(tmp_path):
         assert len(captions) == 6 and captions[0::2] == captions[1::2] and len(set(captions)) == 3
 
 
+def test_auto_gold_skips_held_out_prompts_the_toy_reward_cannot_score(tmp_path):
+    """'auto' picks the toy reward as gold from toy training prompts; held-out prompts outside the toy's grammar
+    are still evaluated with the training reward, without the gold (which would raise on them)."""
+    from b2diffurl.rewards import get_reward
+
+    with pytest.raises(ValueError):
+        get_reward("toy")(torch.zeros(1, 3, 32, 32), ["a photo of a cat"])  # the failure being avoided
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("a photo of a cat\n")
+    over = {"stages": 1, "eval.prompts": str(heldout), "eval.num_prompts": 1, "eval.images_per_prompt": 2}
+    tr = Trainer(
+        cfg_for(tmp_path / "run", **over),
+        policy=tiny_policy(),
+        reward_fn=brightness_reward,
+        train_prompts=PROMPTS,
+    )
+    assert tr.run()["status"] == "finished"
+    ev = [r for r in stage_metrics(tmp_path / "run") if r["kind"] == "eval"]
+    assert len(ev) == 2 and all("gold_rewards" not in r and len(r["rewards"]) == 2 for r in ev)
+    assert any(
+        r.get("gold_mean") is not None for r in stage_metrics(tmp_path / "run") if r["kind"] == "stage"
+    )
+
+
 def test_keep_checkpoints_prunes_old_ones_and_resume_still_works(tmp_path):
     out = tmp_path / "run"
     trainer(cfg_for(out, keep_checkpoints=2)).run()  # checkpoints after stages 1, 2, 3

@@ -11,11 +11,13 @@ Two presets fill every field the user did not set explicitly (in YAML or with ``
   clip 1.0, micro-batch 2 × 64 accumulated micro-steps, LoRA rank 4). These are the dataclass defaults; the
   preset only switches the reward to ``clip`` and turns off the toy held-out evaluation.
 * ``toy`` — small CPU-friendly values so ``b2diffurl train`` with no arguments runs B² on the embedded toy world
-  in minutes on 2 CPU cores (fewer stages and prompts, bigger micro-batches, full fine-tune of the tiny UNet).
+  in minutes on 2 CPU cores (fewer stages and prompts, bigger micro-batches, full fine-tune of the tiny UNet);
+  B² and DDPO train a sparse pixel reward there (``ALGO_PRESETS``), D-Fusion the toy's prompt-following one.
 
 ``preset: auto`` (default) picks ``toy`` when ``model.path`` is ``toy`` and ``official`` otherwise.
 Precedence, lowest first: dataclass defaults (official) → preset → YAML file → ``--set`` overrides
-(YAML and ``--set`` values always win over the preset).
+(YAML and ``--set`` values always win over the preset). A preset's ``reward_options`` belong to its reward:
+naming another ``reward`` leaves them out.
 """
 
 from b2diffurl.config.loading import (
