@@ -157,6 +157,26 @@ def trend_change(stages: Sequence[float], values: Sequence[float]) -> tuple[floa
     return slope * (xs[-1] - xs[0]), my + slope * (xs[0] - mx)
 
 
+def trend_t(stages: Sequence[float], values: Sequence[float]) -> float | None:
+    """The least-squares slope over its standard error (residual variance with n − 2 degrees of freedom): how
+    many standard errors the trend lies from flat. ±inf for points exactly on a sloped line, None for fewer than
+    3 finite points or a flat exact line."""
+    pts = [(float(s), float(v)) for s, v in zip(stages, values) if v is not None and math.isfinite(float(v))]
+    if len(pts) < 3:
+        return None
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((a - mx) ** 2 for a in xs)
+    if sxx == 0:
+        return None
+    slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx
+    rss = sum((b - my - slope * (a - mx)) ** 2 for a, b in zip(xs, ys))
+    se = math.sqrt(rss / (len(pts) - 2) / sxx)
+    if se == 0 or se < 1e-12 * abs(slope):
+        return None if slope == 0 else math.copysign(math.inf, slope)
+    return slope / se
+
+
 def hacking_alarm(
     history: Sequence[dict],
     *,
@@ -164,6 +184,7 @@ def hacking_alarm(
     reward_rise: float = 0.02,
     gold_drop: float = 0.05,
     diversity_drop: float = 0.10,
+    min_trend_t: float = 0.0,
     reward_key: str = "reward",
     gold_key: str = "gold",
     diversity_key: str = "diversity",
@@ -173,7 +194,10 @@ def hacking_alarm(
     the gold reward's falls by more than ``gold_drop`` or the diversity's by more than ``diversity_drop``.
 
     Margins are fractions of the series' fitted level at the window's first stage (|level|), so one setting
-    serves rewards on any scale (CLIP ~0.3, PickScore ~20, JPEG −kB)."""
+    serves rewards on any scale (CLIP ~0.3, PickScore ~20, JPEG −kB). With ``min_trend_t`` > 0 a fall of the gold
+    reward or the diversity counts only when its trend also lies at least that many standard errors below flat
+    (:func:`trend_t`), so stage-to-stage noise - e.g. the mix of prompts each stage draws - does not fire the
+    alarm on its own. The training reward's rise needs only its margin: rising is what training is for."""
     if window < 2:
         raise ValueError(f"window must be >= 2 stages, got {window}")
     recent = list(history)[-window:]
@@ -181,17 +205,21 @@ def hacking_alarm(
     if len(recent) < window:
         return HackingAlarm(False, changes, None)
     stages = [float(h.get("stage", k)) for k, h in enumerate(recent)]
+    clear: dict[str, bool] = {}
     for key in changes:
-        fit = trend_change(stages, [h.get(key) for h in recent])
+        values = [h.get(key) for h in recent]
+        fit = trend_change(stages, values)
         if fit is not None:
             delta, level = fit
             changes[key] = delta / max(abs(level), 1e-12)
+        t = trend_t(stages, values) if min_trend_t > 0 else None
+        clear[key] = min_trend_t <= 0 or (t is not None and t <= -min_trend_t)  # a clear fall
     span = (int(stages[0]), int(stages[-1]))
     rew, gold, div = changes[reward_key], changes[gold_key], changes[diversity_key]
     falls = []
-    if gold is not None and gold < -gold_drop:
+    if gold is not None and gold < -gold_drop and clear[gold_key]:
         falls.append(f"gold reward {gold:+.1%} (margin -{gold_drop:.0%})")
-    if div is not None and div < -diversity_drop:
+    if div is not None and div < -diversity_drop and clear[diversity_key]:
         falls.append(f"diversity {div:+.1%} (margin -{diversity_drop:.0%})")
     fired = rew is not None and rew > reward_rise and bool(falls)
     message = (

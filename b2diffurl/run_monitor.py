@@ -172,6 +172,7 @@ class RunWatch:
             reward_rise=c.reward_rise,
             gold_drop=c.gold_drop,
             diversity_drop=c.diversity_drop,
+            min_trend_t=c.min_trend_t,
         )
 
 

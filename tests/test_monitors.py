@@ -218,3 +218,32 @@ def test_stage_monitor_batches_equal_one_pass():
     assert not any(
         k.startswith("reward_") for k in single.metrics()
     )  # one term: the stage's reward_mean says it
+
+
+def test_trend_t_closed_form():
+    """Slope / s.e. for y = 2x + (+1, −1, −1, +1) at x = 0..3: slope 2 + 0 (the residual pattern is orthogonal
+    to x − 1.5), residuals ±1 (RSS 4, 2 degrees of freedom), Sxx = 5, so s.e. = √(4/2/5) and t = 2/√0.4."""
+    from b2diffurl.monitors import trend_t
+
+    xs = [0, 1, 2, 3]
+    assert trend_t(xs, [1, 1, 3, 7]) == pytest.approx(2 / 0.4**0.5)
+    assert trend_t(xs, [0, -2, -4, -6]) == -math.inf  # exactly on a falling line
+    assert trend_t(xs, [5, 5, 5, 5]) is None and trend_t(xs[:2], [0, 1]) is None  # flat; too few points
+    assert trend_t(xs, [1, None, 3, float("nan")]) is None  # two finite points left
+
+
+def test_min_trend_t_keeps_noise_from_firing_and_lets_a_clear_fall_through():
+    """The same 12% gold fall over the window fires on a steady decline but not when it comes from one noisy
+    stage among flat ones - the case of a gold reward that swings with each stage's prompts."""
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5]
+    steady = [1.0, 0.97, 0.94, 0.91, 0.88]
+    noisy = [1.0, 1.06, 0.94, 1.02, 0.87]
+
+    def history(gold):
+        return [{"stage": s, "reward": r, "gold": g} for s, (r, g) in enumerate(zip(rising, gold))]
+
+    for gold in (steady, noisy):
+        assert hacking_alarm(history(gold), window=5).fired  # margins alone fire on both
+    assert hacking_alarm(history(steady), window=5, min_trend_t=2).fired
+    quiet = hacking_alarm(history(noisy), window=5, min_trend_t=2)
+    assert not quiet.fired and quiet.changes["gold"] < -0.05  # the change is still reported

@@ -313,6 +313,12 @@ class MonitorConfig:
     )
     gold_drop: float = _f(0.05, "hacking alarm: gold-reward fall over the window (fraction) that counts")
     diversity_drop: float = _f(0.10, "hacking alarm: diversity fall over the window (fraction) that counts")
+    min_trend_t: float = _f(
+        2.0,
+        "hacking alarm: a gold-reward or diversity fall counts only when its fitted trend is at least this many "
+        "standard errors below flat (stage-to-stage noise such as the prompt mix does not fire it alone); "
+        "0 = margins only",
+    )
     stop_on_hacking: bool = _f(
         False, "end the run (checkpoint saved, status 'hacking', exit code 3) when the alarm fires"
     )

@@ -58,6 +58,7 @@ RANGES = {
     "monitor.reward_rise": "[0, inf)",
     "monitor.gold_drop": "[0, inf)",
     "monitor.diversity_drop": "[0, inf)",
+    "monitor.min_trend_t": "[0, inf)",
 }
 CHOICES = {
     "model.dtype": ("float32", "float16", "bfloat16"),
@@ -203,6 +204,7 @@ SAFE_ON_RESUME = frozenset(
         "monitor.reward_rise",
         "monitor.gold_drop",
         "monitor.diversity_drop",
+        "monitor.min_trend_t",
         "monitor.stop_on_hacking",
     }
 )
