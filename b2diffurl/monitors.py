@@ -141,19 +141,28 @@ class HackingAlarm:
     message: str = ""
 
 
-def trend_change(stages: Sequence[float], values: Sequence[float]) -> tuple[float, float] | None:
-    """Least-squares line through (stage, value): (change over the span, fitted value at the first stage).
-    A fit, not the two end points, so one noisy stage neither raises nor silences the alarm. None for < 2
-    finite points."""
+def _line_fit(stages: Sequence[float], values: Sequence[float], min_points: int):
+    """Least squares through the finite (stage, value) points: (xs, ys, mean x, mean y, Sxx, slope), or None
+    for fewer than ``min_points`` points or a single stage."""
     pts = [(float(s), float(v)) for s, v in zip(stages, values) if v is not None and math.isfinite(float(v))]
-    if len(pts) < 2:
+    if len(pts) < min_points:
         return None
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((a - mx) ** 2 for a in xs)
     if sxx == 0:
         return None
-    slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx
+    return xs, ys, mx, my, sxx, sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx
+
+
+def trend_change(stages: Sequence[float], values: Sequence[float]) -> tuple[float, float] | None:
+    """Least-squares line through (stage, value): (change over the span, fitted value at the first stage).
+    A fit, not the two end points, so one noisy stage neither raises nor silences the alarm. None for < 2
+    finite points."""
+    fit = _line_fit(stages, values, 2)
+    if fit is None:
+        return None
+    xs, _, mx, my, _, slope = fit
     return slope * (xs[-1] - xs[0]), my + slope * (xs[0] - mx)
 
 
@@ -161,17 +170,12 @@ def trend_t(stages: Sequence[float], values: Sequence[float]) -> float | None:
     """The least-squares slope over its standard error (residual variance with n − 2 degrees of freedom): how
     many standard errors the trend lies from flat. ±inf for points exactly on a sloped line, None for fewer than
     3 finite points or a flat exact line."""
-    pts = [(float(s), float(v)) for s, v in zip(stages, values) if v is not None and math.isfinite(float(v))]
-    if len(pts) < 3:
+    fit = _line_fit(stages, values, 3)
+    if fit is None:
         return None
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((a - mx) ** 2 for a in xs)
-    if sxx == 0:
-        return None
-    slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx
+    xs, ys, mx, my, sxx, slope = fit
     rss = sum((b - my - slope * (a - mx)) ** 2 for a, b in zip(xs, ys))
-    se = math.sqrt(rss / (len(pts) - 2) / sxx)
+    se = math.sqrt(rss / (len(xs) - 2) / sxx)
     if se == 0 or se < 1e-12 * abs(slope):
         return None if slope == 0 else math.copysign(math.inf, slope)
     return slope / se
