@@ -126,7 +126,12 @@ def config_from_args(args) -> tuple[C.RunConfig, str | None]:
     ):
         if getattr(args, flag, None) is not None:
             explicit[key] = getattr(args, flag)
-    explicit.update(C.parse_set(args.overrides))
+    named = C.parse_set(args.overrides)
+    if resume_dir is not None and ("reward" in named or getattr(args, "reward", None) is not None):
+        # a reward named on resume replaces the saved one together with its options, as it would a preset's
+        if not any(k.startswith("reward_options") for k in named):
+            explicit = {k: v for k, v in explicit.items() if not k.startswith("reward_options")}
+    explicit.update(named)
     return C.load_config(overrides=explicit), resume_dir
 
 

@@ -342,3 +342,24 @@ def test_watchdog_bounds_the_stop_of_a_blocked_run():
 def test_interrupted_exit_code_is_documented():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"| {EXIT_INTERRUPTED} |" in readme and "| 2 |" in readme
+
+
+def test_a_reward_named_on_resume_replaces_the_saved_reward_options(tmp_path):
+    """A default toy run saves the sparse reward's threshold; resuming it with --set reward=toy must not hand
+    that threshold to the toy reward, while resuming without naming a reward keeps it."""
+    import yaml
+
+    from b2diffurl.cli import build_parser, config_from_args
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(C.to_dict(C.load_config())))
+
+    def resumed(*extra):
+        return config_from_args(build_parser().parse_args(["train", "--resume", str(tmp_path), *extra]))[0]
+
+    assert (resumed().reward, resumed().reward_options) == ("brightness", {"threshold": 0.09})
+    assert (resumed("--set", "reward=toy").reward, resumed("--set", "reward=toy").reward_options) == (
+        "toy",
+        {},
+    )
+    cfg = resumed("--set", "reward=brightness", "--set", "reward_options.threshold=0.2")
+    assert (cfg.reward, cfg.reward_options) == ("brightness", {"threshold": 0.2})
