@@ -14,20 +14,14 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from bench_modules import ROOT, checkout_on_path
 
-ROOT = Path(__file__).resolve().parents[1]
-# bench/ lives in the checkout, not in the installed wheel: import it from there, then take the checkout off
-# sys.path again so b2kernels keeps coming from the installed package (bench imports it lazily)
-sys.path.insert(0, str(ROOT))
-try:
+with checkout_on_path():  # bench/ is in the checkout, not in the installed wheel
     from bench.common import SUITES, target
     from bench.device_check import DEVICE_PLAN, DRY_PLAN
     from bench.results_table import BEGIN, END, render_readme, table, targets_of
-finally:
-    sys.path.remove(str(ROOT))
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the device tool brings back from $OUT
 
@@ -245,15 +239,12 @@ def test_every_planned_suite_accepts_its_device_arguments():
     import argparse
     import importlib
 
-    sys.path.insert(0, str(ROOT))
-    try:
+    with checkout_on_path():
         for step in DEVICE_PLAN + DRY_PLAN:
             module = importlib.import_module(SUITES[step.suite])
             parser = argparse.ArgumentParser(prog=step.suite, exit_on_error=False)
             module.add_args(parser)
             parser.parse_args(step.args)
-    finally:
-        sys.path.remove(str(ROOT))
 
 
 def test_learning_summary_gives_the_paired_gain_at_every_evaluation():

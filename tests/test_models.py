@@ -248,10 +248,18 @@ def test_make_trainable_reuses_the_same_adapter_and_refreezes_the_base():
 def test_a_latent_toy_folder_loads_with_its_vae_and_the_toy_words(tmp_path):
     """bench/latent_toy.py's folder (``b2diffurl_toy.codec = "vae"``): a toy checkpoint (toy preset, toy words)
     whose codec is its AutoencoderKL; built here from a few training steps of each part."""
+    from bench_modules import from_checkout
+
     from b2diffurl.sampling import sample
     from b2diffurl.toy import is_toy_checkpoint
     from b2diffurl.toy.prompts import OBJECT_WORDS
-    from bench.latent_toy import pretrain_latent_unet, save_folder, train_autoencoder
+
+    latent_toy = from_checkout("bench.latent_toy")  # bench/ is in the checkout, not in the installed wheel
+    pretrain_latent_unet, save_folder, train_autoencoder = (
+        latent_toy.pretrain_latent_unet,
+        latent_toy.save_folder,
+        latent_toy.train_autoencoder,
+    )
 
     vae, std, report = train_autoencoder(steps=2, seed=0, batch=4)
     assert 0 <= report["reconstruction_success"] <= 1 and std > 0

@@ -5,22 +5,14 @@ latent space and DDIM settings, its decoder is calibrated for the sparse brightn
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_modules import from_checkout
 
 from b2diffurl.models import VAECodec, load_policy
 
-ROOT = Path(__file__).resolve().parents[1]
-# bench/ lives in the checkout, not in the installed wheel (the README's `python3 -P -m pytest` keeps the checkout
-# off sys.path): import it from there, then take the checkout off sys.path again (as test_device_check does)
-sys.path.insert(0, str(ROOT))
-try:
-    from bench import sd_shaped
-finally:
-    sys.path.remove(str(ROOT))
+sd_shaped = from_checkout("bench.sd_shaped")  # bench/ is in the checkout, not in the installed wheel
 
 # Stable Diffusion 1.x's constants, written out here (the oracle), not imported from the module under test
 SD_DDIM = dict(
