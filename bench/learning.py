@@ -301,6 +301,43 @@ def toy_version() -> str:
     return note.split()[0] if note.strip() else "unknown"
 
 
+def train_option(extra: list[str], *, flag: str | None = None, key: str | None = None) -> str | None:
+    """The last value the extra ``b2diffurl train`` arguments give as ``FLAG VALUE`` or ``--set KEY=VALUE``."""
+    value = None
+    for a, b in zip(extra, extra[1:]):
+        if flag is not None and a == flag:
+            value = b
+        elif key is not None and a == "--set" and b.startswith(f"{key}="):
+            value = b.split("=", 1)[1]
+    return value
+
+
+def model_label(extra: list[str]) -> str:
+    """What the runs trained: the embedded toy's version, ``sd_shaped-<size>`` for a bench/sd_shaped.py folder,
+    else the folder's name."""
+    from b2diffurl.toy import toy_recipe
+
+    path = train_option(extra, flag="--model", key="model.path") or "toy"
+    if path == "toy":
+        return toy_version()
+    recipe = toy_recipe(path) or {}
+    if "bench.sd_shaped" in recipe.get("command", ""):
+        return f"sd_shaped-{recipe.get('size', '?')}"
+    return Path(path).name
+
+
+def run_device(extra: list[str]) -> str:
+    """The device label of the runs (``model.device``; 'auto' is CUDA when there is one, as in the trainer)."""
+    import torch
+
+    from bench.common import device_name
+
+    dev = train_option(extra, key="model.device") or "auto"
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return device_name(dev) if dev.startswith("cuda") else f"cpu-{platform.machine()}-1threads"
+
+
 def run_suite(
     suite: str, seeds: list[int], jobs: int, out: Path, extra: list[str], keep: bool, only=None
 ) -> dict:
@@ -331,13 +368,13 @@ def run_suite(
         "suite": suite,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {jobs} runs at once, 1 torch thread each",
-        # the shape bench.results_table reads (a CPU run: the README's GPU table ignores it)
+        # the shape bench.results_table reads
         "env": {
-            "device": f"cpu-{platform.machine()}-1threads",
+            "device": run_device(extra),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "commit": git_commit(),
         },
-        "toy": toy_version(),
+        "toy": model_label(extra),
         "extra_args": extra,
         "wall_s": round(time.perf_counter() - t0, 1),
         "arms": {arm: {"summary": pool_arm(runs), "runs": runs} for arm, runs in by_arm.items()},
@@ -371,6 +408,9 @@ def table(results_dir: Path = RESULTS) -> str:
     for path in sorted(results_dir.glob("learning-*.json")):
         res = json.loads(path.read_text())
         toy = res.get("toy", "v2")  # results written before the version was recorded ran on v2
+        device = res.get("env", {}).get("device", "cpu")
+        if not device.startswith("cpu"):
+            toy = f"{toy} on {device}"
         for arm, data in res["arms"].items():
             s = data["summary"]
             if not s.get("seeds"):

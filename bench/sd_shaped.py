@@ -36,7 +36,9 @@ been trained here.
 
 The learning check on a GPU: build on the GPU machine (the calibration samples run on CUDA when there is one;
 sd15 on one CPU thread takes about 20 s per UNet call on one image, and the calibration makes 1,280 of them),
-and write the results outside bench/results (bench.learning labels every result a CPU run of the embedded toy)::
+and write the results outside bench/results (the file is named by suite, so it would replace the CPU result; it
+records the model as ``sd_shaped-<size>`` and the GPU's name, which the README table shows, so it can be copied
+there under another name)::
 
     python -m bench.sd_shaped --out /tmp/sd
     python -m bench.learning sparse_brightness --arms b2 --seeds 1 --jobs 1 --out /tmp/learning -- \\

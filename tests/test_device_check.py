@@ -358,3 +358,23 @@ def test_learning_summary_leaves_out_images_without_a_score():
     assert math.isnan(run["per_image_gold_gain"][1]) and math.isnan(run["gold_after"])
     s = pool_arm([run])
     assert s["gold_pooled"] == pytest.approx(0.1) and s["gold_before_mean"] == pytest.approx(0.4)
+
+
+def test_learning_results_name_the_model_and_device_the_runs_used(tmp_path):
+    """bench.learning reads the model and device from the arguments it passes to every run: the embedded toy's
+    version by default, ``sd_shaped-<size>`` for a bench/sd_shaped.py folder, the folder's name otherwise."""
+    import json
+
+    from bench.learning import model_label, run_device, toy_version, train_option
+
+    extra = ["--set", "eval.every=4", "--model", "/a", "--set", "model.device=cpu", "--model", "/b"]
+    assert train_option(extra, flag="--model", key="model.path") == "/b"  # the last one wins, as in the CLI
+    assert train_option(extra, key="model.device") == "cpu" and train_option([], key="model.device") is None
+    assert model_label([]) == toy_version() and toy_version().startswith("v")
+    folder = tmp_path / "sd"
+    folder.mkdir()
+    index = {"b2diffurl_toy": {"size": "small", "command": "python -m bench.sd_shaped --size small --seed 0"}}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert model_label(["--model", str(folder)]) == "sd_shaped-small"
+    assert model_label(["--set", f"model.path={tmp_path}"]) == tmp_path.name  # not a toy checkpoint
+    assert run_device(["--set", "model.device=cpu"]).startswith("cpu-") and run_device([]).startswith("cpu-")
