@@ -180,9 +180,7 @@ def evaluate(
         rec.update(paired_gain(first["rewards"], rec["rewards"]))
     if gold_fn is not None:
         g = distributed.all_gather_cat(g)
-        rec["gold_mean"] = (
-            float(g[torch.isfinite(g)].mean()) if bool(torch.isfinite(g).any()) else float("nan")
-        )
+        rec["gold_mean"] = float(g[torch.isfinite(g)].mean())  # NaN when no score is finite, as reward_mean
         rec["gold_rewards"] = [round(v, 6) for v in g.tolist()]
         if first is not None and first["stage"] != stage and len(first.get("gold_rewards", ())) == g.numel():
             pg = paired_gain(first["gold_rewards"], rec["gold_rewards"])
