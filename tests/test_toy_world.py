@@ -68,6 +68,33 @@ def test_layout_satisfies_the_prompt():
         assert ok, p
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_halves_layout_puts_each_object_in_its_own_half(seed):
+    ps = P.get_prompts("all:relation")
+    lay = sample_layout(ps, seed=seed, relation_layout="halves")
+    for p, row in zip(ps, lay):
+        rel = P.parse(p).relation
+        (xa, ya, sa), (xb, yb, sb) = row[0, :3].tolist(), row[1, :3].tolist()
+        # (far edge of the object that should be nearer the origin, near edge of the other), on the relation's axis
+        near, far = {
+            "to the left of": (xa + sa / 2, xb - sb / 2),
+            "to the right of": (xb + sb / 2, xa - sa / 2),
+            "above": (ya + sa / 2, yb - sb / 2),
+            "below": (yb + sb / 2, ya - sa / 2),
+        }[rel]
+        assert near <= 16.0 <= far, p
+    imgs = render(ps, seed=seed, relation_layout="halves")
+    assert toy_success(imgs, ps).all()
+    # single and count prompts ignore the option; relation prompts place differently
+    other = P.get_prompts("all:count")[:20]
+    assert torch.equal(
+        sample_layout(other, seed=seed, relation_layout="halves"), sample_layout(other, seed=seed)
+    )
+    assert not torch.equal(lay, sample_layout(ps, seed=seed))
+    with pytest.raises(ValueError, match="relation_layout"):
+        sample_layout(ps[:1], relation_layout="sideways")
+
+
 def test_connected_components_match_scipy():
     ndimage = pytest.importorskip("scipy.ndimage")
     ps = random.Random(1).sample(_all(), 64)

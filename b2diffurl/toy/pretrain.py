@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from b2diffurl.toy import CHECKPOINT_DIR
 from b2diffurl.toy import model as M
 from b2diffurl.toy.prompts import CATEGORIES, heldout_prompts, prompt_category, train_prompts
-from b2diffurl.toy.render import render
+from b2diffurl.toy.render import RELATION_LAYOUTS, render
 from b2diffurl.toy.score import toy_score, toy_success
 
 # counts and relations are what the first toy could not do; singles are learnt quickly at any weight
@@ -47,9 +47,11 @@ def encode(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def sample_prompts(rng: random.Random, n: int) -> list[str]:
+def sample_prompts(rng: random.Random, n: int, weights: dict[str, float] | None = None) -> list[str]:
+    """``n`` training prompts: a category drawn by ``weights`` (default :data:`CATEGORY_WEIGHTS`), then a prompt."""
+    weights = weights or CATEGORY_WEIGHTS
     by_cat = {c: train_prompts(c) for c in CATEGORIES}
-    cats = rng.choices(list(CATEGORY_WEIGHTS), weights=list(CATEGORY_WEIGHTS.values()), k=n)
+    cats = rng.choices(list(weights), weights=list(weights.values()), k=n)
     return [rng.choice(by_cat[c]) for c in cats]
 
 
@@ -68,11 +70,17 @@ class PromptEmbeddings:
 
 
 def denoising_loss(
-    unet, x0: torch.Tensor, cond: torch.Tensor, alphas_cumprod, prediction: str
+    unet, x0: torch.Tensor, cond: torch.Tensor, alphas_cumprod, prediction: str, high_noise: float = 0.0
 ) -> torch.Tensor:
     """DDPM training loss at uniform timesteps: MSE to v (``v_prediction``) or to the noise (``epsilon``).
-    Draws the timesteps, then the noise (the order the committed checkpoints were trained with)."""
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
+    Draws the timesteps, then the noise (the order the committed checkpoints were trained with).
+    ``high_noise`` > 0 moves that fraction of the batch (its first rows) to the noisier half of the schedule,
+    where the layout is decided; 0 draws exactly as before."""
+    n_t = len(alphas_cumprod)
+    t = torch.randint(0, n_t, (x0.shape[0],), device=x0.device)
+    k = round(high_noise * x0.shape[0])
+    if k:
+        t[:k] = n_t // 2 + t[:k] // 2
     noise = torch.randn_like(x0)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -234,6 +242,27 @@ def plot_losses(
     plt.close(fig)
 
 
+def _category_weights(text: str) -> dict[str, float]:
+    """``'single=0.15,count=0.25,relation=0.6'`` -> a weight per category (every category, each ≥ 0, sum > 0)."""
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in CATEGORIES:
+            raise argparse.ArgumentTypeError(
+                f"expected CATEGORY=WEIGHT for each of {list(CATEGORIES)}, got {part!r}"
+            )
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {name!r} is not a number: {value!r}") from None
+    if set(out) != set(CATEGORIES) or min(out.values()) < 0 or sum(out.values()) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"need a weight ≥ 0 for each of {list(CATEGORIES)}, not all zero; got {text!r}"
+        )
+    return out
+
+
 def _load(folder: Path, dev):
     from b2diffurl.models import load_policy
 
@@ -258,12 +287,33 @@ def main(argv=None) -> None:
     ap.add_argument("--no-eval", action="store_true", help="skip the quality report at the end")
     ap.add_argument("--prediction", default="v_prediction", choices=["v_prediction", "epsilon"])
     ap.add_argument(
+        "--category-weights",
+        type=_category_weights,
+        default=dict(CATEGORY_WEIGHTS),
+        help="prompt mix, e.g. 'single=0.15,count=0.25,relation=0.6' (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--relation-layout",
+        default="any",
+        choices=RELATION_LAYOUTS,
+        help="how relation prompts' training images place their two objects: anywhere the relation holds, "
+        "or each object in its own half of the image (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--high-noise",
+        type=float,
+        default=0.0,
+        help="fraction of each batch trained at timesteps from the noisier half of the schedule (default: 0)",
+    )
+    ap.add_argument(
         "--init-from",
         type=Path,
         default=None,
         help="warm-start the UNet from this checkpoint folder (fresh optimizer; --channels ignored)",
     )
     args = ap.parse_args(argv)
+    if not 0.0 <= args.high_noise <= 1.0:
+        ap.error(f"--high-noise must be in [0, 1], got {args.high_noise}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -309,10 +359,11 @@ def main(argv=None) -> None:
     bar = tqdm(range(args.steps), mininterval=20, dynamic_ncols=False, ncols=100)
     step = 0
     for step in bar:
-        prompts = sample_prompts(rng, args.batch)
-        x0 = M.images_to_latents(render(prompts, seed=args.seed * 100_000 + step)).to(dev)
+        prompts = sample_prompts(rng, args.batch, args.category_weights)
+        images = render(prompts, seed=args.seed * 100_000 + step, relation_layout=args.relation_layout)
+        x0 = M.images_to_latents(images).to(dev)
         prompts = ["" if rng.random() < P_UNCOND else p for p in prompts]
-        loss = denoising_loss(unet, x0, embed(prompts), acp, args.prediction)
+        loss = denoising_loss(unet, x0, embed(prompts), acp, args.prediction, args.high_noise)
         update(loss, opt, sched, params, ema_params, step, args.ema)
         losses.append(loss.item())
         if step % 20 == 0:
@@ -333,7 +384,9 @@ def main(argv=None) -> None:
                 "ema": args.ema,
                 "seed": args.seed,
                 "channels": args.channels,
-                "category_weights": CATEGORY_WEIGHTS,
+                "category_weights": args.category_weights,
+                "relation_layout": args.relation_layout,
+                "high_noise": args.high_noise,
                 "p_uncond": P_UNCOND,
                 "text_encoder": f"frozen CLIPTextModel, random init from seed {M.TEXT_ENCODER_SEED}",
                 "threads": torch.get_num_threads(),

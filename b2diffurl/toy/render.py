@@ -19,9 +19,17 @@ MAX_OBJECTS = 3
 _GAP = 2.0  # minimum free pixels between the bounding boxes of two objects (at 32×32)
 
 
-def _place(scene, rng: random.Random, size: int) -> list[tuple[float, float, float]]:
+#: how a relation prompt's two objects may be placed: ``any`` = anywhere the relation holds with a gap;
+#: ``halves`` = each object wholly in its own half of the image (left/right or top/bottom), a stricter case of
+#: the same relation that pretraining can use to make the relation word a simpler signal
+RELATION_LAYOUTS = ("any", "halves")
+
+
+def _place(
+    scene, rng: random.Random, size: int, relation_layout: str = "any"
+) -> list[tuple[float, float, float]]:
     """Sample (cx, cy, s) per object (pixel units, s = bbox side) so boxes don't touch and the relation
-    holds; rejection sampling over a few hundred tries."""
+    holds (see :data:`RELATION_LAYOUTS`); rejection sampling over a few hundred tries."""
     k = size / 32.0
     n = len(scene.objects)
     lo, hi = (10.0, 16.0) if n == 1 else (8.0, 11.0)
@@ -43,19 +51,35 @@ def _place(scene, rng: random.Random, size: int) -> list[tuple[float, float, flo
             ok = {"to the left of": xb - xa, "to the right of": xa - xb, "above": yb - ya, "below": ya - yb}[
                 scene.relation
             ] >= need
+            if ok and relation_layout == "halves":
+                first, second = (xa, sa), (xb, sb)  # (position along the relation's axis, side)
+                if scene.relation in ("above", "below"):
+                    first, second = (ya, sa), (yb, sb)
+                if scene.relation in ("to the right of", "below"):
+                    first, second = second, first  # `first` is the one nearer the origin
+                mid = size / 2
+                ok = first[0] + first[1] / 2 + _GAP * k / 2 <= mid <= second[0] - second[1] / 2 - _GAP * k / 2
         if ok:
             return objs
     raise RuntimeError(f"could not place {scene} in a {size}x{size} image")
 
 
-def sample_layout(prompts: list[str], seed: int = 0, size: int = 32) -> torch.Tensor:
+def sample_layout(
+    prompts: list[str], seed: int = 0, size: int = 32, relation_layout: str = "any"
+) -> torch.Tensor:
     """Object parameters for each prompt -> float tensor [N, MAX_OBJECTS, 6] of
-    (cx, cy, side, colour index, shape index, valid). Deterministic in (prompts, seed)."""
+    (cx, cy, side, colour index, shape index, valid). Deterministic in (prompts, seed, relation_layout)."""
+    if relation_layout not in RELATION_LAYOUTS:
+        raise ValueError(
+            f"unknown relation_layout {relation_layout!r}; expected one of {list(RELATION_LAYOUTS)}"
+        )
     out = torch.zeros(len(prompts), MAX_OBJECTS, 6)
     for i, p in enumerate(prompts):
         scene = parse(p)
         rng = random.Random(seed * 1_000_003 + i)
-        for m, ((colour, shape), (cx, cy, s)) in enumerate(zip(scene.objects, _place(scene, rng, size))):
+        for m, ((colour, shape), (cx, cy, s)) in enumerate(
+            zip(scene.objects, _place(scene, rng, size, relation_layout))
+        ):
             out[i, m] = torch.tensor([cx, cy, s, COLOURS.index(colour), SHAPES.index(shape), 1.0])
     return out
 
@@ -85,9 +109,9 @@ def render_layout(layout: torch.Tensor, size: int = 32) -> torch.Tensor:
     return img
 
 
-def render(prompts: list[str], seed: int = 0, size: int = 32) -> torch.Tensor:
+def render(prompts: list[str], seed: int = 0, size: int = 32, relation_layout: str = "any") -> torch.Tensor:
     """Images satisfying ``prompts`` -> [N, 3, size, size] float32 in [0, 1]; deterministic in (prompts, seed)."""
-    return render_layout(sample_layout(list(prompts), seed, size), size)
+    return render_layout(sample_layout(list(prompts), seed, size, relation_layout), size)
 
 
-__all__ = ["PALETTE", "RELATIONS", "render", "render_layout", "sample_layout"]
+__all__ = ["PALETTE", "RELATION_LAYOUTS", "RELATIONS", "render", "render_layout", "sample_layout"]

@@ -1,0 +1,66 @@
+"""Options of the toy pretraining script: the prompt mix, the high-noise share of timesteps (against the
+schedule's halves and a default that draws exactly as before) and their one-line errors."""
+
+import argparse
+import random
+
+import pytest
+import torch
+
+from b2diffurl.toy import pretrain
+from b2diffurl.toy.prompts import prompt_category
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in UNet that records the timesteps it was called with and predicts zeros."""
+
+    def forward(self, x, t, cond):
+        self.t = t.clone()
+        return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+
+def _loss_timesteps(high_noise, n_t=1000, batch=4096, seed=0):
+    unet = _Recorder()
+    torch.manual_seed(seed)
+    loss = pretrain.denoising_loss(
+        unet, torch.zeros(batch, 1, 1, 1), None, torch.linspace(0.99, 0.01, n_t), "v_prediction", high_noise
+    )
+    return unet.t, loss
+
+
+def test_high_noise_moves_that_share_of_the_batch_to_the_noisier_half():
+    t0, loss0 = _loss_timesteps(0.0)
+    t1, loss1 = _loss_timesteps(0.25)
+    k = 1024
+    assert (t1[:k] >= 500).all() and (t1[:k] < 1000).all()
+    assert torch.equal(t1[k:], t0[k:])  # the rest of the batch is untouched
+    assert torch.equal(t1[:k], 500 + t0[:k] // 2)
+    # the default draws exactly what the recipe always drew: uniform over all timesteps, then the noise
+    torch.manual_seed(0)
+    ref_t = torch.randint(0, 1000, (4096,))
+    ref_noise = torch.randn(4096, 1, 1, 1)
+    assert torch.equal(t0, ref_t)
+    a = torch.linspace(0.99, 0.01, 1000)[ref_t].view(-1, 1, 1, 1)
+    assert loss0.item() == pytest.approx(((a.sqrt() * ref_noise) ** 2).mean().item(), rel=1e-6)
+
+
+def test_category_weights_parse_and_steer_the_prompt_mix():
+    w = pretrain._category_weights("single=0,count=0.25,relation=0.75")
+    assert w == {"single": 0.0, "count": 0.25, "relation": 0.75}
+    cats = [prompt_category(p) for p in pretrain.sample_prompts(random.Random(0), 4000, w)]
+    assert "single" not in cats
+    assert cats.count("relation") / len(cats) == pytest.approx(0.75, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    "text", ["single=1,count=1", "single=1,count=1,relation=x", "single=-1,count=1,relation=1", "a=1", ""]
+)
+def test_category_weights_reject_bad_input(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="single|weight"):
+        pretrain._category_weights(text)
+
+
+def test_bad_high_noise_is_a_one_line_error_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--high-noise", "1.5", "--out", "/nonexistent/never-written"])
+    assert "--high-noise must be in [0, 1]" in capsys.readouterr().err
