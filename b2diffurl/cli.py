@@ -102,19 +102,18 @@ def add_train_parser(subparsers) -> None:
 
 
 def config_from_args(args) -> tuple[C.RunConfig, str | None]:
-    """The run configuration the flags describe (``--resume`` starts from the run's saved config.yaml)."""
+    """The run configuration the flags describe (``--resume`` starts from the run's saved config.yaml, a layer
+    under ``--config`` and the flags; see :func:`b2diffurl.config.load_config`)."""
     explicit: dict = {}
-    resume_dir = None
+    saved, resume_dir = None, None
     if args.resume:
         rp = Path(args.resume)
         run_dir = rp.parent.parent if (rp / "state.pt").is_file() else rp
         if not (run_dir / "config.yaml").is_file():
             raise UsageError(f"--resume {args.resume!r}: no config.yaml in {run_dir} (not a run directory)")
-        explicit.update(C.flatten(C.read_yaml(run_dir / "config.yaml", "--resume config")))
+        saved = C.read_yaml(run_dir / "config.yaml", "--resume config")
         explicit["out"] = str(run_dir)
         resume_dir = args.resume
-    if args.config:
-        explicit.update(C.flatten(C.read_yaml(args.config, "--config")))
     for flag, key in (
         ("algo", "algo"),
         ("model", "model.path"),
@@ -126,13 +125,8 @@ def config_from_args(args) -> tuple[C.RunConfig, str | None]:
     ):
         if getattr(args, flag, None) is not None:
             explicit[key] = getattr(args, flag)
-    named = C.parse_set(args.overrides)
-    if resume_dir is not None and ("reward" in named or getattr(args, "reward", None) is not None):
-        # a reward named on resume replaces the saved one together with its options, as it would a preset's
-        if not any(k.startswith("reward_options") for k in named):
-            explicit = {k: v for k, v in explicit.items() if not k.startswith("reward_options")}
-    explicit.update(named)
-    return C.load_config(overrides=explicit), resume_dir
+    explicit.update(C.parse_set(args.overrides))
+    return C.load_config(args.config, overrides=explicit, saved=saved), resume_dir
 
 
 def cmd_train(args) -> int:

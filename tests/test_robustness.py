@@ -363,3 +363,21 @@ def test_a_reward_named_on_resume_replaces_the_saved_reward_options(tmp_path):
     )
     cfg = resumed("--set", "reward=brightness", "--set", "reward_options.threshold=0.2")
     assert (cfg.reward, cfg.reward_options) == ("brightness", {"threshold": 0.2})
+
+
+def test_config_layers_share_one_reward_options_rule(tmp_path):
+    """Preset, saved run, YAML and --set are layers of load_config: a layer that names a reward takes the reward
+    options of every layer below it away, and keeps its own."""
+    import yaml
+
+    saved = C.to_dict(C.load_config(overrides={"reward_options.threshold": 0.2}))
+    assert C.load_config(saved=saved).reward_options == {"threshold": 0.2}
+    assert C.load_config(saved=saved, overrides={"reward": "toy"}).reward_options == {}
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"reward": "brightness", "reward_options": {"threshold": 0.3}}))
+    assert C.load_config(str(cfg_file), saved=saved).reward_options == {"threshold": 0.3}
+    assert C.load_config(str(cfg_file), overrides=["reward=toy"], saved=saved).reward_options == {}
+    # a YAML that names no reward leaves the saved reward and its options in place
+    cfg_file.write_text(yaml.safe_dump({"train": {"lr": 5e-5}}))
+    cfg = C.load_config(str(cfg_file), saved=saved)
+    assert (cfg.reward, cfg.reward_options, cfg.train.lr) == ("brightness", {"threshold": 0.2}, 5e-5)

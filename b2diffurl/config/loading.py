@@ -179,27 +179,30 @@ def read_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
 
 
 def load_config(
-    yaml_path: str | None = None, overrides: dict[str, Any] | list[str] | None = None
+    yaml_path: str | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    *,
+    saved: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Defaults → preset → YAML → overrides, then :func:`validate`. Unknown keys raise :class:`ConfigError`."""
-    explicit: dict[str, Any] = {}
-    if yaml_path:
-        explicit.update(flatten(read_yaml(yaml_path)))
+    """Defaults → preset → ``saved`` (a resumed run's config.yaml) → YAML → overrides, then :func:`validate`.
+
+    Each layer replaces the keys it sets. A layer that names a reward also takes away the reward options of
+    every layer below it: those belong to the reward it replaces (see :func:`preset_items`). Unknown keys raise
+    :class:`ConfigError`."""
     if isinstance(overrides, list):
         overrides = parse_set(overrides)
-    explicit.update(overrides or {})
+    user = [flatten(saved or {}), flatten(read_yaml(yaml_path)) if yaml_path else {}, dict(overrides or {})]
 
     run_config = RunConfig()
-    for k, v in explicit.items():  # first pass: learn model.path / preset, and reject unknown keys early
-        set_value(run_config, k, v)
+    for layer in user:  # first pass: learn model.path / preset / algo, and reject unknown keys early
+        for k, v in layer.items():
+            set_value(run_config, k, v)
     preset = resolve_preset(run_config)
+    layers = [PRESETS[preset], ALGO_PRESETS.get((preset, run_config.algo), {}), *user]
     run_config = RunConfig()
-    for k, v in preset_items(PRESETS[preset], explicit):
-        set_value(run_config, k, v)
-    for k, v in preset_items(ALGO_PRESETS.get((preset, explicit.get("algo", run_config.algo)), {}), explicit):
-        set_value(run_config, k, v)
-    for k, v in explicit.items():
-        set_value(run_config, k, v)
+    for i, layer in enumerate(layers):
+        for k, v in preset_items(layer, {k: v for above in layers[i + 1 :] for k, v in above.items()}):
+            set_value(run_config, k, v)
     run_config.preset = preset
     validate(run_config)
     return run_config

@@ -76,8 +76,9 @@ ALGO_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 
 
 def preset_items(values: dict[str, Any], explicit: dict[str, Any]):
-    """A preset's (key, value) pairs that apply under the user's ``explicit`` keys: a preset's
-    ``reward_options.*`` belong to the preset's reward, so they are left out when the user names another."""
+    """A config layer's (key, value) pairs that apply under the keys of the layers above it (``explicit``):
+    a layer's ``reward_options*`` belong to that layer's reward, so they are left out when a layer above names
+    a reward."""
     for k, v in values.items():
         if k.startswith("reward_options") and "reward" in explicit:
             continue
