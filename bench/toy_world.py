@@ -6,6 +6,8 @@ writes ``bench/results/toy_world[-TAG]-<date>.json``:
 
 1. ``text`` — relative L2 change of the prompt embedding [L, D] when one reward-relevant word is swapped
    (left↔right, above↔below, a colour, a shape, two↔three), mean over every prompt where the swap applies;
+   ``unet_words`` — the same swaps seen by the UNet: how far its prediction on noised images of the prompt's
+   scene moves, as a fraction of a colour swap's (a word can reach the embedding and still go unused);
 2. ``categories`` — per prompt category: mean dense reward (:func:`b2diffurl.toy.score.toy_score`), binary
    success rate (:func:`~b2diffurl.toy.score.toy_success`), mean within-prompt std of the dense reward, the
    fraction of prompts whose images neither all succeed nor all fail, and for relations the success against
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as _dt
 import json
 import random
@@ -90,6 +93,59 @@ def text_rows(policy) -> list[dict]:
         }
         for k, v in sorted(changes.items())
     ]
+
+
+def _predict(policy, x_t, t, emb) -> torch.Tensor:
+    return policy.unet(x_t, t, emb).sample.float().flatten(1)
+
+
+def unet_word_rows(policy, *, steps, prompts=48, seed=0) -> list[dict]:
+    """How far the UNet's prediction moves when one word is swapped, against a colour swap of the same prompts.
+
+    The text table shows that each word reaches the prompt embedding; this one shows whether the UNet uses
+    it. Inputs are the prompt's own rendered scene noised to the noisier half of the ``steps``-step sampling
+    schedule (where the layout is decided); the change is the L2 norm of the prediction's difference, averaged
+    over prompts and timesteps. ``vs_colour`` divides by the colour swap's change on the same prompts and inputs."""
+    from b2diffurl.toy import prompts as P
+    from b2diffurl.toy.render import render
+
+    rng = random.Random(seed)
+    sched = copy.deepcopy(policy.scheduler)
+    sched.set_timesteps(steps)
+    ts = sched.timesteps[: max(1, steps // 2)]
+    rows = []
+    for cat in ("count", "relation"):
+        ps = P.get_prompts(f"all:{cat}")
+        ps = sorted(rng.sample(ps, min(prompts, len(ps))))
+        swaps = [_swaps(p) for p in ps]
+        kinds = sorted({k for sw in swaps for k in sw if k != "colour"})
+        x0 = policy.encode_images(render(ps, seed=seed)).to(policy.dtype)
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        embed = lambda qs: policy.encode_prompts(qs)
+        e_own, e_colour, e_none = embed(ps), embed([sw["colour"] for sw in swaps]), embed([""] * len(ps))
+        for kind in kinds:
+            idx = [i for i, sw in enumerate(swaps) if kind in sw]
+            e_kind = embed([swaps[i][kind] for i in idx])
+            moved = {"kind": [], "colour": [], "uncond": []}
+            for t in ts:
+                x_t = sched.add_noise(x0[idx], noise[idx], t.expand(len(idx)))
+                own = _predict(policy, x_t, t, e_own[idx])
+                for name, e in (("kind", e_kind), ("colour", e_colour[idx]), ("uncond", e_none[idx])):
+                    moved[name].append((own - _predict(policy, x_t, t, e)).norm(dim=1).mean().item())
+            mean = {k: sum(v) / len(v) for k, v in moved.items()}
+            rows.append(
+                {
+                    "prompts": f"{cat} ({len(idx)})",
+                    "swap": kind,
+                    "timesteps": f"{int(ts[0])}..{int(ts[-1])}",
+                    "change": mean["kind"],
+                    "colour_change": mean["colour"],
+                    "vs_colour": mean["kind"] / mean["colour"],
+                    "cond_vs_uncond": mean["uncond"],
+                }
+            )
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ 2. categories
@@ -277,7 +333,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dfusion-prompts", type=int, default=8)
     ap.add_argument("--dfusion-n", type=int, default=16)
     ap.add_argument(
-        "--skip", default="", help="comma list of sections to skip (text,categories,speed,branches,dfusion)"
+        "--skip",
+        default="",
+        help="comma list of sections to skip (text,unet_words,categories,speed,branches,dfusion)",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="", help="added to the result file name")
@@ -295,6 +353,7 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     sections = {
         "text": lambda: text_rows(policy),
+        "unet_words": lambda: unet_word_rows(policy, steps=T),
         "categories": lambda: category_rows(
             policy, steps=T, cfg=args.cfg, n=args.n, per_category=args.relation_prompts
         ),

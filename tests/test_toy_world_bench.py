@@ -1,0 +1,50 @@
+"""bench.toy_world's UNet word table against a closed form: with a stand-in UNet whose prediction is the mean
+of the prompt embedding's tokens (broadcast over the latent), each change is the L2 distance between mean
+embeddings, whatever the noised input and the timestep."""
+
+import random
+
+import torch
+from bench_modules import from_checkout
+
+
+class _MeanEmbedding(torch.nn.Module):
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def forward(self, x_t, t, emb):
+        flat = x_t.flatten(1)
+        out = emb.mean(1).repeat(1, flat.shape[1] // emb.shape[2] + 1)[:, : flat.shape[1]]
+        return type("Out", (), {"sample": out.view_as(x_t)})()
+
+
+def test_unet_word_table_matches_the_closed_form():
+    from b2diffurl.models import load_policy
+    from b2diffurl.toy import prompts as P
+
+    toy_world = from_checkout("bench.toy_world")
+    policy = load_policy("toy")
+    policy.unet = _MeanEmbedding()
+    rows = toy_world.unet_word_rows(policy, steps=4, prompts=6, seed=3)
+    assert {r["swap"] for r in rows} >= {"count", "shape", "relation_left_right"}
+    reps = policy.latent_shape[0] * policy.latent_shape[1] * policy.latent_shape[2]
+
+    def change(
+        ps, qs
+    ):  # the stand-in's prediction repeats the mean embedding; its norm scales with the repeats
+        a, b = policy.encode_prompts(ps).float().mean(1), policy.encode_prompts(qs).float().mean(1)
+        full = lambda e: e.repeat(1, reps // e.shape[1] + 1)[:, :reps]
+        return (full(a) - full(b)).norm(dim=1).mean().item()
+
+    rng = random.Random(3)
+    for cat in ("count", "relation"):
+        ps = sorted(rng.sample(P.get_prompts(f"all:{cat}"), 6))
+        swaps = [toy_world._swaps(p) for p in ps]
+        for row in (r for r in rows if r["prompts"].startswith(cat)):
+            idx = [i for i, sw in enumerate(swaps) if row["swap"] in sw]
+            sel = [ps[i] for i in idx]
+            want = change(sel, [swaps[i][row["swap"]] for i in idx])
+            colour = change(sel, [swaps[i]["colour"] for i in idx])
+            assert row["prompts"] == f"{cat} ({len(idx)})"
+            assert abs(row["change"] - want) <= 1e-4 * want
+            assert abs(row["vs_colour"] - want / colour) <= 1e-4
+            assert abs(row["cond_vs_uncond"] - change(sel, [""] * len(sel))) <= 1e-4 * row["cond_vs_uncond"]
