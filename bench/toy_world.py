@@ -11,7 +11,8 @@ writes ``bench/results/toy_world[-TAG]-<date>.json``:
 2. ``categories`` — per prompt category: mean dense reward (:func:`b2diffurl.toy.score.toy_score`), binary
    success rate (:func:`~b2diffurl.toy.score.toy_success`), mean within-prompt std of the dense reward, the
    fraction of prompts whose images neither all succeed nor all fail, and for relations the success against
-   the prompt with the relation word swapped (a model that ignores the word satisfies both alike);
+   the prompt with the relation word swapped (a model that ignores the word satisfies both alike) and, where
+   both named colours were drawn once, how often the two objects stand in the named order (0.5 by chance);
 3. ``speed`` — images per CPU-second (process CPU time) sampling 32 images, batched, CFG, η = 1;
 4. ``branches`` — B²'s branch points: P prompts × 4 branches sharing the first s DDIM steps; within-group
    variance of the dense reward, fraction of groups whose 4 dense rewards tie (range < 0.01) and whose 4
@@ -190,8 +191,36 @@ def category_rows(policy, *, steps, cfg, n, per_category) -> list[dict]:
         if cat == "relation":
             sw = [_swaps(p)[next(k for k in _swaps(p) if k.startswith("relation"))] for p in ps]
             row["success_vs_swapped_prompt"] = toy_success(imgs, sw).float().mean().item()
+            row["pairs_found"], row["order_right"] = relation_order(imgs, ps)
         rows.append(row)
     return rows
+
+
+def relation_order(images: torch.Tensor, prompts: list[str]) -> tuple[float, float]:
+    """(fraction of relation images where each of the two named colours forms exactly one object, fraction of
+    those whose two objects stand in the named order along the relation's axis). The order ignores shapes,
+    sizes and the reward's margin, so a model that ignores the relation word scores about 0.5."""
+    from b2diffurl.toy.prompts import COLOURS, parse
+    from b2diffurl.toy.score import component_stats
+
+    obj = component_stats(images)
+    found = right = 0
+    for i, p in enumerate(prompts):
+        scene = parse(p)
+        centres = []
+        for colour, _ in scene.objects:
+            hit = obj["valid"][i] & (obj["colour"][i] == COLOURS.index(colour))
+            if int(hit.sum()) != 1:
+                break
+            j = int(hit.nonzero()[0, 0])
+            centres.append((obj["cx"][i][j].item(), obj["cy"][i][j].item()))
+        if len(centres) != 2:
+            continue
+        (xa, ya), (xb, yb) = centres
+        gap = {"to the left of": xb - xa, "to the right of": xa - xb, "above": yb - ya, "below": ya - yb}
+        found += 1
+        right += gap[scene.relation] > 0
+    return found / max(1, len(prompts)), right / max(1, found)
 
 
 # ----------------------------------------------------------------------------------------------- 3. speed

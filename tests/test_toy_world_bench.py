@@ -48,3 +48,19 @@ def test_unet_word_table_matches_the_closed_form():
             assert abs(row["change"] - want) <= 1e-4 * want
             assert abs(row["vs_colour"] - want / colour) <= 1e-4
             assert abs(row["cond_vs_uncond"] - change(sel, [""] * len(sel))) <= 1e-4 * row["cond_vs_uncond"]
+
+
+def test_relation_order_against_rendered_scenes():
+    """Scenes drawn for a prompt stand in its order; scenes drawn for the swapped relation stand in the other."""
+    from b2diffurl.toy import prompts as P
+    from b2diffurl.toy.render import render
+
+    toy_world = from_checkout("bench.toy_world")
+    ps = sorted(random.Random(0).sample(P.get_prompts("all:relation"), 40))
+    swapped = [
+        toy_world._swaps(p)[next(k for k in toy_world._swaps(p) if k.startswith("relation"))] for p in ps
+    ]
+    assert toy_world.relation_order(render(ps, seed=2), ps) == (1.0, 1.0)
+    assert toy_world.relation_order(render(swapped, seed=2), ps) == (1.0, 0.0)
+    blank = torch.zeros(len(ps), 3, 32, 32)  # nothing drawn: no pair found, and no division by zero
+    assert toy_world.relation_order(blank, ps) == (0.0, 0.0)
