@@ -8,6 +8,8 @@ writes ``bench/results/toy_world[-TAG]-<date>.json``:
    (left↔right, above↔below, a colour, a shape, two↔three), mean over every prompt where the swap applies;
    ``unet_words`` — the same swaps seen by the UNet: how far its prediction on noised images of the prompt's
    scene moves, as a fraction of a colour swap's (a word can reach the embedding and still go unused);
+   ``symmetry`` — how far the UNet is from mirror-equivariant on those scenes (an exactly equivariant denoiser
+   draws "A left of B" as often as "A right of B", so it cannot follow the relation word);
 2. ``categories`` — per prompt category: mean dense reward (:func:`b2diffurl.toy.score.toy_score`), binary
    success rate (:func:`~b2diffurl.toy.score.toy_success`), mean within-prompt std of the dense reward, the
    fraction of prompts whose images neither all succeed nor all fail, and for relations the success against
@@ -146,6 +148,51 @@ def unet_word_rows(policy, *, steps, prompts=48, seed=0) -> list[dict]:
                     "cond_vs_uncond": mean["uncond"],
                 }
             )
+    return rows
+
+
+def _mirror(policy, latents: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mirror latents as their images mirror (dim 3: left-right, dim 2: top-bottom): exact through the toy's
+    pixel-shuffle codec; for a VAE, the mirrored latent grid (as near as a convolutional VAE comes)."""
+    patch = getattr(policy.codec, "patch", None)
+    if patch is None:
+        return latents.flip(dim)
+    return F.pixel_unshuffle(F.pixel_shuffle(latents, patch).flip(dim), patch)
+
+
+def symmetry_rows(policy, *, steps, prompts=32, seed=0) -> list[dict]:
+    """How far the UNet is from mirror-equivariant: |f(mirror x) − mirror f(x)| / |f(x)| on the noised scenes of
+    relation prompts, averaged over the noisier half of the schedule. A denoiser that is exactly equivariant
+    under the left-right mirror draws "A left of B" and "A right of B" equally often from symmetric noise, so
+    it cannot follow those words; the same holds top-bottom for "above" and "below"."""
+    from b2diffurl.toy import prompts as P
+    from b2diffurl.toy.render import render
+
+    rng = random.Random(seed)
+    ps = sorted(rng.sample(P.get_prompts("all:relation"), prompts))
+    sched = copy.deepcopy(policy.scheduler)
+    sched.set_timesteps(steps)
+    ts = sched.timesteps[: max(1, steps // 2)]
+    x0 = policy.encode_images(render(ps, seed=seed)).to(policy.dtype)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+    emb = policy.encode_prompts(ps)
+    rows = []
+    for dim, axis in ((3, "left-right"), (2, "top-bottom")):
+        errs = []
+        for t in ts:
+            x_t = sched.add_noise(x0, noise, t.expand(len(ps)))
+            out = _predict(policy, x_t, t, emb).view_as(x_t)
+            mirrored = _predict(policy, _mirror(policy, x_t, dim), t, emb).view_as(x_t)
+            gap = (mirrored - _mirror(policy, out, dim)).flatten(1).norm(dim=1).mean()
+            errs.append((gap / out.flatten(1).norm(dim=1).mean()).item())
+        rows.append(
+            {
+                "mirror": axis,
+                "prompts": len(ps),
+                "timesteps": f"{int(ts[0])}..{int(ts[-1])}",
+                "equivariance_error": sum(errs) / len(errs),
+            }
+        )
     return rows
 
 
@@ -364,7 +411,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma list of sections to skip (text,unet_words,categories,speed,branches,dfusion)",
+        help="comma list of sections to skip (text,unet_words,symmetry,categories,speed,branches,dfusion)",
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="", help="added to the result file name")
@@ -383,6 +430,7 @@ def main(argv=None) -> int:
     sections = {
         "text": lambda: text_rows(policy),
         "unet_words": lambda: unet_word_rows(policy, steps=T),
+        "symmetry": lambda: symmetry_rows(policy, steps=T),
         "categories": lambda: category_rows(
             policy, steps=T, cfg=args.cfg, n=args.n, per_category=args.relation_prompts
         ),

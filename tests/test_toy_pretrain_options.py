@@ -64,3 +64,24 @@ def test_bad_high_noise_is_a_one_line_error_before_any_work(capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["--high-noise", "1.5", "--out", "/nonexistent/never-written"])
     assert "--high-noise must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("train_te", [False, True])
+def test_text_encoder_stays_frozen_unless_asked(tmp_path, train_te):
+    """Two pretraining steps from scratch: the saved text encoder equals the seed-0 encoder bit for bit, and
+    differs from it only with --train-text-encoder (which the checkpoint's recipe then records)."""
+    import json
+
+    from transformers import CLIPTextModel
+
+    from b2diffurl.toy import model as M
+
+    out = tmp_path / "ckpt"
+    args = ["--steps", "2", "--batch", "4", "--warmup", "1", "--threads", "1", "--no-eval", "--out", str(out)]
+    pretrain.main(args + (["--train-text-encoder"] if train_te else []))
+    saved = CLIPTextModel.from_pretrained(out / "text_encoder").state_dict()
+    seed = M.build_text_encoder().state_dict()
+    same = all(torch.equal(saved[k], seed[k]) for k in seed)
+    assert same is not train_te
+    recipe = json.loads((out / "model_index.json").read_text())["b2diffurl_toy"]
+    assert recipe["text_encoder"].startswith("trained" if train_te else "frozen")

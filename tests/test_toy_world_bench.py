@@ -64,3 +64,46 @@ def test_relation_order_against_rendered_scenes():
     assert toy_world.relation_order(render(swapped, seed=2), ps) == (1.0, 0.0)
     blank = torch.zeros(len(ps), 3, 32, 32)  # nothing drawn: no pair found, and no division by zero
     assert toy_world.relation_order(blank, ps) == (0.0, 0.0)
+
+
+class _Constant(torch.nn.Module):
+    """A stand-in UNet that predicts the same latents whatever it is given."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def __init__(self, latents):
+        super().__init__()
+        self.latents = latents
+
+    def forward(self, x_t, t, emb):
+        return type("Out", (), {"sample": self.latents.expand_as(x_t)})()
+
+
+class _Identity(torch.nn.Module):
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def forward(self, x_t, t, emb):
+        return type("Out", (), {"sample": x_t})()
+
+
+def test_symmetry_table_against_closed_forms():
+    """The identity is equivariant under both mirrors (error 0). A constant prediction of a left-to-right ramp
+    image: its left-right mirror is the ramp's negation in latent space (1 − r ↦ −(2r − 1)), so the error is
+    |R − (−R)| / |R| = 2; top-bottom it is unchanged, error 0."""
+    import torch.nn.functional as F
+
+    from b2diffurl.models import load_policy
+
+    toy_world = from_checkout("bench.toy_world")
+    policy = load_policy("toy")
+    policy.unet = _Identity()
+    rows = {r["mirror"]: r for r in toy_world.symmetry_rows(policy, steps=4, prompts=4)}
+    assert (
+        rows["left-right"]["equivariance_error"] <= 1e-6 and rows["top-bottom"]["equivariance_error"] <= 1e-6
+    )
+    ramp = (torch.arange(32.0) / 31).expand(1, 3, 32, 32)  # r(x) = x / 31, constant down each column
+    policy.unet = _Constant(F.pixel_unshuffle(2 * ramp - 1, 2))
+    rows = {r["mirror"]: r for r in toy_world.symmetry_rows(policy, steps=4, prompts=4)}
+    assert abs(rows["left-right"]["equivariance_error"] - 2.0) <= 1e-5
+    assert rows["top-bottom"]["equivariance_error"] <= 1e-6
+    assert rows["left-right"]["prompts"] == 4 and rows["left-right"]["timesteps"].count("..") == 1

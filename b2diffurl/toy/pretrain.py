@@ -88,11 +88,12 @@ def denoising_loss(
     return F.mse_loss(unet(xt, t, cond).sample, target)
 
 
-def update(loss, opt, sched, params, ema_params, step: int, ema: float) -> None:
-    """Backward, clip to norm 1, AdamW and LR-schedule steps, then the EMA (decay warmed up as (1+s)/(10+s))."""
+def update(loss, opt, sched, params, ema_params, step: int, ema: float, extra=()) -> None:
+    """Backward, clip to norm 1 (``params`` and any ``extra`` trained parameters together), AdamW and
+    LR-schedule steps, then the EMA of ``params`` (decay warmed up as (1+s)/(10+s))."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    torch.nn.utils.clip_grad_norm_([*params, *extra], 1.0)
     opt.step()
     sched.step()
     with torch.no_grad():
@@ -300,6 +301,11 @@ def main(argv=None) -> None:
         "or each object in its own half of the image (default: %(default)s)",
     )
     ap.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="train the text encoder with the UNet (a diagnostic: the shipped toy keeps it frozen, see toy.model)",
+    )
+    ap.add_argument(
         "--high-noise",
         type=float,
         default=0.0,
@@ -341,16 +347,21 @@ def main(argv=None) -> None:
     else:
         unet = M.build_unet(tuple(int(c) for c in args.channels.split(","))).to(dev)
     params = list(unet.parameters())
+    te_params = list(te.parameters()) if args.train_text_encoder else []
+    te.requires_grad_(args.train_text_encoder).train(args.train_text_encoder)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_params = list(ema_unet.parameters())
-    embed = PromptEmbeddings(tokenizer, te)
+    embed = (
+        (lambda ps: encode(tokenizer, te, ps)) if args.train_text_encoder else PromptEmbeddings(tokenizer, te)
+    )
 
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params + te_params, lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     acp = ddpm.alphas_cumprod.to(dev)
     print(
         f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text encoder "
-        f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M (frozen); threads {torch.get_num_threads()}",
+        f"{sum(p.numel() for p in te.parameters()) / 1e6:.2f}M "
+        f"({'trained' if args.train_text_encoder else 'frozen'}); threads {torch.get_num_threads()}",
         flush=True,
     )
     losses, t0 = [], time.time()
@@ -364,7 +375,7 @@ def main(argv=None) -> None:
         x0 = M.images_to_latents(images).to(dev)
         prompts = ["" if rng.random() < P_UNCOND else p for p in prompts]
         loss = denoising_loss(unet, x0, embed(prompts), acp, args.prediction, args.high_noise)
-        update(loss, opt, sched, params, ema_params, step, args.ema)
+        update(loss, opt, sched, params, ema_params, step, args.ema, te_params)
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(
@@ -388,7 +399,8 @@ def main(argv=None) -> None:
                 "relation_layout": args.relation_layout,
                 "high_noise": args.high_noise,
                 "p_uncond": P_UNCOND,
-                "text_encoder": f"frozen CLIPTextModel, random init from seed {M.TEXT_ENCODER_SEED}",
+                "text_encoder": f"{'trained' if args.train_text_encoder else 'frozen'} CLIPTextModel, "
+                f"random init from seed {M.TEXT_ENCODER_SEED}",
                 "threads": torch.get_num_threads(),
                 "s_per_step": round((time.time() - t0) / (step + 1), 3),
                 "wall_minutes": round((time.time() - t0) / 60, 1),
@@ -408,6 +420,7 @@ def main(argv=None) -> None:
     if args.no_eval:
         return
     ema_unet.eval()
+    te.requires_grad_(False).eval()
     report = evaluate(ema_unet, te, tokenizer, ddim, args.out)
     print(json.dumps(report, indent=2), flush=True)
     print(f"done: {step + 1} steps in {(time.time() - t0) / 60:.1f} min", flush=True)
