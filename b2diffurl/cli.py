@@ -102,9 +102,10 @@ def add_train_parser(subparsers) -> None:
 
 
 def config_from_args(args) -> tuple[C.RunConfig, str | None]:
-    """The run configuration the flags describe (``--resume`` starts from the run's saved config.yaml, a layer
-    under ``--config`` and the flags; see :func:`b2diffurl.config.load_config`)."""
-    explicit: dict = {}
+    """The run configuration the flags describe. ``--resume`` starts from the run's saved config.yaml, a layer
+    under ``--config`` and the flags (see :func:`b2diffurl.config.load_config`); it always writes into the
+    run's own directory."""
+    explicit: dict = C.flatten(C.read_yaml(args.config, "--config")) if args.config else {}
     saved, resume_dir = None, None
     if args.resume:
         rp = Path(args.resume)
@@ -126,7 +127,7 @@ def config_from_args(args) -> tuple[C.RunConfig, str | None]:
         if getattr(args, flag, None) is not None:
             explicit[key] = getattr(args, flag)
     explicit.update(C.parse_set(args.overrides))
-    return C.load_config(args.config, overrides=explicit, saved=saved), resume_dir
+    return C.load_config(overrides=explicit, saved=saved), resume_dir
 
 
 def cmd_train(args) -> int:

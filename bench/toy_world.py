@@ -8,8 +8,8 @@ writes ``bench/results/toy_world[-TAG]-<date>.json``:
    (left↔right, above↔below, a colour, a shape, two↔three), mean over every prompt where the swap applies;
    ``unet_words`` — the same swaps seen by the UNet: how far its prediction on noised images of the prompt's
    scene moves, as a fraction of a colour swap's (a word can reach the embedding and still go unused);
-   ``symmetry`` — how far the UNet is from mirror-equivariant on those scenes (an exactly equivariant denoiser
-   draws "A left of B" as often as "A right of B", so it cannot follow the relation word);
+   ``symmetry`` — how far the UNet is from mirror-equivariant on the scenes of the relations each mirror swaps
+   (an exactly equivariant denoiser draws "A left of B" as often as "A right of B", so it cannot follow the word);
 2. ``categories`` — per prompt category: mean dense reward (:func:`b2diffurl.toy.score.toy_score`), binary
    success rate (:func:`~b2diffurl.toy.score.toy_success`), mean within-prompt std of the dense reward, the
    fraction of prompts whose images neither all succeed nor all fail, and for relations the success against
@@ -162,22 +162,28 @@ def _mirror(policy, latents: torch.Tensor, dim: int) -> torch.Tensor:
 
 def symmetry_rows(policy, *, steps, prompts=32, seed=0) -> list[dict]:
     """How far the UNet is from mirror-equivariant: |f(mirror x) − mirror f(x)| / |f(x)| on the noised scenes of
-    relation prompts, averaged over the noisier half of the schedule. A denoiser that is exactly equivariant
-    under the left-right mirror draws "A left of B" and "A right of B" equally often from symmetric noise, so
-    it cannot follow those words; the same holds top-bottom for "above" and "below"."""
+    the relation prompts that mirror concerns (left-right: "to the left of" / "to the right of"; top-bottom:
+    "above" / "below"), averaged over the noisier half of the schedule. A denoiser exactly equivariant under a
+    mirror draws "A left of B" and "A right of B" (or "above" and "below") equally often from symmetric noise,
+    so it cannot follow those words. (The toy's data is left-right symmetric; top-bottom it is not, as its
+    triangles point up.)"""
     from b2diffurl.toy import prompts as P
     from b2diffurl.toy.render import render
 
     rng = random.Random(seed)
-    ps = sorted(rng.sample(P.get_prompts("all:relation"), prompts))
     sched = copy.deepcopy(policy.scheduler)
     sched.set_timesteps(steps)
     ts = sched.timesteps[: max(1, steps // 2)]
-    x0 = policy.encode_images(render(ps, seed=seed)).to(policy.dtype)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
-    emb = policy.encode_prompts(ps)
     rows = []
-    for dim, axis in ((3, "left-right"), (2, "top-bottom")):
+    for dim, axis, words in (
+        (3, "left-right", ("to the left of", "to the right of")),
+        (2, "top-bottom", ("above", "below")),
+    ):
+        pool = [p for p in P.get_prompts("all:relation") if P.parse(p).relation in words]
+        ps = sorted(rng.sample(pool, min(prompts, len(pool))))
+        x0 = policy.encode_images(render(ps, seed=seed)).to(policy.dtype)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+        emb = policy.encode_prompts(ps)
         errs = []
         for t in ts:
             x_t = sched.add_noise(x0, noise, t.expand(len(ps)))
@@ -245,8 +251,9 @@ def category_rows(policy, *, steps, cfg, n, per_category) -> list[dict]:
 
 def relation_order(images: torch.Tensor, prompts: list[str]) -> tuple[float, float]:
     """(fraction of relation images where each of the two named colours forms exactly one object, fraction of
-    those whose two objects stand in the named order along the relation's axis). The order ignores shapes,
-    sizes and the reward's margin, so a model that ignores the relation word scores about 0.5."""
+    those whose two objects stand in the named order along the relation's axis; NaN when there are none). The
+    order ignores shapes, sizes and the reward's margin, so a model that ignores the relation word scores
+    about 0.5."""
     from b2diffurl.toy.prompts import COLOURS, parse
     from b2diffurl.toy.score import component_stats
 
@@ -267,7 +274,7 @@ def relation_order(images: torch.Tensor, prompts: list[str]) -> tuple[float, flo
         gap = {"to the left of": xb - xa, "to the right of": xa - xb, "above": yb - ya, "below": ya - yb}
         found += 1
         right += gap[scene.relation] > 0
-    return found / max(1, len(prompts)), right / max(1, found)
+    return found / max(1, len(prompts)), (right / found if found else float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------- 3. speed

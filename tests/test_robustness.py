@@ -366,9 +366,12 @@ def test_a_reward_named_on_resume_replaces_the_saved_reward_options(tmp_path):
 
 
 def test_config_layers_share_one_reward_options_rule(tmp_path):
-    """Preset, saved run, YAML and --set are layers of load_config: a layer that names a reward takes the reward
-    options of every layer below it away, and keeps its own."""
+    """Preset, saved run and the user's YAML plus --set are layers of load_config: a reward the user names
+    leaves the preset's and the saved run's reward options out, while the user's own YAML options stay, also
+    when the flags name the same reward again (as the CLI always allowed)."""
     import yaml
+
+    from b2diffurl.cli import build_parser, config_from_args
 
     saved = C.to_dict(C.load_config(overrides={"reward_options.threshold": 0.2}))
     assert C.load_config(saved=saved).reward_options == {"threshold": 0.2}
@@ -376,8 +379,16 @@ def test_config_layers_share_one_reward_options_rule(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"reward": "brightness", "reward_options": {"threshold": 0.3}}))
     assert C.load_config(str(cfg_file), saved=saved).reward_options == {"threshold": 0.3}
-    assert C.load_config(str(cfg_file), overrides=["reward=toy"], saved=saved).reward_options == {}
+    for extra in (["--set", "reward=brightness"], ["--reward", "brightness"], []):
+        args = build_parser().parse_args(["train", "--config", str(cfg_file), *extra])
+        assert config_from_args(args)[0].reward_options == {"threshold": 0.3}, extra
     # a YAML that names no reward leaves the saved reward and its options in place
     cfg_file.write_text(yaml.safe_dump({"train": {"lr": 5e-5}}))
     cfg = C.load_config(str(cfg_file), saved=saved)
     assert (cfg.reward, cfg.reward_options, cfg.train.lr) == ("brightness", {"threshold": 0.2}, 5e-5)
+    # on --resume the run's own directory wins over an `out` in the YAML
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg_file.write_text(yaml.safe_dump({"out": str(tmp_path / "elsewhere")}))
+    args = build_parser().parse_args(["train", "--resume", str(tmp_path / "run"), "--config", str(cfg_file)])
+    assert config_from_args(args)[0].out == str(tmp_path / "run")

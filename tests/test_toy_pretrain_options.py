@@ -34,7 +34,8 @@ def test_high_noise_moves_that_share_of_the_batch_to_the_noisier_half():
     k = 1024
     assert (t1[:k] >= 500).all() and (t1[:k] < 1000).all()
     assert torch.equal(t1[k:], t0[k:])  # the rest of the batch is untouched
-    assert torch.equal(t1[:k], 500 + t0[:k] // 2)
+    counts = torch.bincount(t1[:k] - 500, minlength=500).view(10, 50).sum(1)  # ten bins over 500..999
+    assert counts.min() >= 60 and counts.max() <= 150  # flat: ~102 each
     # the default draws exactly what the recipe always drew: uniform over all timesteps, then the noise
     torch.manual_seed(0)
     ref_t = torch.randint(0, 1000, (4096,))

@@ -184,21 +184,23 @@ def load_config(
     *,
     saved: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Defaults → preset → ``saved`` (a resumed run's config.yaml) → YAML → overrides, then :func:`validate`.
+    """Defaults → preset → ``saved`` (a resumed run's config.yaml) → the user's YAML and overrides (one layer,
+    overrides last), then :func:`validate`.
 
-    Each layer replaces the keys it sets. A layer that names a reward also takes away the reward options of
-    every layer below it: those belong to the reward it replaces (see :func:`preset_items`). Unknown keys raise
-    :class:`ConfigError`."""
+    Each layer replaces the keys it sets. When the user's layer names a reward, the preset's and the saved
+    run's reward options are left out: they belong to the reward it replaces (see :func:`preset_items`).
+    Unknown keys raise :class:`ConfigError`."""
     if isinstance(overrides, list):
         overrides = parse_set(overrides)
-    user = [flatten(saved or {}), flatten(read_yaml(yaml_path)) if yaml_path else {}, dict(overrides or {})]
+    user = {**(flatten(read_yaml(yaml_path)) if yaml_path else {}), **(overrides or {})}
+    saved = flatten(saved or {})
 
     run_config = RunConfig()
-    for layer in user:  # first pass: learn model.path / preset / algo, and reject unknown keys early
+    for layer in (saved, user):  # first pass: learn model.path / preset / algo, and reject unknown keys early
         for k, v in layer.items():
             set_value(run_config, k, v)
     preset = resolve_preset(run_config)
-    layers = [PRESETS[preset], ALGO_PRESETS.get((preset, run_config.algo), {}), *user]
+    layers = [PRESETS[preset], ALGO_PRESETS.get((preset, run_config.algo), {}), saved, user]
     run_config = RunConfig()
     for i, layer in enumerate(layers):
         for k, v in preset_items(layer, {k: v for above in layers[i + 1 :] for k, v in above.items()}):

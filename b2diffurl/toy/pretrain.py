@@ -303,7 +303,8 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--train-text-encoder",
         action="store_true",
-        help="train the text encoder with the UNet (a diagnostic: the shipped toy keeps it frozen, see toy.model)",
+        help="train the text encoder with the UNet (a diagnostic: the shipped toy keeps it frozen, see toy.model); "
+        "it starts from the seed encoder, also with --init-from",
     )
     ap.add_argument(
         "--high-noise",

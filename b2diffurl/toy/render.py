@@ -110,7 +110,8 @@ def render_layout(layout: torch.Tensor, size: int = 32) -> torch.Tensor:
 
 
 def render(prompts: list[str], seed: int = 0, size: int = 32, relation_layout: str = "any") -> torch.Tensor:
-    """Images satisfying ``prompts`` -> [N, 3, size, size] float32 in [0, 1]; deterministic in (prompts, seed)."""
+    """Images satisfying ``prompts`` -> [N, 3, size, size] float32 in [0, 1]; deterministic in (prompts, seed,
+    relation_layout)."""
     return render_layout(sample_layout(list(prompts), seed, size, relation_layout), size)
 
 
