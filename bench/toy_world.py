@@ -22,6 +22,8 @@ writes ``bench/results/toy_world[-TAG]-<date>.json``:
 5. ``dfusion`` — one D-Fusion stage (:func:`b2diffurl.algos.dfusion.generate_pairs`): fraction of pairs whose
    target beats its base, mean rewards, and how close target and reference are to the base (SSIM and mean
    absolute pixel difference): D-Fusion's targets should stay visually consistent with their bases.
+   ``--dfusion-mask-threshold 0`` fuses every position, which shows how much of the reference the
+   self-attention K/V can carry at all (``ssim_target_ref`` against ``ssim_ref_base``).
 
 ``--threads`` (default 1) fixes torch's thread count so CPU-seconds are comparable between runs.
 """
@@ -346,7 +348,7 @@ def _ssim(a: torch.Tensor, b: torch.Tensor, win: int = 7) -> torch.Tensor:
     return s.mean((1, 2, 3))
 
 
-def dfusion_rows(policy, *, steps, cfg, prompts, n) -> list[dict]:
+def dfusion_rows(policy, *, steps, cfg, prompts, n, mask_threshold=0.05, layers="auto") -> list[dict]:
     from b2diffurl.algos import dfusion as D
     from b2diffurl.rewards import get_reward
     from b2diffurl.sampling import TreeSampler
@@ -358,7 +360,9 @@ def dfusion_rows(policy, *, steps, cfg, prompts, n) -> list[dict]:
     ps = [train[i] for i in torch.randperm(len(train), generator=gen)[:prompts].tolist()]
     sampler = TreeSampler(policy, num_steps=steps, guidance_scale=cfg, eta=1.0)
     first = max(1, round(steps / 10))  # official 2 of 20: the noisiest steps stay the base's
-    conf = D.DFusionConfig(samples_per_prompt=n, fusion_steps=[first, -1])
+    conf = D.DFusionConfig(
+        samples_per_prompt=n, fusion_steps=[first, -1], mask_threshold=mask_threshold, fusion_layers=layers
+    )
     arena = TrajectoryArena(policy.latent_shape, num_steps=steps, max_trees=prompts * n * 2, branches=1)
     t0 = time.perf_counter()
     st = D.generate_pairs(
@@ -381,6 +385,8 @@ def dfusion_rows(policy, *, steps, cfg, prompts, n) -> list[dict]:
             "n": n,
             "steps": steps,
             "fused_steps": f"{st.fused_steps[0]}-{st.fused_steps[-1]}",
+            "mask_threshold": mask_threshold,
+            "fused_blocks": layers,
             "pairs": int(st.target_ids.numel()),
             "reward_ref": m["reward_ref_mean"],
             "reward_base": m["reward_base_mean"],
@@ -389,6 +395,7 @@ def dfusion_rows(policy, *, steps, cfg, prompts, n) -> list[dict]:
             "target_loses": float((st.target_rewards < st.base_rewards).float().mean()),
             "ssim_target_base": _ssim(tgt, base).mean().item(),
             "ssim_ref_base": _ssim(ref, base).mean().item(),
+            "ssim_target_ref": _ssim(tgt, ref).mean().item(),
             "l1_target_base": (tgt - base).abs().mean().item(),
             "l1_ref_base": (ref - base).abs().mean().item(),
             "mask_coverage": m["mask_coverage"],
@@ -415,6 +422,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--dfusion-prompts", type=int, default=8)
     ap.add_argument("--dfusion-n", type=int, default=16)
+    ap.add_argument(
+        "--dfusion-mask-threshold",
+        type=float,
+        default=0.05,
+        help="D-Fusion mask threshold (0 = every position fused: how much can self-attention K/V carry?)",
+    )
+    ap.add_argument("--dfusion-layers", default="auto", help="D-Fusion fused blocks ('auto' or 'a-b')")
     ap.add_argument(
         "--skip",
         default="",
@@ -446,7 +460,13 @@ def main(argv=None) -> int:
             policy, steps=T, cfg=args.cfg, prompts_per_category=args.branch_prompts, shared=shared
         ),
         "dfusion": lambda: dfusion_rows(
-            policy, steps=T, cfg=args.cfg, prompts=args.dfusion_prompts, n=args.dfusion_n
+            policy,
+            steps=T,
+            cfg=args.cfg,
+            prompts=args.dfusion_prompts,
+            n=args.dfusion_n,
+            mask_threshold=args.dfusion_mask_threshold,
+            layers=args.dfusion_layers,
         ),
     }
     index = policy_index(args.checkpoint)

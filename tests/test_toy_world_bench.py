@@ -111,3 +111,19 @@ def test_symmetry_table_against_closed_forms():
     assert rows["top-bottom"]["equivariance_error"] <= 1e-6
     # the noisier half of a 4-step schedule (leading spacing, offset 1: 751, 501, 251, 1)
     assert rows["left-right"]["prompts"] == 4 and rows["left-right"]["timesteps"] == "751..501"
+
+
+def test_dfusion_table_threshold_zero_fuses_every_position():
+    """Mask threshold 0 turns every position of the object attention into the mask (coverage exactly 1), the
+    default leaves part of the image out, and the options reach the table."""
+    from b2diffurl.models import load_policy
+
+    toy_world = from_checkout("bench.toy_world")
+    policy = load_policy("toy")
+    full, default = (
+        toy_world.dfusion_rows(policy, steps=3, cfg=5.0, prompts=2, n=4, mask_threshold=thr, layers=layers)[0]
+        for thr, layers in ((0.0, "0-4"), (0.05, "auto"))
+    )
+    assert full["mask_coverage"] == 1.0 and default["mask_coverage"] < 1.0
+    assert (full["fused_blocks"], full["mask_threshold"]) == ("0-4", 0.0)
+    assert 0.0 <= full["ssim_target_ref"] <= 1.0 and full["pairs"] == default["pairs"] == 4
