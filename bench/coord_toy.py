@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime as _dt
 import json
 import random
 import time
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         "eval": result,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"coord_toy-{args.arm}-seed{args.seed}.json"
+    path = args.out / f"coord_toy-{args.arm}-seed{args.seed}-{_dt.date.today().isoformat()}.json"
     path.write_text(json.dumps(record, indent=2))
     print(json.dumps(result, indent=2))
     print(f"wrote {path}")
