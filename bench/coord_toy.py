@@ -97,8 +97,7 @@ def main(argv=None) -> int:
         ap.error("--minutes must be positive")
 
     from b2diffurl.toy import model as M
-    from b2diffurl.toy.pretrain import P_UNCOND, PromptEmbeddings, denoising_loss, sample_prompts, update
-    from b2diffurl.toy.render import render
+    from b2diffurl.toy.pretrain import PromptEmbeddings, denoising_loss, training_batch, update
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -115,9 +114,7 @@ def main(argv=None) -> int:
     weights = {"single": 0.2, "count": 0.2, "relation": 0.6}
     losses, t0, step = [], time.time(), 0
     while time.time() - t0 < 60 * args.minutes:
-        prompts = sample_prompts(rng, args.batch, weights)
-        x0 = M.images_to_latents(render(prompts, seed=args.seed * 100_000 + step, relation_layout="halves"))
-        prompts = ["" if rng.random() < P_UNCOND else p for p in prompts]
+        x0, prompts = training_batch(rng, args.batch, args.seed * 100_000 + step, weights, "halves")
         loss = denoising_loss(model, x0, embed(prompts), ddpm.alphas_cumprod, "v_prediction", 0.3)
         update(loss, opt, sched, params, ema_params, step, 0.998)
         losses.append(loss.item())

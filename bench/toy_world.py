@@ -104,6 +104,21 @@ def _predict(policy, x_t, t, emb) -> torch.Tensor:
     return policy.unet(x_t, t, emb).sample.float().flatten(1)
 
 
+def _noisier_half(policy, steps: int):
+    """(a copy of the policy's scheduler set to ``steps`` steps, the timesteps of its noisier half)."""
+    sched = copy.deepcopy(policy.scheduler)
+    sched.set_timesteps(steps)
+    return sched, sched.timesteps[: max(1, steps // 2)]
+
+
+def _scenes(policy, prompts: list[str], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents of each prompt's rendered scene, noise drawn from ``seed``) to noise them with."""
+    from b2diffurl.toy.render import render
+
+    x0 = policy.encode_images(render(prompts, seed=seed)).to(policy.dtype)
+    return x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+
+
 def unet_word_rows(policy, *, steps, prompts=48, seed=0) -> list[dict]:
     """How far the UNet's prediction moves when one word is swapped, against a colour swap of the same prompts.
 
@@ -112,21 +127,16 @@ def unet_word_rows(policy, *, steps, prompts=48, seed=0) -> list[dict]:
     schedule (where the layout is decided); the change is the L2 norm of the prediction's difference, averaged
     over prompts and timesteps. ``vs_colour`` divides by the colour swap's change on the same prompts and inputs."""
     from b2diffurl.toy import prompts as P
-    from b2diffurl.toy.render import render
 
     rng = random.Random(seed)
-    sched = copy.deepcopy(policy.scheduler)
-    sched.set_timesteps(steps)
-    ts = sched.timesteps[: max(1, steps // 2)]
+    sched, ts = _noisier_half(policy, steps)
     rows = []
     for cat in ("count", "relation"):
         ps = P.get_prompts(f"all:{cat}")
         ps = sorted(rng.sample(ps, min(prompts, len(ps))))
         swaps = [_swaps(p) for p in ps]
         kinds = sorted({k for sw in swaps for k in sw if k != "colour"})
-        x0 = policy.encode_images(render(ps, seed=seed)).to(policy.dtype)
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        x0, noise = _scenes(policy, ps, seed)
         embed = lambda qs: policy.encode_prompts(qs)
         e_own, e_colour, e_none = embed(ps), embed([sw["colour"] for sw in swaps]), embed([""] * len(ps))
         for kind in kinds:
@@ -170,12 +180,9 @@ def symmetry_rows(policy, *, steps, prompts=32, seed=0) -> list[dict]:
     so it cannot follow those words. (The toy's data is left-right symmetric; top-bottom it is not, as its
     triangles point up.)"""
     from b2diffurl.toy import prompts as P
-    from b2diffurl.toy.render import render
 
     rng = random.Random(seed)
-    sched = copy.deepcopy(policy.scheduler)
-    sched.set_timesteps(steps)
-    ts = sched.timesteps[: max(1, steps // 2)]
+    sched, ts = _noisier_half(policy, steps)
     rows = []
     for dim, axis, words in (
         (3, "left-right", ("to the left of", "to the right of")),
@@ -183,8 +190,7 @@ def symmetry_rows(policy, *, steps, prompts=32, seed=0) -> list[dict]:
     ):
         pool = [p for p in P.get_prompts("all:relation") if P.parse(p).relation in words]
         ps = sorted(rng.sample(pool, min(prompts, len(pool))))
-        x0 = policy.encode_images(render(ps, seed=seed)).to(policy.dtype)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+        x0, noise = _scenes(policy, ps, seed)
         emb = policy.encode_prompts(ps)
         errs = []
         for t in ts:
@@ -256,7 +262,7 @@ def relation_order(images: torch.Tensor, prompts: list[str]) -> tuple[float, flo
     those whose two objects stand in the named order along the relation's axis; NaN when there are none). The
     order ignores shapes, sizes and the reward's margin, so a model that ignores the relation word scores
     about 0.5."""
-    from b2diffurl.toy.prompts import COLOURS, parse
+    from b2diffurl.toy.prompts import COLOURS, parse, relation_gap
     from b2diffurl.toy.score import component_stats
 
     obj = component_stats(images)
@@ -272,10 +278,8 @@ def relation_order(images: torch.Tensor, prompts: list[str]) -> tuple[float, flo
             centres.append((obj["cx"][i][j].item(), obj["cy"][i][j].item()))
         if len(centres) != 2:
             continue
-        (xa, ya), (xb, yb) = centres
-        gap = {"to the left of": xb - xa, "to the right of": xa - xb, "above": yb - ya, "below": ya - yb}
         found += 1
-        right += gap[scene.relation] > 0
+        right += relation_gap(scene.relation, *centres) > 0
     return found / max(1, len(prompts)), (right / found if found else float("nan"))
 
 

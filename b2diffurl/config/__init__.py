@@ -15,9 +15,9 @@ Two presets fill every field the user did not set explicitly (in YAML or with ``
   B² and DDPO train a sparse pixel reward there (``ALGO_PRESETS``), D-Fusion the toy's prompt-following one.
 
 ``preset: auto`` (default) picks ``toy`` when ``model.path`` is ``toy`` and ``official`` otherwise.
-Precedence, lowest first: dataclass defaults (official) → preset → YAML file → ``--set`` overrides
-(YAML and ``--set`` values always win over the preset). A preset's ``reward_options`` belong to its reward:
-naming another ``reward`` leaves them out.
+Precedence, lowest first: dataclass defaults (official) → preset → a resumed run's saved config → YAML file →
+``--set`` overrides (YAML and ``--set`` values always win). A preset's or a saved run's ``reward_options``
+belong to its reward: naming a ``reward`` leaves them out.
 """
 
 from b2diffurl.config.loading import (

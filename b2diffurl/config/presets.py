@@ -1,9 +1,9 @@
 """Value presets: what ``preset=toy|official`` (and ``auto``) fills in before YAML and ``--set``.
 
 Precedence, lowest first: dataclass defaults (the official values) → preset → per-algorithm preset → a resumed
-run's saved config → YAML → ``--set`` (see ``load_config``; a reward the user names leaves the reward options of
-the preset and the saved run out). Each toy value that departs from the official maths is an option documented in docs/ALGORITHMS.md
-with the measurement behind it.
+run's saved config → YAML → ``--set`` (see ``load_config``; a reward the user names leaves the reward options
+of the preset and the saved run out). Each toy value that departs from the official maths is an option
+documented in docs/ALGORITHMS.md with the measurement behind it.
 """
 
 from __future__ import annotations

@@ -55,6 +55,21 @@ def sample_prompts(rng: random.Random, n: int, weights: dict[str, float] | None 
     return [rng.choice(by_cat[c]) for c in cats]
 
 
+def training_batch(
+    rng: random.Random,
+    n: int,
+    seed: int,
+    weights: dict[str, float] | None = None,
+    relation_layout: str = "any",
+) -> tuple[torch.Tensor, list[str]]:
+    """One batch of the rendered data stream -> (latents [n, 12, 16, 16], prompts): ``n`` prompts drawn by
+    ``weights`` (:func:`sample_prompts`), their scenes rendered from ``seed``, then :data:`P_UNCOND` of the
+    prompts emptied for classifier-free guidance (``rng`` is drawn in that order)."""
+    prompts = sample_prompts(rng, n, weights)
+    x0 = M.images_to_latents(render(prompts, seed=seed, relation_layout=relation_layout))
+    return x0, ["" if rng.random() < P_UNCOND else p for p in prompts]
+
+
 class PromptEmbeddings:
     """Cached embeddings of the frozen text encoder: each distinct prompt is encoded once."""
 
@@ -371,10 +386,10 @@ def main(argv=None) -> None:
     bar = tqdm(range(args.steps), mininterval=20, dynamic_ncols=False, ncols=100)
     step = 0
     for step in bar:
-        prompts = sample_prompts(rng, args.batch, args.category_weights)
-        images = render(prompts, seed=args.seed * 100_000 + step, relation_layout=args.relation_layout)
-        x0 = M.images_to_latents(images).to(dev)
-        prompts = ["" if rng.random() < P_UNCOND else p for p in prompts]
+        x0, prompts = training_batch(
+            rng, args.batch, args.seed * 100_000 + step, args.category_weights, args.relation_layout
+        )
+        x0 = x0.to(dev)
         loss = denoising_loss(unet, x0, embed(prompts), acp, args.prediction, args.high_noise)
         update(loss, opt, sched, params, ema_params, step, args.ema, te_params)
         losses.append(loss.item())

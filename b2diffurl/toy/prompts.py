@@ -21,6 +21,9 @@ SHAPES = ("circle", "square", "triangle")
 PLURALS = {s: s + "s" for s in SHAPES}
 COUNT_WORDS = {"a": 1, "one": 1, "two": 2, "three": 3}
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+#: each relation's axis (0: x, 1: y; image coordinates, y down) and sign (+1: the first object has the smaller
+#: coordinate) - "A <relation> B" holds when sign · (B − A) along the axis is positive
+RELATION_AXES = {"to the left of": (0, 1), "to the right of": (0, -1), "above": (1, 1), "below": (1, -1)}
 CATEGORIES = ("single", "count", "relation")
 
 #: shape nouns (singular and plural) — the object tokens D-Fusion builds its masks from
@@ -83,6 +86,13 @@ def parse(prompt: str) -> Scene:
         return Scene(objects=((colour, shape), (colour2, shape2)), relation=rel)
     except ValueError as e:
         raise ValueError(f"not a toy-world prompt: {prompt!r}: {e}") from None
+
+
+def relation_gap(relation: str, a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Signed distance from object ``a`` to object ``b`` (positions (x, y, ...)) along ``relation``'s axis,
+    positive when "a <relation> b" holds."""
+    axis, sign = RELATION_AXES[relation]
+    return sign * (b[axis] - a[axis])
 
 
 def prompt_category(prompt: str) -> str:

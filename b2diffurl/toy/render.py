@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from b2diffurl.toy.prompts import COLOURS, RELATIONS, SHAPES, parse
+from b2diffurl.toy.prompts import COLOURS, RELATION_AXES, RELATIONS, SHAPES, parse, relation_gap
 
 #: RGB of each colour in COLOURS, in [0, 1]
 PALETTE = torch.tensor([[0.95, 0.12, 0.10], [0.10, 0.85, 0.15], [0.15, 0.30, 1.00], [0.98, 0.90, 0.10]])
@@ -46,19 +46,13 @@ def _place(
             for b in objs[i + 1 :]
         )
         if ok and scene.relation is not None:
-            (xa, ya, sa), (xb, yb, sb) = objs
-            need = (sa + sb) / 2 + _GAP * k
-            ok = {"to the left of": xb - xa, "to the right of": xa - xb, "above": yb - ya, "below": ya - yb}[
-                scene.relation
-            ] >= need
+            a, b = objs
+            ok = relation_gap(scene.relation, a, b) >= (a[2] + b[2]) / 2 + _GAP * k
             if ok and relation_layout == "halves":
-                first, second = (xa, sa), (xb, sb)  # (position along the relation's axis, side)
-                if scene.relation in ("above", "below"):
-                    first, second = (ya, sa), (yb, sb)
-                if scene.relation in ("to the right of", "below"):
-                    first, second = second, first  # `first` is the one nearer the origin
+                axis, sign = RELATION_AXES[scene.relation]
+                near, far = (a, b) if sign > 0 else (b, a)  # `near` is the one nearer the origin
                 mid = size / 2
-                ok = first[0] + first[1] / 2 + _GAP * k / 2 <= mid <= second[0] - second[1] / 2 - _GAP * k / 2
+                ok = near[axis] + near[2] / 2 + _GAP * k / 2 <= mid <= far[axis] - far[2] / 2 - _GAP * k / 2
         if ok:
             return objs
     raise RuntimeError(f"could not place {scene} in a {size}x{size} image")
