@@ -1,15 +1,18 @@
-"""``python -m bench.coord_toy --arm plain|coord``: does position in the UNet's input let the toy follow
-relation words?
+"""``python -m bench.coord_toy``: can a toy UNet trained from scratch follow relation words given more help?
+
+``--arm plain|coord [--encoder causal|bidirectional]``: does position in the UNet's input, or a text encoder
+whose every token sees the relation word, let the toy follow relation words?
 
 The shipped toy UNet learns to be almost mirror-equivariant (``bench.toy_world``'s ``symmetry`` table), and an
 equivariant denoiser draws "A left of B" as often as "A right of B". This is an A/B from scratch at equal
-steps: ``plain`` is the toy UNet; ``coord`` is the same UNet given two extra input channels holding the pixel
-coordinates (x from −1 at the left to +1 at the right, y from −1 at the top), so position, and with it
-left from right, is in its input. Both train on the same data stream (relation-heavy, each relation object in
-its own half of the image, part of each batch at the noisier half of the schedule), then sample relation
-prompts and report how often the two objects stand in the named order (``bench.toy_world.relation_order``;
-0.5 by chance). One process per arm, one thread each; results go to ``--out`` as JSON. Nothing here is used by
-the library: the shipped toy is unchanged.
+training time: ``plain`` is the toy UNet; ``coord`` is the same UNet given two extra input channels holding the
+pixel coordinates (x from −1 at the left to +1 at the right, y from −1 at the top), so position, and with it
+left from right, is in its input. ``--encoder bidirectional`` runs the toy's frozen text encoder without its
+causal mask, so the first object's tokens see the relation word too. Every arm trains on the same data stream
+(relation-heavy, each relation object in its own half of the image, part of each batch at the noisier half of
+the schedule), then samples relation prompts and reports how often the two objects stand in the named order
+(``bench.toy_world.relation_order``; 0.5 by chance). One process per arm, one thread each; results go to
+``--out`` as JSON. Nothing here is used by the library: the shipped toy is unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS_DIR, environment
+
+ENCODERS = ("causal", "bidirectional")
 
 
 class CoordInput(torch.nn.Module):
@@ -42,6 +47,31 @@ class CoordInput(torch.nn.Module):
 
     def forward(self, x, t, emb):
         return self.unet(torch.cat([x, self.grid.expand(x.shape[0], -1, -1, -1).to(x)], 1), t, emb)
+
+
+class BidirectionalText(torch.nn.Module):
+    """The toy's frozen ``CLIPTextModel`` run without its causal mask, so every token (the first object's
+    colour and shape too) sees the relation word; same weights, same output layout (a 1-tuple)."""
+
+    def __init__(self, clip_text):
+        super().__init__()
+        self.clip = clip_text
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
+    def forward(self, ids):
+        h = self.clip.embeddings(input_ids=ids)
+        h = self.clip.encoder(inputs_embeds=h, attention_mask=None).last_hidden_state
+        return (self.clip.final_layer_norm(h),)
+
+
+def build_encoder(encoder: str):
+    from b2diffurl.toy import model as M
+
+    te = M.build_text_encoder()
+    return te if encoder == "causal" else BidirectionalText(te).requires_grad_(False).eval()
 
 
 def build(arm: str):
@@ -84,6 +114,12 @@ def evaluate(model, te, tok, ddim, *, prompts: int, images: int, steps: int, see
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.coord_toy", description=__doc__.splitlines()[0])
     ap.add_argument("--arm", choices=("plain", "coord"), required=True)
+    ap.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        default="causal",
+        help="the frozen text encoder: the toy's causal CLIP, or the same weights without the causal mask",
+    )
     ap.add_argument("--minutes", type=float, default=35.0, help="training wall time")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -103,7 +139,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model = build(args.arm).train()
-    tok, te = M.build_tokenizer(), M.build_text_encoder()
+    tok, te = M.build_tokenizer(), build_encoder(args.encoder)
     ddpm, ddim = M.build_schedulers()
     params = list(model.parameters())
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -134,6 +170,7 @@ def main(argv=None) -> int:
         "suite": "coord_toy",
         "env": environment(),
         "arm": args.arm,
+        "encoder": args.encoder,
         "steps": step,
         "train_minutes": round(train_min, 1),
         "batch": args.batch,
@@ -146,7 +183,8 @@ def main(argv=None) -> int:
         "eval": result,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"coord_toy-{args.arm}-seed{args.seed}-{_dt.date.today().isoformat()}.json"
+    name = args.arm if args.encoder == "causal" else f"{args.arm}-{args.encoder}"
+    path = args.out / f"coord_toy-{name}-seed{args.seed}-{_dt.date.today().isoformat()}.json"
     path.write_text(json.dumps(record, indent=2))
     print(json.dumps(result, indent=2))
     print(f"wrote {path}")

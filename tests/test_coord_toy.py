@@ -45,3 +45,35 @@ def test_bad_minutes_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit):
         coord_toy.main(["--arm", "coord", "--minutes", "0"])
     assert "--minutes must be positive" in capsys.readouterr().err
+
+
+def test_bidirectional_encoder_drops_only_the_causal_mask():
+    """Oracle: in a one-layer encoder the last position already attends to every token under the causal mask,
+    so dropping the mask must leave it exactly as it was; the first word's output must not move with a later
+    word under the causal mask and must move without it."""
+    from transformers import CLIPTextModel
+
+    from b2diffurl.toy import model as M
+
+    coord_toy = from_checkout("bench.coord_toy")
+    tok = M.build_tokenizer()
+    config = M.build_text_encoder().config
+    config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    causal = CLIPTextModel(config).eval()
+    bidir = coord_toy.BidirectionalText(causal)
+    ids = tok(
+        ["a red circle left of a blue square", "a red circle right of a blue square"],
+        padding="max_length",
+        max_length=M.MAX_TOKENS,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        c, b = causal(ids)[0], bidir(ids)[0]
+    assert b.shape == c.shape == (2, M.MAX_TOKENS, M.TEXT_DIM)
+    torch.testing.assert_close(b[:, -1], c[:, -1])
+    red = 2  # <bos> a red
+    torch.testing.assert_close(c[0, red], c[1, red])
+    assert (b[0, red] - b[1, red]).norm() > 0.05 * b[0, red].norm()
+    shipped = coord_toy.build_encoder("bidirectional")
+    assert not any(p.requires_grad for p in shipped.parameters())
