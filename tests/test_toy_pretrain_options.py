@@ -19,13 +19,35 @@ class _Recorder(torch.nn.Module):
         return type("Out", (), {"sample": torch.zeros_like(x)})()
 
 
-def _loss_timesteps(high_noise, n_t=1000, batch=4096, seed=0):
+def _loss_timesteps(high_noise, n_t=1000, batch=4096, seed=0, high_from=None):
     unet = _Recorder()
     torch.manual_seed(seed)
     loss = pretrain.denoising_loss(
-        unet, torch.zeros(batch, 1, 1, 1), None, torch.linspace(0.99, 0.01, n_t), "v_prediction", high_noise
+        unet,
+        torch.zeros(batch, 1, 1, 1),
+        None,
+        torch.linspace(0.99, 0.01, n_t),
+        "v_prediction",
+        high_noise,
+        high_from,
     )
     return unet.t, loss
+
+
+def test_high_noise_from_sets_where_the_range_starts():
+    t0, _ = _loss_timesteps(0.0)
+    t1, _ = _loss_timesteps(0.5, high_from=850)
+    k = 2048
+    assert (t1[:k] >= 850).all() and (t1[:k] < 1000).all()
+    assert torch.equal(t1[k:], t0[k:])
+    # the same uniform draws, mapped onto 850..999: floor(850 + u * 150 / 1000)
+    torch.testing.assert_close(t1[:k], 850 + t0[:k] * 150 // 1000)
+    counts = torch.bincount(t1[:k] - 850, minlength=150).view(10, 15).sum(1)
+    assert counts.min() >= 150 and counts.max() <= 260  # flat: ~205 each
+    # the default start is the noisier half, drawn exactly as before the option existed
+    assert torch.equal(_loss_timesteps(0.25)[0], _loss_timesteps(0.25, high_from=500)[0])
+    with pytest.raises(ValueError, match="high_from"):
+        _loss_timesteps(0.5, high_from=1000)
 
 
 def test_high_noise_moves_that_share_of_the_batch_to_the_noisier_half():
@@ -65,6 +87,9 @@ def test_bad_high_noise_is_a_one_line_error_before_any_work(capsys):
     with pytest.raises(SystemExit):
         pretrain.main(["--high-noise", "1.5", "--out", "/nonexistent/never-written"])
     assert "--high-noise must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain.main(["--high-noise-from", "1000", "--out", "/nonexistent/never-written"])
+    assert "--high-noise-from must be in [0, 1000)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("train_te", [False, True])

@@ -85,17 +85,27 @@ class PromptEmbeddings:
 
 
 def denoising_loss(
-    unet, x0: torch.Tensor, cond: torch.Tensor, alphas_cumprod, prediction: str, high_noise: float = 0.0
+    unet,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    alphas_cumprod,
+    prediction: str,
+    high_noise: float = 0.0,
+    high_from: int | None = None,
 ) -> torch.Tensor:
     """DDPM training loss at uniform timesteps: MSE to v (``v_prediction``) or to the noise (``epsilon``).
     Draws the timesteps, then the noise (the order the committed checkpoints were trained with).
-    ``high_noise`` > 0 moves that fraction of the batch (its first rows) to the noisier half of the schedule,
-    where the layout is decided; 0 draws exactly as before."""
+    ``high_noise`` > 0 moves that fraction of the batch (its first rows) to timesteps drawn evenly from
+    ``high_from`` (default: half the schedule, the noisier half, where the layout is decided) to the last;
+    0 draws exactly as before."""
     n_t = len(alphas_cumprod)
+    high_from = n_t // 2 if high_from is None else high_from
+    if not 0 <= high_from < n_t:
+        raise ValueError(f"high_from must be in [0, {n_t}), got {high_from}")
     t = torch.randint(0, n_t, (x0.shape[0],), device=x0.device)
     k = round(high_noise * x0.shape[0])
     if k:
-        t[:k] = n_t // 2 + t[:k] // 2
+        t[:k] = high_from + t[:k] * (n_t - high_from) // n_t
     noise = torch.randn_like(x0)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -325,7 +335,13 @@ def main(argv=None) -> None:
         "--high-noise",
         type=float,
         default=0.0,
-        help="fraction of each batch trained at timesteps from the noisier half of the schedule (default: 0)",
+        help="fraction of each batch trained at timesteps from --high-noise-from to the last (default: 0)",
+    )
+    ap.add_argument(
+        "--high-noise-from",
+        type=int,
+        default=None,
+        help="the first timestep of --high-noise's range, of the 1000 (default: 500, the noisier half)",
     )
     ap.add_argument(
         "--init-from",
@@ -336,6 +352,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not 0.0 <= args.high_noise <= 1.0:
         ap.error(f"--high-noise must be in [0, 1], got {args.high_noise}")
+    if args.high_noise_from is not None and not 0 <= args.high_noise_from < 1000:
+        ap.error(f"--high-noise-from must be in [0, 1000), got {args.high_noise_from}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -390,7 +408,9 @@ def main(argv=None) -> None:
             rng, args.batch, args.seed * 100_000 + step, args.category_weights, args.relation_layout
         )
         x0 = x0.to(dev)
-        loss = denoising_loss(unet, x0, embed(prompts), acp, args.prediction, args.high_noise)
+        loss = denoising_loss(
+            unet, x0, embed(prompts), acp, args.prediction, args.high_noise, args.high_noise_from
+        )
         update(loss, opt, sched, params, ema_params, step, args.ema, te_params)
         losses.append(loss.item())
         if step % 20 == 0:
@@ -414,6 +434,7 @@ def main(argv=None) -> None:
                 "category_weights": args.category_weights,
                 "relation_layout": args.relation_layout,
                 "high_noise": args.high_noise,
+                "high_noise_from": args.high_noise_from,
                 "p_uncond": P_UNCOND,
                 "text_encoder": f"{'trained' if args.train_text_encoder else 'frozen'} CLIPTextModel, "
                 f"random init from seed {M.TEXT_ENCODER_SEED}",
