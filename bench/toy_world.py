@@ -104,11 +104,12 @@ def _predict(policy, x_t, t, emb) -> torch.Tensor:
     return policy.unet(x_t, t, emb).sample.float().flatten(1)
 
 
-def _noisier_half(policy, steps: int):
-    """(a copy of the policy's scheduler set to ``steps`` steps, the timesteps of its noisier half)."""
+def _noisier_half(policy, steps: int, noisy: int | None = None):
+    """(a copy of the policy's scheduler set to ``steps`` steps, its ``noisy`` noisiest timesteps; by default
+    those of its noisier half)."""
     sched = copy.deepcopy(policy.scheduler)
     sched.set_timesteps(steps)
-    return sched, sched.timesteps[: max(1, steps // 2)]
+    return sched, sched.timesteps[: noisy or max(1, steps // 2)]
 
 
 def _scenes(policy, prompts: list[str], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,17 +120,17 @@ def _scenes(policy, prompts: list[str], seed: int) -> tuple[torch.Tensor, torch.
     return x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
 
 
-def unet_word_rows(policy, *, steps, prompts=48, seed=0) -> list[dict]:
+def unet_word_rows(policy, *, steps, prompts=48, seed=0, noisy=None) -> list[dict]:
     """How far the UNet's prediction moves when one word is swapped, against a colour swap of the same prompts.
 
     The text table shows that each word reaches the prompt embedding; this one shows whether the UNet uses
     it. Inputs are the prompt's own rendered scene noised to the noisier half of the ``steps``-step sampling
-    schedule (where the layout is decided); the change is the L2 norm of the prediction's difference, averaged
+    schedule (where the layout is decided; or to its ``noisy`` noisiest steps); the change is the L2 norm of the prediction's difference, averaged
     over prompts and timesteps. ``vs_colour`` divides by the colour swap's change on the same prompts and inputs."""
     from b2diffurl.toy import prompts as P
 
     rng = random.Random(seed)
-    sched, ts = _noisier_half(policy, steps)
+    sched, ts = _noisier_half(policy, steps, noisy)
     rows = []
     for cat in ("count", "relation"):
         ps = P.get_prompts(f"all:{cat}")
@@ -172,7 +173,7 @@ def _mirror(policy, latents: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pixel_unshuffle(F.pixel_shuffle(latents, patch).flip(dim), patch)
 
 
-def symmetry_rows(policy, *, steps, prompts=32, seed=0) -> list[dict]:
+def symmetry_rows(policy, *, steps, prompts=32, seed=0, noisy=None) -> list[dict]:
     """How far the UNet is from mirror-equivariant: |f(mirror x) − mirror f(x)| / |f(x)| on the noised scenes of
     the relation prompts that mirror concerns (left-right: "to the left of" / "to the right of"; top-bottom:
     "above" / "below"), averaged over the noisier half of the schedule. A denoiser exactly equivariant under a
@@ -182,7 +183,7 @@ def symmetry_rows(policy, *, steps, prompts=32, seed=0) -> list[dict]:
     from b2diffurl.toy import prompts as P
 
     rng = random.Random(seed)
-    sched, ts = _noisier_half(policy, steps)
+    sched, ts = _noisier_half(policy, steps, noisy)
     rows = []
     for dim, axis, words in (
         (3, "left-right", ("to the left of", "to the right of")),
@@ -416,6 +417,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps T")
     ap.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    ap.add_argument(
+        "--noisy-steps",
+        type=int,
+        default=None,
+        help="how many of the noisiest timesteps unet_words and symmetry average over (default: half of --steps)",
+    )
     ap.add_argument("--n", type=int, default=8, help="images per prompt for the category table")
     ap.add_argument("--relation-prompts", type=int, default=24, help="relation prompts in the category table")
     ap.add_argument(
@@ -442,6 +449,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="added to the result file name")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
+    if args.noisy_steps is not None and not 1 <= args.noisy_steps <= args.steps:
+        ap.error(f"--noisy-steps must be in [1, --steps = {args.steps}], got {args.noisy_steps}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     policy = _policy(args.checkpoint)
@@ -454,8 +463,8 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     sections = {
         "text": lambda: text_rows(policy),
-        "unet_words": lambda: unet_word_rows(policy, steps=T),
-        "symmetry": lambda: symmetry_rows(policy, steps=T),
+        "unet_words": lambda: unet_word_rows(policy, steps=T, noisy=args.noisy_steps),
+        "symmetry": lambda: symmetry_rows(policy, steps=T, noisy=args.noisy_steps),
         "categories": lambda: category_rows(
             policy, steps=T, cfg=args.cfg, n=args.n, per_category=args.relation_prompts
         ),

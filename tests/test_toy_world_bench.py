@@ -50,6 +50,8 @@ def test_unet_word_table_matches_the_closed_form():
             assert abs(row["change"] - want) <= 1e-4 * want
             assert abs(row["vs_colour"] - want / colour) <= 1e-4
             assert abs(row["cond_vs_uncond"] - change(sel, [""] * len(sel))) <= 1e-4 * row["cond_vs_uncond"]
+    first = toy_world.unet_word_rows(policy, steps=10, prompts=2, seed=3, noisy=1)
+    assert {r["timesteps"] for r in first} == {"901..901"}  # only the noisiest step of the 10-step schedule
 
 
 def test_relation_order_against_rendered_scenes():
