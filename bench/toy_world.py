@@ -125,8 +125,9 @@ def unet_word_rows(policy, *, steps, prompts=48, seed=0, noisy=None) -> list[dic
 
     The text table shows that each word reaches the prompt embedding; this one shows whether the UNet uses
     it. Inputs are the prompt's own rendered scene noised to the noisier half of the ``steps``-step sampling
-    schedule (where the layout is decided; or to its ``noisy`` noisiest steps); the change is the L2 norm of the prediction's difference, averaged
-    over prompts and timesteps. ``vs_colour`` divides by the colour swap's change on the same prompts and inputs."""
+    schedule (where the layout is decided), or to its ``noisy`` noisiest steps; the change is the L2 norm of
+    the prediction's difference, averaged over prompts and timesteps. ``vs_colour`` divides by the colour
+    swap's change on the same prompts and inputs."""
     from b2diffurl.toy import prompts as P
 
     rng = random.Random(seed)
