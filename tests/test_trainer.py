@@ -145,7 +145,11 @@ def test_bad_configs_fail_with_clear_message(over, msg):
 
 def test_preset_and_precedence(tmp_path):
     toy = C.load_config()
-    assert toy.preset == "toy" and toy.stages == C.PRESETS["toy"]["stages"]
+    b2_toy = C.ALGO_PRESETS[("toy", "b2")]  # the default algorithm's values under the toy preset win
+    assert toy.preset == "toy" and toy.algo == "b2"
+    assert (toy.stages, toy.train.lr) == (b2_toy["stages"], b2_toy["train.lr"])
+    dfusion = C.load_config(overrides={"algo": "dfusion"})
+    assert (dfusion.stages, dfusion.train.lr) == (C.PRESETS["toy"]["stages"], C.PRESETS["toy"]["train.lr"])
     y = tmp_path / "run.yaml"
     y.write_text("stages: 7\nsample:\n  branches: 3\n")
     cfg = C.load_config(str(y), ["sample.branches=6"])
