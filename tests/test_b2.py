@@ -91,6 +91,18 @@ def test_stat_tracker_hand_example():
     assert z[0] == pytest.approx(0.0)
 
 
+def test_stat_tracker_min_std_floors_only_small_spreads():
+    """b2.min_std: near-tied scores (std 0.001) are divided by the floor, a real spread keeps the official z."""
+    tr = PromptStatTracker(history=0, min_std=0.05)
+    z = tr.update(["x", "x", "y", "y"], [0.999, 1.0, 0.2, 0.8])
+    # x: mean 0.9995, unbiased std 0.000707 < 0.05 -> z = ±0.0005 / 0.05 = ±0.01
+    assert z[0] == pytest.approx(-0.01, rel=1e-6) and z[1] == pytest.approx(0.01, rel=1e-6)
+    # y: unbiased std 0.3 * sqrt(2) = 0.424 > 0.05 -> the official ±1/sqrt(2)
+    assert z[2] == pytest.approx(-1 / math.sqrt(2)) and z[3] == pytest.approx(1 / math.sqrt(2))
+    official = PromptStatTracker(history=0).update(["x", "x"], [0.999, 1.0])
+    assert official[0] == pytest.approx(-1 / math.sqrt(2), rel=1e-4)  # full-sized advantages from noise
+
+
 # ---------------------------------------------------------------------------------------------- selection
 def test_selection_hand_made_scores():
     z = np.array(

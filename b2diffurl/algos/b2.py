@@ -43,7 +43,7 @@ class B2Algorithm(TreePPOAlgorithm):
         c = ctx.cfg
         super().__init__(
             ctx,
-            tracker=PromptStatTracker(c.b2.history),
+            tracker=PromptStatTracker(c.b2.history, c.b2.min_std),
             max_trees=c.sample.prompts_per_stage,
             branches=c.sample.branches,
         )

@@ -34,14 +34,19 @@ class PromptStatTracker:
     """Per-prompt z-scores pooled by prompt *text* over the current stage plus the raw scores of the last
     ``history`` stages (official B²-DiffuRL). Unbiased (N−1) std, z = (r − mean) / (std + 1e-8).
 
+    ``min_std`` > 0 (a deviation, ``b2.min_std``; official 0) divides by max(std, min_std) instead: a prompt
+    whose pooled scores differ only by noise (a dense reward near its ceiling) then gets small z-scores, not
+    full-sized advantages of either sign.
+
     A prompt with a single pooled score has no std: its z-score is 0 (the official code would give NaN).
     A non-finite score (the reward boundary made it NaN) is never pooled or stored; its z-score is NaN, which
     selection reads as "no score". The history (raw scores, not z-scores) is run state:
     ``state_dict``/``load_state_dict``.
     """
 
-    def __init__(self, history: int):
+    def __init__(self, history: int, min_std: float = 0.0):
         self.history = int(history)
+        self.min_std = float(min_std)
         self.past: list[dict[str, np.ndarray]] = []
 
     def update(self, prompts: list[str], scores) -> np.ndarray:
@@ -59,7 +64,10 @@ class PromptStatTracker:
         for p, v in cur.items():
             pool = np.concatenate([d[p] for d in past if p in d] + [v])
             rows = finite & (np.asarray(prompts, dtype=object) == p)
-            z[rows] = (scores[rows] - pool.mean()) / (pool.std(ddof=1) + 1e-8) if pool.size > 1 else 0.0
+            if pool.size > 1:
+                z[rows] = (scores[rows] - pool.mean()) / (max(pool.std(ddof=1), self.min_std) + 1e-8)
+            else:
+                z[rows] = 0.0
         self.past.append(cur)
         self.past = self.past[-self.history :] if self.history > 0 else []
         return z

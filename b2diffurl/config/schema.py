@@ -109,6 +109,11 @@ class B2Config:
     k_left: int = _f(14, "branched (trained) steps at stage 0")
     k_right: int = _f(20, "branched (trained) steps at the last stage; must be <= sample.num_steps")
     history: int = _f(8, "H: earlier stages whose raw scores join the per-prompt statistics")
+    min_std: float = _f(
+        0.0,
+        "floor on the per-prompt std the z-scores divide by (official: 0); differences far below it (noise "
+        "in a dense reward near its ceiling) then give small z-scores and no selected sample",
+    )
     pos_threshold: float = _f(0.5, "best branch is a positive sample if its z-score >= this")
     neg_threshold: float = _f(-0.5, "worst branch is a negative sample if its z-score < this")
     beta1: float = _f(1.0, "weight of positive advantages")

@@ -43,6 +43,7 @@ RANGES = {
     "train.clip_range": "(0, inf)",
     "train.adv_clip": "(0, inf)",
     "b2.history": "[0, inf)",
+    "b2.min_std": "[0, inf)",
     "b2.beta1": "[0, inf)",
     "b2.beta2": "[0, inf)",
     "ddpo.buffer_size": "[0, inf)",
