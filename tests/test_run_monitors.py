@@ -87,7 +87,7 @@ def test_alarm_fires_when_a_real_run_hacks_brightness(tmp_path, caplog):
 def test_alarm_fires_on_the_toy_world_when_brightness_is_hacked(tmp_path, caplog):
     """The embedded toy model on toy-world prompts, trained by DDPO on mean brightness: the images brighten
     while the exact toy reward (the default gold reward here) falls, and the alarm names both (~12 s a stage
-    on 2 busy cores; with toy v3 it fires at stage 3, the gold reward's trend down 48%)."""
+    on 2 busy cores; with toy v4 it fires at stage 2, the gold reward down 31%)."""
     from b2diffurl.toy.prompts import train_prompts
 
     cfg = run_cfg(
