@@ -341,7 +341,7 @@ def main(argv=None) -> None:
         "--high-noise-from",
         type=int,
         default=None,
-        help="the first timestep of --high-noise's range, of the 1000 (default: 500, the noisier half)",
+        help="the first timestep of --high-noise's range, of the scheduler's 1000 (default: 500, the noisier half)",
     )
     ap.add_argument(
         "--init-from",
@@ -352,15 +352,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not 0.0 <= args.high_noise <= 1.0:
         ap.error(f"--high-noise must be in [0, 1], got {args.high_noise}")
-    if args.high_noise_from is not None and not 0 <= args.high_noise_from < 1000:
-        ap.error(f"--high-noise-from must be in [0, 1000), got {args.high_noise_from}")
+    ddpm, ddim = M.build_schedulers(args.prediction)
+    n_t = ddpm.config.num_train_timesteps
+    if args.high_noise_from is not None and not 0 <= args.high_noise_from < n_t:
+        ap.error(f"--high-noise-from must be in [0, {n_t}), got {args.high_noise_from}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     dev = torch.device(args.device)
     tokenizer = M.build_tokenizer()
-    ddpm, ddim = M.build_schedulers(args.prediction)
     if args.eval_only:
         pol = _load(args.out, dev)
         print(json.dumps(evaluate(pol.unet, pol.text_encoder, tokenizer, pol.scheduler, args.out), indent=2))
