@@ -113,6 +113,26 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "dpo on d-fusion pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=fused"],
         "dpo on best/worst pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=plain"],
     },
+    # the same two arms on the dense brightness reward (mean pixel value): a reward the policy-gradient trainers
+    # raise on this toy, so it tells whether DPO training moves anything at all, and which pairs move it more
+    "dpo_pairs_brightness": {
+        "dpo on d-fusion pairs": [
+            "--algo",
+            "dfusion",
+            "--set",
+            "dfusion.pairs=fused",
+            "--set",
+            "reward=brightness",
+        ],
+        "dpo on best/worst pairs": [
+            "--algo",
+            "dfusion",
+            "--set",
+            "dfusion.pairs=plain",
+            "--set",
+            "reward=brightness",
+        ],
+    },
 }
 
 
