@@ -107,9 +107,11 @@ def _predict(policy, x_t, t, emb) -> torch.Tensor:
 def _noisier_half(policy, steps: int, noisy: int | None = None):
     """(a copy of the policy's scheduler set to ``steps`` steps, its ``noisy`` noisiest timesteps; by default
     those of its noisier half)."""
+    if noisy is not None and not 1 <= noisy <= steps:
+        raise ValueError(f"noisy must be in [1, {steps}], got {noisy}")
     sched = copy.deepcopy(policy.scheduler)
     sched.set_timesteps(steps)
-    return sched, sched.timesteps[: noisy or max(1, steps // 2)]
+    return sched, sched.timesteps[: max(1, steps // 2) if noisy is None else noisy]
 
 
 def _scenes(policy, prompts: list[str], seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,3 +129,18 @@ def test_dfusion_table_threshold_zero_fuses_every_position():
     assert full["mask_coverage"] == 1.0 and default["mask_coverage"] < 1.0
     assert (full["fused_blocks"], full["mask_threshold"]) == ("0-4", 0.0)
     assert 0.0 <= full["ssim_target_ref"] <= 1.0 and full["pairs"] == default["pairs"] == 4
+
+
+def test_noisy_steps_out_of_range_is_refused():
+    """``noisy`` counts the schedule's noisiest steps: 0 or more than the schedule is an error, not the default."""
+    import pytest
+
+    from b2diffurl.models import load_policy
+
+    toy_world = from_checkout("bench.toy_world")
+    policy = load_policy("toy")
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="noisy must be in"):
+            toy_world._noisier_half(policy, 4, bad)
+    _, ts = toy_world._noisier_half(policy, 4, 4)
+    assert len(ts) == 4
