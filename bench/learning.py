@@ -53,6 +53,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # 1 when the mean pixel value exceeds 0.09 (a third of the toy's held-out images before training), else 0
 _SPARSE_BRIGHTNESS = ["--set", "reward=brightness", "--set", "reward_options.threshold=0.09"]
 
+# DPO (D3PO) on D-Fusion's (target, base) pairs vs on plain (reference, base) pairs, at an equal pair count
+_DPO_PAIRS = {
+    "dpo on d-fusion pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=fused"],
+    "dpo on best/worst pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=plain"],
+}
+
 # arm name -> extra ``b2diffurl train`` arguments (the run seed is added per run)
 SUITES: dict[str, dict[str, list[str]]] = {
     "default": {"b2 (default run)": []},
@@ -109,30 +115,11 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "colour word": ["--algo", "b2", "--set", "reward=python:bench.sanity_rewards:colour_brightness"],
         "relation word": ["--algo", "b2", "--set", "reward=python:bench.sanity_rewards:relation_brightness"],
     },
-    "dpo_pairs": {
-        "dpo on d-fusion pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=fused"],
-        "dpo on best/worst pairs": ["--algo", "dfusion", "--set", "dfusion.pairs=plain"],
-    },
-    # the same two arms on the dense brightness reward (mean pixel value): a reward the policy-gradient trainers
-    # raise on this toy, so it tells whether DPO training moves anything at all, and which pairs move it more
-    "dpo_pairs_brightness": {
-        "dpo on d-fusion pairs": [
-            "--algo",
-            "dfusion",
-            "--set",
-            "dfusion.pairs=fused",
-            "--set",
-            "reward=brightness",
-        ],
-        "dpo on best/worst pairs": [
-            "--algo",
-            "dfusion",
-            "--set",
-            "dfusion.pairs=plain",
-            "--set",
-            "reward=brightness",
-        ],
-    },
+    "dpo_pairs": _DPO_PAIRS,
+    # the same two arms on the dense brightness reward (mean pixel value): a reward the policy-gradient
+    # trainers raise on this toy, so it tells whether DPO training moves anything at all, and which pairs
+    # move it more
+    "dpo_pairs_brightness": {arm: [*args, "--set", "reward=brightness"] for arm, args in _DPO_PAIRS.items()},
 }
 
 

@@ -179,10 +179,10 @@ def _mirror(policy, latents: torch.Tensor, dim: int) -> torch.Tensor:
 def symmetry_rows(policy, *, steps, prompts=32, seed=0, noisy=None) -> list[dict]:
     """How far the UNet is from mirror-equivariant: |f(mirror x) − mirror f(x)| / |f(x)| on the noised scenes of
     the relation prompts that mirror concerns (left-right: "to the left of" / "to the right of"; top-bottom:
-    "above" / "below"), averaged over the noisier half of the schedule (or its ``noisy`` noisiest steps). A
-    denoiser exactly equivariant under a mirror draws "A left of B" and "A right of B" (or "above" and "below")
-    equally often from symmetric noise, so it cannot follow those words. (The toy's data is left-right
-    symmetric; top-bottom it is not, as its triangles point up.)"""
+    "above" / "below"), averaged over the noisier half of the schedule (or its ``noisy`` noisiest steps).
+    A denoiser exactly equivariant under a mirror draws "A left of B" and "A right of B" (or "above" and
+    "below") equally often from symmetric noise, so it cannot follow those words. (The toy's data is
+    left-right symmetric; top-bottom it is not, as its triangles point up.)"""
     from b2diffurl.toy import prompts as P
 
     rng = random.Random(seed)

@@ -92,7 +92,8 @@ def test_stat_tracker_hand_example():
 
 
 def test_stat_tracker_min_std_floors_only_small_spreads():
-    """b2.min_std: near-tied scores (std 0.001) are divided by the floor, a real spread keeps the official z."""
+    """b2.min_std: near-tied scores (std 0.001) are divided by the floor; a real spread keeps the official
+    z."""
     tr = PromptStatTracker(history=0, min_std=0.05)
     z = tr.update(["x", "x", "y", "y"], [0.999, 1.0, 0.2, 0.8])
     # x: mean 0.9995, unbiased std 0.000707 < 0.05 -> z = ±0.0005 / 0.05 = ±0.01

@@ -5,6 +5,7 @@ embeddings, whatever the noised input and the timestep."""
 import math
 import random
 
+import pytest
 import torch
 from bench_modules import from_checkout
 
@@ -132,9 +133,8 @@ def test_dfusion_table_threshold_zero_fuses_every_position():
 
 
 def test_noisy_steps_out_of_range_is_refused():
-    """``noisy`` counts the schedule's noisiest steps: 0 or more than the schedule is an error, not the default."""
-    import pytest
-
+    """``noisy`` counts the schedule's noisiest steps: 0 or more than the schedule is an error, not the
+    default."""
     from b2diffurl.models import load_policy
 
     toy_world = from_checkout("bench.toy_world")

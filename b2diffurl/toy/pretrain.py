@@ -341,7 +341,8 @@ def main(argv=None) -> None:
         "--high-noise-from",
         type=int,
         default=None,
-        help="the first timestep of --high-noise's range, of the scheduler's 1000 (default: 500, the noisier half)",
+        help="the first timestep of --high-noise's range, of the scheduler's 1000 "
+        "(default: 500, the noisier half)",
     )
     ap.add_argument(
         "--init-from",
